@@ -1,0 +1,36 @@
+# make test   set up .venv from nothing and run the test suite (CPU: Triton interpreter)
+# make bench  the main job: verification of every kernel path, then the benchmarks
+# make gpu    on a CUDA machine with torch and triton already installed: gpu tier + verify + timings
+#
+# TORCH=torch==2.13.0 (default) installs that wheel first (the CPU build on a CPU machine);
+# TORCH=system makes the venv see the torch/triton already installed instead.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+OUT ?= benchmarks/results/latest
+PY := $(VENV)/bin/python
+
+ifeq ($(TORCH),system)
+VENV_FLAGS := --system-site-packages
+endif
+
+.PHONY: test bench gpu clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	if [ "$(TORCH)" != "system" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(PY) -m qgoft_kernels verify
+
+gpu:
+	mkdir -p $(OUT)
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py --out $(OUT)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks

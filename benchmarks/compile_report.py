@@ -1,0 +1,80 @@
+"""Compile the kernels for a GPU target without a GPU and report their resources.
+
+    python benchmarks/compile_report.py [--arch 90] [--dims 1024 4096 16384]
+
+Uses Triton's compiler and the ptxas it ships with: for every kernel variant it prints
+registers per thread, the stack frame (spilled values) and the number of layout
+conversions in the TTGIR. This
+is the cheap first look before spending GPU minutes (docs/tuning.md).
+"""
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+import triton.backends.nvidia as nvidia
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from qgoft_kernels.kernels.backward import _givens_bwd_kernel  # noqa: E402
+from qgoft_kernels.kernels.forward import _givens_fwd_kernel  # noqa: E402
+from qgoft_kernels.kernels.launch import Config, _heuristic  # noqa: E402
+
+CUOBJDUMP = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+FWD_SIG = dict(x="*bf16", y="*bf16", coefs="*fp32", scale="*fp32", offsets="*i32", n_rows="i32", d="i32",
+               stride_x="i32", stride_y="i32")
+BWD_SIG = dict(x="*bf16", dy="*bf16", dx="*bf16", coefs="*fp32", scale="*fp32", offsets="*i32", dparams="*fp32",
+               dscale="*fp32", n_rows="i32", d="i32", stride_x="i32", stride_dy="i32", stride_dx="i32",
+               n_params="i32")
+
+
+def resources(kernel, signature, constexprs, num_warps, arch):
+    """Registers per thread, stack frame bytes (spills) and layout conversions of one variant."""
+    sig = dict(signature, **{k: "constexpr" for k in constexprs})
+    compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as fh:
+            fh.write(compiled.asm["cubin"])
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", cubin], capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return int(found.group(1)), int(found.group(2)), compiled.asm["ttgir"].count("convert_layout")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--dims", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--rows", type=int, default=16384)
+    args = parser.parse_args()
+    print(f"triton {triton.__version__}, sm_{args.arch}; launch config from the GPU heuristic")
+    print(f"{'kernel':<8}{'D':>7}{'BN':>4}{'warps':>6}  {'variant':<22}{'regs':>5}{'stack B':>9}{'cvt':>5}")
+    for d in args.dims:
+        L = (d - 1).bit_length()
+        for name, kernel, sig, tile in (("fwd", _givens_fwd_kernel, FWD_SIG, 4096),
+                                        ("bwd", _givens_bwd_kernel, BWD_SIG, 2048)):
+            cfg: Config = _heuristic(1 << L, args.rows, _CudaDevice(), tile)
+            for quasi in (False, True):
+                for transpose in (False, True):
+                    consts = dict(D_PAD=1 << L, L=L, BLOCK_N=cfg.block_n, QUASI=quasi, HAS_SCALE=True,
+                                  TRANSPOSE=transpose, ACC=tl.float32, ROUND_BF16=False)
+                    if name == "bwd":
+                        consts.update(HAS_DX=True, HAS_DPARAMS=True, HAS_DSCALE=True)
+                    regs, spill, cvt = resources(kernel, sig, consts, cfg.num_warps, args.arch)
+                    variant = f"{'quasi' if quasi else 'givens'}+scale{' T' if transpose else ''}"
+                    print(f"{name:<8}{1 << L:>7}{cfg.block_n:>4}{cfg.num_warps:>6}  {variant:<22}{regs:>5}{spill:>9}{cvt:>5}",
+                          flush=True)
+
+
+class _CudaDevice:
+    type = "cuda"
+
+
+if __name__ == "__main__":
+    main()

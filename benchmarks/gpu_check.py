@@ -1,0 +1,38 @@
+"""One call on a GPU machine: the gpu test tier, verify, and first kernel timings.
+
+Writes everything under ``--out`` (``make gpu OUT=$OUT``): ``pytest_gpu.log``,
+``verify.log`` and ``kernel_timing.json`` (device, versions, commit, raw timings).
+"""
+import argparse
+import os
+import subprocess
+import sys
+
+
+def run(cmd, log):
+    print("$", " ".join(cmd), flush=True)
+    with open(log, "w") as fh:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        fh.write(proc.stdout)
+    print(proc.stdout[-4000:], flush=True)
+    return proc.returncode
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    codes = {
+        "pytest_gpu": run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"],
+                          os.path.join(args.out, "pytest_gpu.log")),
+        "verify": run([sys.executable, "-m", "qgoft_kernels", "verify"], os.path.join(args.out, "verify.log")),
+        "timing": run([sys.executable, "benchmarks/kernel_timing.py", "--out", os.path.join(args.out, "kernel_timing.json")],
+                      os.path.join(args.out, "kernel_timing.log")),
+    }
+    print("exit codes:", codes)
+    return max(codes.values())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""``givens_rotate``: input checks, backend dispatch and the thin autograd Function."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import rotate_reference
+from .schedule import STRUCTURES, num_pairs, stage_offsets
+
+BLOCKS = ("givens", "quasi")
+BACKENDS = ("auto", "triton", "torch")
+#: Largest ``d`` the Triton kernels take (one row is held on chip, padded to a power of two).
+MAX_TRITON_DIM = 32768
+
+
+def _kernels():
+    # Imported on first use: under TRITON_INTERPRET=1, triton.jit must see the variable when
+    # the kernels are defined, and `python -m qgoft_kernels verify` sets it only then.
+    from . import kernels
+    return kernels
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def _check_float(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+
+
+def check_params(d: int, params, block: str, structure: str, scale) -> None:
+    """Raise a clear error unless ``params`` (and ``scale``) fit ``d`` features."""
+    if block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    _check_float("params", params)
+    n = num_pairs(d, structure)
+    expected = (n,) if block == "givens" else (n, 2, 2)
+    if tuple(params.shape) != expected:
+        raise ValueError(f"params for block={block!r}, structure={structure!r} and d={d} must have "
+                         f"shape {expected}, got {_describe(params)}")
+    if scale is not None:
+        _check_float("scale", scale)
+        if tuple(scale.shape) != (d,):
+            raise ValueError(f"scale must have shape ({d},) for d={d}, got {_describe(scale)}")
+        if scale.device != params.device:
+            raise ValueError(f"scale and params must be on one device: scale is on {scale.device}, "
+                             f"params on {params.device}")
+
+
+def _check_inputs(x, params, block, structure, scale, transpose, backend) -> str:
+    """Validate everything; return the backend to use (``"triton"`` or ``"torch"``)."""
+    _check_float("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x must have at least one dimension (the features), got {_describe(x)}")
+    d = x.shape[-1]
+    if d < 1:
+        raise ValueError(f"x's last dimension (d) must be >= 1, got {_describe(x)}")
+    check_params(d, params, block, structure, scale)
+    if params.device != x.device:
+        raise ValueError(f"params and x must be on one device: params is on {params.device}, x on {x.device}")
+    if not isinstance(transpose, bool):
+        raise TypeError(f"transpose must be a bool, got {type(transpose).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch" or (backend == "auto" and x.device.type != "cuda" and not _interpreting()):
+        return "torch"
+    if x.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got x on {x.device}")
+    if d > MAX_TRITON_DIM:
+        if backend == "auto":
+            return "torch"
+        raise ValueError(f"backend='triton' supports d <= {MAX_TRITON_DIM}, got d={d}; use backend='torch'")
+    return "triton"
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[rows, d]`` with unit column stride (a view when possible)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(-1) == 1 else rows.contiguous()
+
+
+def _coefs(params: torch.Tensor, block: str, dtype: torch.dtype) -> torch.Tensor:
+    """What the kernels read per pair: the blocks ``[P, 2, 2]``, or ``(cos, sin)`` ``[P, 2]``."""
+    if block == "quasi":
+        return params.contiguous()
+    theta = params.to(dtype)
+    return torch.stack((torch.cos(theta), torch.sin(theta)), -1)
+
+
+class GivensRotationFunction(torch.autograd.Function):
+    """Autograd for the Triton path: forward and backward are one kernel launch each.
+
+    Saves only ``x`` (plus the small per-pair coefficients); the backward recomputes every
+    stage on chip. Inputs are assumed valid; call :func:`givens_rotate` for the checks.
+    """
+
+    @staticmethod
+    def forward(ctx, x, params, scale, block, structure, transpose):
+        offsets = stage_offsets(x.shape[-1], structure, x.device)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        coefs = _coefs(params, block, acc)
+        scale_c = None if scale is None else scale.contiguous()
+        y = _kernels().givens_fwd(_as_rows(x), coefs, scale_c, offsets,
+                                  quasi=block == "quasi", transpose=transpose)
+        ctx.save_for_backward(x, coefs, scale_c)
+        ctx.block, ctx.transpose, ctx.offsets = block, transpose, offsets
+        ctx.params_dtype = params.dtype
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, coefs, scale = ctx.saved_tensors
+        need_dx, need_dparams, need_dscale = ctx.needs_input_grad[:3]
+        dx, dparams, dscale = _kernels().givens_bwd(
+            _as_rows(x), _as_rows(dy), coefs, scale, ctx.offsets, quasi=ctx.block == "quasi",
+            transpose=ctx.transpose, need_dx=need_dx, need_dparams=need_dparams,
+            need_dscale=need_dscale)
+        if dx is not None:
+            dx = dx.view(x.shape)
+        if dparams is not None:
+            dparams = dparams.to(ctx.params_dtype)
+        if dscale is not None:
+            dscale = dscale.to(scale.dtype)
+        return dx, dparams, dscale, None, None, None
+
+
+def givens_rotate(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens",
+                  structure: str = "tree", scale: torch.Tensor | None = None,
+                  transpose: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Rotate the last dimension of ``x`` by the Givens product ``R``: ``x @ R`` or ``x @ R^T``.
+
+    Args:
+        x: ``[..., d]`` activations, any float dtype; any strides.
+        params: ``[P]`` angles (``block="givens"``) or ``[P, 2, 2]`` blocks (``"quasi"``),
+            ``P = num_pairs(d, structure)``, in the stage-major order of ``SPEC.md``.
+        block: ``"givens"`` (strict rotations) or ``"quasi"`` (free 2x2 blocks).
+        structure: the pair schedule; ``"tree"`` (``d - 1`` pairs in ``ceil(log2 d)`` stages).
+        scale: optional ``[d]`` diagonal applied last (``x @ R``) or first (``x @ R^T``).
+        transpose: apply ``R^T`` instead of ``R`` (the input gradient; the merge ``W R^T``).
+        backend: ``"auto"`` (Triton for CUDA tensors, and for CPU tensors under
+            ``TRITON_INTERPRET=1``; else PyTorch), ``"triton"`` or ``"torch"``.
+
+    Returns:
+        A tensor of ``x``'s shape and dtype, computed in float32 (float64 for float64
+        ``x``); differentiable in ``x``, ``params`` and ``scale``. Equals
+        ``x @ givens_matrix(d, params, block=block, structure=structure, scale=scale)``
+        (``.T`` of that matrix when ``transpose``), without ever forming it.
+
+    Example::
+
+        x = torch.randn(4, 768, device="cuda", dtype=torch.bfloat16)
+        blocks = torch.eye(2, device="cuda").repeat(qk.num_pairs(768), 1, 1)
+        y = qk.givens_rotate(x, blocks, block="quasi")   # identity blocks: y == x
+    """
+    use = _check_inputs(x, params, block, structure, scale, transpose, backend)
+    if use == "torch":
+        return rotate_reference(x, params, block=block, structure=structure, scale=scale, transpose=transpose)
+    return GivensRotationFunction.apply(x, params, scale, block, structure, transpose)

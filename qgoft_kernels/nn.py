@@ -1,0 +1,140 @@
+"""``GivensLinear``: a frozen ``nn.Linear`` adapted by a Givens rotation of its inputs."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .function import BLOCKS, givens_rotate
+from .schedule import STRUCTURES, num_pairs
+
+
+class GivensLinear(nn.Module):
+    """``y = F.linear(x @ R, W, b)`` with ``W``, ``b`` frozen and only ``R`` trained.
+
+    ``R`` is the product of ``ceil(log2 in_features)`` stages of disjoint 2x2 blocks
+    (SPEC §2): strict rotations (``block="givens"``, ``in_features - 1`` angles) or free
+    blocks (``block="quasi"``, ``4 (in_features - 1)`` entries), optionally followed by a
+    trained diagonal ``scale``. It starts at the identity, so a fresh module computes exactly
+    the frozen layer; :meth:`merged_linear` folds ``R`` into the weight for inference.
+
+    Args mirror ``nn.Linear``; the rotation parameters are float32 whatever ``dtype`` is.
+
+    Example::
+
+        layer = GivensLinear.from_linear(model.fc, block="quasi")
+        loss = task_loss + 1e-3 * layer.orthogonality_penalty()
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, block: str = "quasi",
+                 structure: str = "tree", scale: bool = False, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self._configure(in_features, out_features, block, structure)
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), **factory), requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        # the frozen base starts as nn.Linear would
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(in_features) if in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+        self._add_adapter(self.weight.device, scale)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, block: str = "quasi", structure: str = "tree",
+                    scale: bool = False) -> "GivensLinear":
+        """Wrap ``linear``: its weight and bias are shared (not copied) and frozen."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._configure(linear.in_features, linear.out_features, block, structure)
+        self.weight = linear.weight
+        self.weight.requires_grad_(False)
+        self.bias = linear.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self._add_adapter(self.weight.device, scale)
+        return self
+
+    def _configure(self, in_features, out_features, block, structure) -> None:
+        if block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        if in_features < 1 or out_features < 0:
+            raise ValueError(f"need in_features >= 1 and out_features >= 0, got {in_features}, {out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.block, self.structure = block, structure
+
+    def _add_adapter(self, device, scale: bool) -> None:
+        n = num_pairs(self.in_features, self.structure)
+        shape = (n,) if self.block == "givens" else (n, 2, 2)
+        self.rotation = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
+        if scale:
+            self.scale = nn.Parameter(torch.empty(self.in_features, device=device, dtype=torch.float32))
+        else:
+            self.register_parameter("scale", None)
+        self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """Back to the identity: zero angles or identity blocks, unit scale."""
+        if self.block == "givens":
+            self.rotation.zero_()
+        else:
+            self.rotation.copy_(torch.eye(2).expand_as(self.rotation))
+        if self.scale is not None:
+            self.scale.fill_(1.0)
+
+    def rotate(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+        """``x @ R`` (or ``x @ R^T``) with this layer's rotation."""
+        return givens_rotate(x, self.rotation, block=self.block, structure=self.structure,
+                             scale=self.scale, transpose=transpose)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.rotate(x), self.weight, self.bias)
+
+    @torch.no_grad()
+    def merged_linear(self) -> nn.Linear:
+        """An ``nn.Linear`` with weight ``W R^T`` (same bias, dtype, device): zero overhead.
+
+        The rotation is applied to the rows of ``W`` by the same kernel (``transpose=True``),
+        computed in float32 and rounded once; no ``d x d`` matrix is formed.
+        """
+        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight.device, dtype=self.weight.dtype)
+        merged.weight.copy_(self.rotate(self.weight, transpose=True))
+        if self.bias is not None:
+            merged.bias.copy_(self.bias)
+        return merged
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """``sum_p <alpha_p, beta_p>^2`` over the quasi blocks' columns; 0 for strict rotations."""
+        if self.block == "givens":
+            return self.rotation.new_zeros(())
+        b = self.rotation
+        inner = b[:, 0, 0] * b[:, 0, 1] + b[:, 1, 0] * b[:, 1, 1]
+        return (inner * inner).sum()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, block={self.block!r}, structure={self.structure!r}, "
+                f"scale={self.scale is not None}")
+
+
+def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
+    """Sum of :meth:`GivensLinear.orthogonality_penalty` over every ``GivensLinear`` in ``model``.
+
+    Add ``lam * orthogonality_penalty(model)`` to the loss; the paper uses ``lam`` in
+    ``[1e-3, 5e-2]``. A model without such layers gives a float32 zero.
+    """
+    terms = [m.orthogonality_penalty() for m in model.modules() if isinstance(m, GivensLinear)]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack([t.to(terms[0].device) for t in terms]).sum()

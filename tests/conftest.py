@@ -1,0 +1,35 @@
+"""Test set-up: the interpreter on CPU-only machines, poisoned outputs, fresh seeds."""
+import os
+import random
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    # must precede the first kernel import (qgoft_kernels imports its kernels lazily)
+    os.environ["TRITON_INTERPRET"] = "1"
+# every kernel output starts as NaN, so an element a kernel does not write fails its check
+os.environ["QGOFT_POISON"] = "1"
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def gen():
+    """A generator with a fresh seed; the seed is printed, so a failure can be replayed."""
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"seed={seed}")
+    return torch.Generator().manual_seed(seed)

@@ -1,0 +1,137 @@
+"""The Triton kernels (GPU, or the interpreter on the CPU) against the float64 oracle.
+
+Every case compares the output and every gradient (one shared upstream gradient), with
+outputs poisoned before each launch (conftest sets QGOFT_POISON).
+"""
+import pytest
+import torch
+
+import qgoft_kernels as qk
+from qgoft_kernels.verify import Case, check_case, random_inputs, rel_error
+
+pytestmark = pytest.mark.kernel
+
+DIMS = [1, 2, 3, 5, 8, 17, 64, 100, 128, 257, 768]
+COMBOS = [(b, s, t) for b in ("givens", "quasi") for s in (False, True) for t in (False, True)]
+
+
+def assert_case_ok(case, device, gen):
+    result = check_case(case, device, generator=gen)
+    failures = {n: r for n, r in result.items() if not r[2]}
+    assert not failures, "; ".join(f"{n}: error {e:.3e} > bound {b:.3e} ({detail})"
+                                   for n, (e, b, _, detail) in failures.items())
+
+
+def _ids(combo):
+    block, scale, transpose = combo
+    return f"{block}{'-scale' if scale else ''}{'-T' if transpose else ''}"
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=_ids)
+@pytest.mark.parametrize("d", DIMS, ids=lambda d: f"d{d}")
+def test_fp32(d, combo, device, gen):
+    assert_case_ok(Case(d, 37, *combo, torch.float32), device, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("combo", COMBOS, ids=_ids)
+@pytest.mark.parametrize("d", [1, 3, 17, 100, 257], ids=lambda d: f"d{d}")
+def test_low_precision(d, combo, dtype, device, gen):
+    assert_case_ok(Case(d, 37, *combo, dtype), device, gen)
+
+
+@pytest.mark.parametrize("combo", [("quasi", True, False), ("givens", True, True)], ids=_ids)
+def test_float64_inputs(combo, device, gen):
+    assert_case_ok(Case(33, 9, *combo, torch.float64), device, gen)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 65, 300])
+def test_row_counts(rows, device, gen):
+    assert_case_ok(Case(40, rows, "quasi", True, False, torch.float32), device, gen)
+
+
+def _grads(x, params, scale, dy, **kw):
+    leaves = [t for t in (x, params, scale) if t is not None and t.requires_grad]
+    y = qk.givens_rotate(x, params, scale=scale, **kw)
+    return (y, *torch.autograd.grad(y, leaves, dy))
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
+def test_non_contiguous_and_3d_input(transpose, device, gen):
+    d = 48
+    _, params, scale, _ = random_inputs(Case(d, 1, "quasi", True, transpose, torch.float32), device, gen)
+    base = torch.randn(4, 2 * d, 6, generator=gen).to(device)
+    x = base.transpose(1, 2)[..., ::2]  # [4, 6, d], strides everywhere
+    assert not x.is_contiguous()
+    dy = torch.randn(4, 6, d, generator=gen).to(device)
+    x_c = x.detach().clone().requires_grad_()
+    x = x.detach().requires_grad_()
+    params.requires_grad_()
+    scale.requires_grad_()
+    tri = _grads(x, params, scale, dy, block="quasi", transpose=transpose, backend="triton")
+    ref = _grads(x_c.double(), params.double(), scale.double(), dy.double(), block="quasi",
+                 transpose=transpose, backend="torch")
+    assert tri[0].shape == x.shape and tri[1].shape == x.shape
+    for t, r in zip(tri, ref):
+        assert rel_error(t, r) < 1e-5
+
+
+def test_zero_rows(device):
+    d = 20
+    x = torch.randn(0, 3, d, device=device, requires_grad=True)
+    params = torch.randn(d - 1, 2, 2, device=device, requires_grad=True)
+    scale = torch.randn(d, device=device, requires_grad=True)
+    y = qk.givens_rotate(x, params, block="quasi", scale=scale, backend="triton")
+    assert y.shape == (0, 3, d)
+    dx, dp, ds = torch.autograd.grad(y.sum(), (x, params, scale))
+    assert dx.shape == x.shape
+    assert torch.equal(dp, torch.zeros_like(params)) and torch.equal(ds, torch.zeros_like(scale))
+
+
+@pytest.mark.parametrize("block", ["givens", "quasi"])
+def test_parameter_gradients_are_deterministic(block, device, gen, monkeypatch):
+    # several programs, each with several row blocks: the reduction order matters
+    monkeypatch.setenv("QGOFT_BLOCK_N", "4")
+    monkeypatch.setenv("QGOFT_BWD_PROGRAMS", "3")
+    case = Case(100, 150, block, True, False, torch.float32)
+    x, params, scale, dy = random_inputs(case, device, gen)
+    params.requires_grad_()
+    scale.requires_grad_()
+    runs = [_grads(x, params, scale, dy, block=block, backend="triton")[1:] for _ in range(3)]
+    for later in runs[1:]:
+        for a, b in zip(runs[0], later):
+            assert torch.equal(a, b)
+    ref = _grads(x.double(), params.double(), scale.double(), dy.double(), block=block, backend="torch")[1:]
+    for a, r in zip(runs[0], ref):
+        assert rel_error(a, r) < 1e-5
+
+
+@pytest.mark.parametrize("which", ["x", "params", "scale", "x+scale"])
+def test_only_the_requested_gradients(which, device, gen):
+    """``needs_input_grad`` subsets take other launch paths; each must still be right."""
+    case = Case(70, 20, "quasi", True, False, torch.float32)
+    x, params, scale, dy = random_inputs(case, device, gen)
+    for name, t in (("x", x), ("params", params), ("scale", scale)):
+        t.requires_grad_(name in which.split("+"))
+    tri = _grads(x, params, scale, dy, block="quasi", backend="triton")
+    ref = _grads(*(t.double().requires_grad_(t.requires_grad) for t in (x, params, scale)), dy.double(),
+                 block="quasi", backend="torch")
+    assert len(tri) == len(ref) == 1 + len(which.split("+"))
+    for t, r in zip(tri, ref):
+        assert rel_error(t, r) < 1e-5
+
+
+@pytest.mark.parametrize("block_n, programs", [(1, 1), (2, 5), (16, 2), (64, 7)])
+def test_launch_configurations(block_n, programs, device, gen, monkeypatch):
+    monkeypatch.setenv("QGOFT_BLOCK_N", str(block_n))
+    monkeypatch.setenv("QGOFT_BWD_PROGRAMS", str(programs))
+    assert_case_ok(Case(129, 45, "quasi", True, True, torch.float32), device, gen)
+    assert_case_ok(Case(129, 45, "givens", True, False, torch.float32), device, gen)
+
+
+def test_auto_backend_uses_the_kernels(device):
+    # on the CPU only because conftest set TRITON_INTERPRET=1
+    from qgoft_kernels.function import _check_inputs
+
+    x = torch.randn(2, 8, device=device)
+    assert _check_inputs(x, torch.zeros(7, device=device), "givens", "tree", None, False, "auto") == "triton"

@@ -1,0 +1,100 @@
+"""The pure-PyTorch reference against the dense oracle, and gradcheck (runs anywhere)."""
+import pytest
+import torch
+
+import qgoft_kernels as qk
+from qgoft_kernels.reference import blocks_from_params, rotate_reference
+from qgoft_kernels.schedule import schedule
+from qgoft_kernels.verify import Case, random_inputs, rel_error
+
+DIMS = [1, 2, 3, 5, 6, 8, 17, 64, 100, 257]
+
+
+def _dense_step(d, params, block, scale, stage_pairs):
+    """``P_L ... P_1 diag(scale)`` written out entry by entry, independent of givens_matrix."""
+    B = blocks_from_params(params, block)
+    R = torch.eye(d, dtype=torch.float64)
+    p = 0
+    for pairs in stage_pairs:
+        P = torch.eye(d, dtype=torch.float64)
+        for i, j in pairs:
+            P[i, i], P[i, j], P[j, i], P[j, j] = B[p, 0, 0], B[p, 0, 1], B[p, 1, 0], B[p, 1, 1]
+            p += 1
+        R = P @ R
+    return R if scale is None else R @ torch.diag(scale)
+
+
+@pytest.mark.parametrize("block", ["givens", "quasi"])
+@pytest.mark.parametrize("d", [1, 2, 6, 9, 16])
+def test_givens_matrix_matches_entrywise_construction(d, block, gen):
+    x, params, scale, _ = random_inputs(Case(d, 1, block, True, False, torch.float64), "cpu", gen)
+    params, scale = params.double(), scale.double()
+    stages = schedule(d).stages
+    ref = _dense_step(d, params, block, scale, stages)
+    assert torch.allclose(qk.givens_matrix(d, params, block=block, scale=scale), ref, atol=1e-14)
+
+
+def test_givens_d4_by_hand():
+    # stage 1: (0,1),(2,3); stage 2: (0,2). R = P2 @ P1
+    t = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+
+    def G(n, i, j, a):
+        g = torch.eye(n, dtype=torch.float64)
+        g[i, i] = g[j, j] = torch.cos(a)
+        g[i, j], g[j, i] = -torch.sin(a), torch.sin(a)
+        return g
+
+    expected = G(4, 0, 2, t[2]) @ G(4, 0, 1, t[0]) @ G(4, 2, 3, t[1])
+    assert torch.allclose(qk.givens_matrix(4, t), expected, atol=1e-15)
+
+
+@pytest.mark.parametrize("d", [2, 8, 100, 768])
+def test_givens_is_a_rotation(d, gen):
+    _, params, _, _ = random_inputs(Case(d, 1, "givens", False, False, torch.float64), "cpu", gen)
+    R = qk.givens_matrix(d, params.double())
+    assert torch.allclose(R.T @ R, torch.eye(d, dtype=torch.float64), atol=1e-12)
+    assert torch.linalg.det(R).item() == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
+@pytest.mark.parametrize("scale", [False, True], ids=["noscale", "scale"])
+@pytest.mark.parametrize("block", ["givens", "quasi"])
+@pytest.mark.parametrize("d", DIMS)
+def test_stagewise_matches_dense(d, block, scale, transpose, gen):
+    case = Case(d, 13, block, scale, transpose, torch.float64)
+    x, params, s, _ = random_inputs(case, "cpu", gen)
+    params = params.double()
+    s = None if s is None else s.double()
+    R = qk.givens_matrix(d, params, block=block, scale=s)
+    ref = x @ (R.T if transpose else R)
+    out = rotate_reference(x, params, block=block, scale=s, transpose=transpose)
+    assert rel_error(out, ref) < 1e-13
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
+@pytest.mark.parametrize("block", ["givens", "quasi"])
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 13])
+def test_gradcheck_reference(d, block, transpose, gen):
+    case = Case(d, 4, block, True, transpose, torch.float64)
+    x, params, s, _ = random_inputs(case, "cpu", gen)
+    inputs = (x.requires_grad_(), params.double().requires_grad_(), s.double().requires_grad_())
+    assert torch.autograd.gradcheck(
+        lambda a, p, sc: rotate_reference(a, p, block=block, scale=sc, transpose=transpose), inputs)
+
+
+def test_identity_parameters_give_identity():
+    d = 37
+    x = torch.randn(5, d, dtype=torch.float64)
+    for block, params in (("givens", torch.zeros(d - 1)), ("quasi", torch.eye(2).repeat(d - 1, 1, 1))):
+        assert torch.equal(qk.givens_matrix(d, params.double(), block=block), torch.eye(d, dtype=torch.float64))
+        assert torch.equal(rotate_reference(x, params, block=block), x)
+
+
+def test_rotate_reference_shapes_dtype_and_strides():
+    d = 12
+    params = torch.randn(d - 1)
+    x = torch.randn(3, 4, 2 * d, dtype=torch.bfloat16)[..., ::2]  # 3-D, non-contiguous
+    out = rotate_reference(x, params)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    ref = x.double() @ qk.givens_matrix(d, params.double())
+    assert rel_error(out, ref) < 1e-2
