@@ -23,14 +23,14 @@ from triton.compiler import ASTSource
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from qgoft_kernels.kernels.backward import _givens_bwd_kernel  # noqa: E402
 from qgoft_kernels.kernels.forward import _givens_fwd_kernel  # noqa: E402
-from qgoft_kernels.kernels.launch import Config, _heuristic  # noqa: E402
+from qgoft_kernels.kernels.launch import backward_config, forward_config  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
-FWD_SIG = dict(x="*bf16", y="*bf16", coefs="*fp32", scale="*fp32", offsets="*i32", n_rows="i32", d="i32",
-               stride_x="i32", stride_y="i32")
-BWD_SIG = dict(x="*bf16", dy="*bf16", dx="*bf16", coefs="*fp32", scale="*fp32", offsets="*i32", dparams="*fp32",
-               dscale="*fp32", n_rows="i32", d="i32", stride_x="i32", stride_dy="i32", stride_dx="i32",
-               n_params="i32")
+FWD_SIG = dict(x="*bf16", y="*bf16", roots="*fp32", coefs="*fp32", scale="*fp32", offsets="*i32", n_rows="i32",
+               d="i32", stride_x="i32", stride_y="i32")
+BWD_SIG = dict(x="*bf16", dy="*bf16", dx="*bf16", roots="*fp32", coefs="*fp32", scale="*fp32", offsets="*i32",
+               dparams="*fp32", dscale="*fp32", n_rows="i32", d="i32", stride_x="i32", stride_dy="i32",
+               stride_dx="i32", n_params="i32")
 
 
 def resources(kernel, signature, constexprs, num_warps, arch):
@@ -53,27 +53,31 @@ def main():
     parser.add_argument("--dims", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--rows", type=int, default=16384)
     args = parser.parse_args()
-    print(f"triton {triton.__version__}, sm_{args.arch}; launch config from the GPU heuristic")
-    print(f"{'kernel':<8}{'D':>7}{'BN':>4}{'warps':>6}  {'variant':<22}{'regs':>5}{'stack B':>9}{'cvt':>5}")
+    print(f"triton {triton.__version__}, sm_{args.arch}; launch configs from the GPU heuristics "
+          f"(QGOFT_* variables pin them)")
+    print(f"{'kernel':<8}{'D':>7}{'chunk':>6}{'BN':>4}{'warps':>6}  {'variant':<16}{'regs':>5}{'stack B':>9}{'cvt':>5}")
     for d in args.dims:
         L = (d - 1).bit_length()
-        for name, kernel, sig, tile in (("fwd", _givens_fwd_kernel, FWD_SIG, 4096),
-                                        ("bwd", _givens_bwd_kernel, BWD_SIG, 2048)):
-            cfg: Config = _heuristic(1 << L, args.rows, _CudaDevice(), tile)
+        for name, kernel, sig, config in (("fwd", _givens_fwd_kernel, FWD_SIG, forward_config),
+                                          ("bwd", _givens_bwd_kernel, BWD_SIG, backward_config)):
+            cfg = config(1 << L, args.rows, _CUDA)
             for quasi in (False, True):
                 for transpose in (False, True):
-                    consts = dict(D_PAD=1 << L, L=L, BLOCK_N=cfg.block_n, QUASI=quasi, HAS_SCALE=True,
-                                  TRANSPOSE=transpose, ACC=tl.float32, ROUND_BF16=False)
+                    consts = dict(L=L, LC=cfg.chunk.bit_length() - 1, BLOCK_N=cfg.block_n, QUASI=quasi,
+                                  HAS_SCALE=True, TRANSPOSE=transpose, ACC=tl.float32, ROUND_BF16=False)
                     if name == "bwd":
                         consts.update(HAS_DX=True, HAS_DPARAMS=True, HAS_DSCALE=True)
-                    regs, spill, cvt = resources(kernel, sig, consts, cfg.num_warps, args.arch)
+                    regs, stack, cvt = resources(kernel, sig, consts, cfg.num_warps, args.arch)
                     variant = f"{'quasi' if quasi else 'givens'}+scale{' T' if transpose else ''}"
-                    print(f"{name:<8}{1 << L:>7}{cfg.block_n:>4}{cfg.num_warps:>6}  {variant:<22}{regs:>5}{spill:>9}{cvt:>5}",
-                          flush=True)
+                    print(f"{name:<8}{1 << L:>7}{cfg.chunk:>6}{cfg.block_n:>4}{cfg.num_warps:>6}  {variant:<16}"
+                          f"{regs:>5}{stack:>9}{cvt:>5}", flush=True)
 
 
 class _CudaDevice:
     type = "cuda"
+
+
+_CUDA = _CudaDevice()
 
 
 if __name__ == "__main__":

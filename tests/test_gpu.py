@@ -7,7 +7,7 @@ from qgoft_kernels.verify import Case, check_case, rel_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.kernel]
 
-GPU_DIMS = [768, 3072, 4096, 11008, 16384]
+GPU_DIMS = [768, 3072, 4096, 11008, 16384, 28672]
 
 
 def assert_case_ok(case, device, gen):

@@ -129,6 +129,29 @@ def test_launch_configurations(block_n, programs, device, gen, monkeypatch):
     assert_case_ok(Case(129, 45, "givens", True, False, torch.float32), device, gen)
 
 
+@pytest.mark.parametrize("combo", COMBOS, ids=_ids)
+@pytest.mark.parametrize("chunk, dims", [(1, (2, 5, 17)), (4, (5, 100)), (32, (33, 257))],
+                         ids=["chunk1", "chunk4", "chunk32"])
+def test_chunked_rows(chunk, dims, combo, device, gen, monkeypatch):
+    """Rows split into chunks plus a roots tile (the path for long rows), at small sizes."""
+    monkeypatch.setenv("QGOFT_CHUNK", str(chunk))
+    monkeypatch.setenv("QGOFT_BWD_PROGRAMS", "3")
+    for d in dims:
+        assert_case_ok(Case(d, 19, *combo, torch.float32), device, gen)
+
+
+def test_chunked_bf16_and_determinism(device, gen, monkeypatch):
+    monkeypatch.setenv("QGOFT_CHUNK", "16")
+    assert_case_ok(Case(200, 33, "quasi", True, False, torch.bfloat16), device, gen)
+    case = Case(200, 70, "quasi", True, True, torch.float32)
+    x, params, scale, dy = random_inputs(case, device, gen)
+    params.requires_grad_()
+    scale.requires_grad_()
+    first = _grads(x, params, scale, dy, block="quasi", transpose=True, backend="triton")
+    again = _grads(x, params, scale, dy, block="quasi", transpose=True, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 def test_auto_backend_uses_the_kernels(device):
     # on the CPU only because conftest set TRITON_INTERPRET=1
     from qgoft_kernels.function import _check_inputs

@@ -1,24 +1,29 @@
 """Building blocks shared by the forward and backward kernels.
 
-A row tile ``[BLOCK_N, D_PAD]`` is processed in *compact* form: the tree's stage ``r``
-only touches the indices that are multiples of ``s = 2**(r-1)``, and its pairs are the
-neighbours ``(2k, 2k+1)`` of that subsequence. Splitting a tile into its even and odd
-halves ``L`` times therefore hands every stage exactly its operands, and stage ``r`` costs
-``D_PAD >> r`` pair updates instead of ``D_PAD``. docs/math.md derives both sweeps.
+A row is processed in *compact* form: the tree's stage ``r`` only touches the indices that
+are multiples of ``s = 2**(r-1)``, and its pairs are the neighbours ``(2k, 2k+1)`` of that
+subsequence. Splitting a tile into its even and odd halves therefore hands every stage
+exactly its operands, and stage ``r`` costs ``W >> r`` pair updates on a tile of width ``W``.
+
+Tiles are *chunks*: ``W`` aligned columns ``[i_chunk * W, (i_chunk + 1) * W)`` running the
+stages ``R0 + 1 .. R0 + LT`` (``W = 2**LT``). A row of ``2**L`` columns is one chunk with
+``R0 = 0``; a long row is ``K`` chunks of width ``C`` for the fine stages ``1 .. log2 C``,
+plus one *root* tile of width ``K`` (every ``C``-th column) for the coarse stages, which
+only ever touch those columns. docs/math.md derives all of it.
 """
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _load_blocks(coefs, offsets, r: tl.constexpr, D_PAD: tl.constexpr, QUASI: tl.constexpr,
+def _load_blocks(coefs, offsets, r: tl.constexpr, i_chunk, N: tl.constexpr, QUASI: tl.constexpr,
                  ACC: tl.constexpr):
-    """The 2x2 blocks of stage ``r`` for its ``D_PAD >> r`` slots, as four ``[1, n]`` rows.
+    """Stage ``r``'s 2x2 blocks for slots ``[i_chunk * N, i_chunk * N + N)``, as four ``[1, N]`` rows.
 
     ``coefs`` holds the blocks ``[P, 2, 2]`` (quasi) or ``(cos, sin)`` pairs ``[P, 2]``
     (givens). Slots past the stage's pair count get the identity block.
     """
-    o_k = tl.arange(0, D_PAD >> r)
+    o_k = i_chunk * N + tl.arange(0, N)
     i_off = tl.load(offsets + (r - 1))
     m_k = o_k < tl.load(offsets + r) - i_off
     if QUASI:
@@ -63,55 +68,68 @@ def _interleave(b_even, b_odd, BLOCK_N: tl.constexpr, N: tl.constexpr):
 
 
 @triton.jit
-def _nt_sweep(b_x, coefs, offsets, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, L: tl.constexpr,
-              QUASI: tl.constexpr, ACC: tl.constexpr):
-    """``x @ P_L @ ... @ P_1`` on a tile, coarse stage first.
+def _column(b, i, W: tl.constexpr):
+    """Column ``i`` (a runtime index) of a ``[BLOCK_N, W]`` tile, as ``[BLOCK_N, 1]``."""
+    return tl.sum(tl.where(tl.arange(0, W)[None, :] == i, b, 0.0), axis=1)[:, None]
 
-    Returns the result and, per stage ``r`` (tuple index ``r - 1``), the two operands of its
-    pairs: ``lo[r-1]`` (the running value at the even slots) and ``hi[r-1]``
-    (``x[:, s::2s]``, untouched until stage ``r``). The backward needs them; the forward
-    lets the compiler drop them.
+
+@triton.jit
+def _nt_sweep(b_x, b_root, coefs, offsets, i_chunk, BLOCK_N: tl.constexpr, W: tl.constexpr,
+              LT: tl.constexpr, R0: tl.constexpr, HAS_ROOT: tl.constexpr, QUASI: tl.constexpr,
+              ACC: tl.constexpr):
+    """``x @ P_{R0+LT} @ ... @ P_{R0+1}`` on a chunk, coarse stage first.
+
+    With ``HAS_ROOT`` the chunk's first column is replaced by ``b_root`` (its value after the
+    coarser stages, which act outside the chunk). Returns the result and, per stage
+    (tuple index ``t - 1`` for stage ``R0 + t``), the two operands of its pairs: ``lo`` (the
+    running value at the even slots) and ``hi`` (``x[:, s::2s]``, untouched until then).
+    The backward needs them; the forward lets the compiler drop them.
     """
     his = ()
-    for r in tl.static_range(1, L + 1):
-        b_x, b_hi = _deinterleave(b_x, BLOCK_N, D_PAD >> (r - 1))
+    for t in tl.static_range(1, LT + 1):
+        b_x, b_hi = _deinterleave(b_x, BLOCK_N, W >> (t - 1))
         his = his + (b_hi,)
+    if HAS_ROOT:
+        b_x = b_root
     los = ()
-    for r in tl.static_range(L, 0, -1):
-        b_00, b_01, b_10, b_11 = _load_blocks(coefs, offsets, r, D_PAD, QUASI, ACC)
-        b_hi = his[r - 1]
+    for t in tl.static_range(LT, 0, -1):
+        b_00, b_01, b_10, b_11 = _load_blocks(coefs, offsets, R0 + t, i_chunk, W >> t, QUASI, ACC)
+        b_hi = his[t - 1]
         los = (b_x,) + los
-        b_x = _interleave(b_00 * b_x + b_10 * b_hi, b_01 * b_x + b_11 * b_hi, BLOCK_N, D_PAD >> (r - 1))
+        b_x = _interleave(b_00 * b_x + b_10 * b_hi, b_01 * b_x + b_11 * b_hi, BLOCK_N, W >> (t - 1))
     return b_x, los, his
 
 
 @triton.jit
-def _t_stage(b_x, coefs, offsets, r: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+def _t_stage(b_x, coefs, offsets, r: tl.constexpr, i_chunk, BLOCK_N: tl.constexpr, N: tl.constexpr,
              QUASI: tl.constexpr, ACC: tl.constexpr):
-    """Stage ``r`` of :func:`_t_sweep` on the ``D_PAD >> (r-1)`` values still in play.
+    """One stage of :func:`_t_sweep` on the ``N`` values of ``b_x`` still in play.
 
     Returns the pairs' even/odd operands, the even outputs (next stage's input) and the odd
     outputs, which are final: no later stage touches them.
     """
-    b_00, b_01, b_10, b_11 = _load_blocks(coefs, offsets, r, D_PAD, QUASI, ACC)
-    b_lo, b_hi = _deinterleave(b_x, BLOCK_N, D_PAD >> (r - 1))
+    b_00, b_01, b_10, b_11 = _load_blocks(coefs, offsets, r, i_chunk, N // 2, QUASI, ACC)
+    b_lo, b_hi = _deinterleave(b_x, BLOCK_N, N)
     return b_lo, b_hi, b_00 * b_lo + b_01 * b_hi, b_10 * b_lo + b_11 * b_hi
 
 
 @triton.jit
-def _merge_levels(b_x, outs, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, L: tl.constexpr):
-    """Reassemble a full tile from the last even value and each stage's odd outputs."""
-    for r in tl.static_range(L, 0, -1):
-        b_x = _interleave(b_x, outs[r - 1], BLOCK_N, D_PAD >> (r - 1))
+def _merge_levels(b_x, outs, BLOCK_N: tl.constexpr, W: tl.constexpr, LT: tl.constexpr):
+    """Reassemble a chunk from its last even value and each stage's odd outputs."""
+    for t in tl.static_range(LT, 0, -1):
+        b_x = _interleave(b_x, outs[t - 1], BLOCK_N, W >> (t - 1))
     return b_x
 
 
 @triton.jit
-def _t_sweep(b_x, coefs, offsets, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, L: tl.constexpr,
-             QUASI: tl.constexpr, ACC: tl.constexpr):
-    """``x @ P_1^T @ ... @ P_L^T`` on a tile, fine stage first."""
+def _t_sweep(b_x, coefs, offsets, i_chunk, BLOCK_N: tl.constexpr, W: tl.constexpr, LT: tl.constexpr,
+             R0: tl.constexpr, QUASI: tl.constexpr, ACC: tl.constexpr):
+    """``x @ P_{R0+1}^T @ ... @ P_{R0+LT}^T`` on a chunk, fine stage first.
+
+    Column 0 of the result is the chunk's root: final only if no coarser stage follows.
+    """
     outs = ()
-    for r in tl.static_range(1, L + 1):
-        _, _, b_x, b_out = _t_stage(b_x, coefs, offsets, r, BLOCK_N, D_PAD, QUASI, ACC)
+    for t in tl.static_range(1, LT + 1):
+        _, _, b_x, b_out = _t_stage(b_x, coefs, offsets, R0 + t, i_chunk, BLOCK_N, W >> (t - 1), QUASI, ACC)
         outs = outs + (b_out,)
-    return _merge_levels(b_x, outs, BLOCK_N, D_PAD, L)
+    return _merge_levels(b_x, outs, BLOCK_N, W, LT)
