@@ -21,16 +21,17 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from qgoft_kernels.kernels.backward import _givens_bwd_kernel  # noqa: E402
+from qgoft_kernels.kernels.backward import _givens_bwd_kernel, _givens_bwd_roots_kernel  # noqa: E402
 from qgoft_kernels.kernels.forward import _givens_fwd_kernel  # noqa: E402
-from qgoft_kernels.kernels.launch import backward_config, forward_config  # noqa: E402
+from qgoft_kernels.kernels.launch import backward_config, forward_config, tile_config  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
-FWD_SIG = dict(x="*bf16", y="*bf16", roots="*fp32", coefs="*fp32", scale="*fp32", offsets="*i32", n_rows="i32",
+FWD_SIG = dict(x="*bf16", y="*bf16", coefs="*fp32", scale="*fp32", offsets="*i32", n_rows="i32",
                d="i32", stride_x="i32", stride_y="i32")
 BWD_SIG = dict(x="*bf16", dy="*bf16", dx="*bf16", roots="*fp32", coefs="*fp32", scale="*fp32", offsets="*i32",
                dparams="*fp32", dscale="*fp32", n_rows="i32", d="i32", stride_x="i32", stride_dy="i32",
                stride_dx="i32", n_params="i32")
+ROOTS_SIG = {k: v for k, v in BWD_SIG.items() if k not in ("scale", "dscale")}
 
 
 def resources(kernel, signature, constexprs, num_warps, arch):
@@ -52,25 +53,36 @@ def main():
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--dims", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--kernels", nargs="+", default=["fwd", "bwd"], choices=["fwd", "bwd"])
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_{args.arch}; launch configs from the GPU heuristics "
           f"(QGOFT_* variables pin them)")
-    print(f"{'kernel':<8}{'D':>7}{'chunk':>6}{'BN':>4}{'warps':>6}  {'variant':<16}{'regs':>5}{'stack B':>9}{'cvt':>5}")
+    print(f"{'kernel':<10}{'D':>7}{'chunk':>6}{'BN':>4}{'warps':>6}  {'variant':<16}{'regs':>5}{'stack B':>9}{'cvt':>5}")
     for d in args.dims:
         L = (d - 1).bit_length()
-        for name, kernel, sig, config in (("fwd", _givens_fwd_kernel, FWD_SIG, forward_config),
-                                          ("bwd", _givens_bwd_kernel, BWD_SIG, backward_config)):
-            cfg = config(1 << L, args.rows, _CUDA)
-            for quasi in (False, True):
-                for transpose in (False, True):
-                    consts = dict(L=L, LC=cfg.chunk.bit_length() - 1, BLOCK_N=cfg.block_n, QUASI=quasi,
-                                  HAS_SCALE=True, TRANSPOSE=transpose, ACC=tl.float32, ROUND_BF16=False)
-                    if name == "bwd":
-                        consts.update(HAS_DX=True, HAS_DPARAMS=True, HAS_DSCALE=True)
-                    regs, stack, cvt = resources(kernel, sig, consts, cfg.num_warps, args.arch)
-                    variant = f"{'quasi' if quasi else 'givens'}+scale{' T' if transpose else ''}"
-                    print(f"{name:<8}{1 << L:>7}{cfg.chunk:>6}{cfg.block_n:>4}{cfg.num_warps:>6}  {variant:<16}"
-                          f"{regs:>5}{stack:>9}{cvt:>5}", flush=True)
+        for name in args.kernels:
+            cfg = (forward_config if name == "fwd" else backward_config)(1 << L, args.rows, _CUDA)
+            LC = cfg.chunk.bit_length() - 1
+            kernels = [(name, {"fwd": _givens_fwd_kernel, "bwd": _givens_bwd_kernel}[name],
+                        {"fwd": FWD_SIG, "bwd": BWD_SIG}[name], cfg)]
+            if name == "bwd" and L > LC:
+                kernels.append(("bwd-roots", _givens_bwd_roots_kernel, ROOTS_SIG,
+                                tile_config(1 << (L - LC), args.rows, _CUDA, tile=2048)))
+            for label, kernel, sig, kcfg in kernels:
+                for quasi in (False, True):
+                    for transpose in (False, True):
+                        consts = dict(L=L, LC=LC, BLOCK_N=kcfg.block_n, QUASI=quasi, TRANSPOSE=transpose,
+                                      ACC=tl.float32, ROUND_BF16=False)
+                        if label != "bwd-roots":
+                            consts["HAS_SCALE"] = True
+                        if label.startswith("bwd"):
+                            consts.update(HAS_DX=True, HAS_DPARAMS=True)
+                        if label == "bwd":
+                            consts["HAS_DSCALE"] = True
+                        regs, stack, cvt = resources(kernel, sig, consts, kcfg.num_warps, args.arch)
+                        variant = f"{'quasi' if quasi else 'givens'}+scale{' T' if transpose else ''}"
+                        print(f"{label:<10}{1 << L:>7}{cfg.chunk:>6}{kcfg.block_n:>4}{kcfg.num_warps:>6}  "
+                              f"{variant:<16}{regs:>5}{stack:>9}{cvt:>5}", flush=True)
 
 
 class _CudaDevice:
