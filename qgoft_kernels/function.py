@@ -10,7 +10,8 @@ from .schedule import STRUCTURES, num_pairs, stage_offsets
 
 BLOCKS = ("givens", "quasi")
 BACKENDS = ("auto", "triton", "torch")
-#: Largest ``d`` the Triton kernels take (one row is held on chip, padded to a power of two).
+#: Largest ``d`` the Triton kernels take. Rows longer than a chunk are split (docs/math.md §4);
+#: this bound is what the compile report and the GPU tier cover.
 MAX_TRITON_DIM = 32768
 
 
