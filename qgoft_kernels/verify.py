@@ -155,6 +155,13 @@ def check_case(case: Case, device, backend: str = "triton", generator=None):
     return result
 
 
+def assert_case_ok(case: Case, device, generator=None) -> None:
+    """:func:`check_case`, raising ``AssertionError`` with the details of every failure."""
+    bad = {n: r for n, r in check_case(case, device, generator=generator).items() if not r[2]}
+    assert not bad, f"{case.id}: " + "; ".join(f"{n}: error {e:.3e} > bound {b:.3e} ({detail})"
+                                               for n, (e, b, _, detail) in bad.items())
+
+
 def default_cases(device: torch.device) -> list[Case]:
     """The verification matrix: every path at small sizes, then the large sizes on a GPU.
 

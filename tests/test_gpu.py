@@ -3,17 +3,11 @@ import pytest
 import torch
 
 import qgoft_kernels as qk
-from qgoft_kernels.verify import Case, check_case, rel_error
+from qgoft_kernels.verify import Case, assert_case_ok, rel_error
 
 pytestmark = [pytest.mark.gpu, pytest.mark.kernel]
 
 GPU_DIMS = [768, 3072, 4096, 11008, 16384, 28672]
-
-
-def assert_case_ok(case, device, gen):
-    result = check_case(case, device, generator=gen)
-    bad = {n: r for n, r in result.items() if not r[2]}
-    assert not bad, "; ".join(f"{n}: error {e:.3e} > bound {b:.3e} ({detail})" for n, (e, b, _, detail) in bad.items())
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])

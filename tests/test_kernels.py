@@ -7,19 +7,12 @@ import pytest
 import torch
 
 import qgoft_kernels as qk
-from qgoft_kernels.verify import Case, check_case, random_inputs, rel_error
+from qgoft_kernels.verify import Case, assert_case_ok, random_inputs, rel_error
 
 pytestmark = pytest.mark.kernel
 
 DIMS = [1, 2, 3, 5, 8, 17, 64, 100, 128, 257, 768]
 COMBOS = [(b, s, t) for b in ("givens", "quasi") for s in (False, True) for t in (False, True)]
-
-
-def assert_case_ok(case, device, gen):
-    result = check_case(case, device, generator=gen)
-    failures = {n: r for n, r in result.items() if not r[2]}
-    assert not failures, "; ".join(f"{n}: error {e:.3e} > bound {b:.3e} ({detail})"
-                                   for n, (e, b, _, detail) in failures.items())
 
 
 def _ids(combo):
