@@ -1,5 +1,5 @@
 # make test   set up .venv from nothing and run the test suite (CPU: Triton interpreter)
-# make bench  the main job: verification of every kernel path, then the benchmarks
+# make bench  the main job: verification of every kernel path, then the benchmark tables and plots
 # make gpu    on a CUDA machine with torch and triton already installed: gpu tier + verify + timings
 #
 # TORCH=torch==2.13.0 (default) installs that wheel first (the CPU build on a CPU machine);
@@ -19,18 +19,22 @@ endif
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	if [ "$(TORCH)" != "system" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 
 test: $(VENV)/.installed
-	$(PY) -m pytest
+	$(PY) -m pytest tests
+	$(PY) -m pytest benchmarks -q --benchmark-disable-gc --benchmark-columns=median,iqr,rounds
 
 bench: $(VENV)/.installed
 	$(PY) -m qgoft_kernels verify
+	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.plot
+	$(PY) -m benchmarks.report
 
 gpu:
 	mkdir -p $(OUT)
-	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py --out $(OUT)
+	PYTHONPATH=. $(PYTHON) -m benchmarks.gpu_check --out $(OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks

@@ -1,7 +1,8 @@
-"""One call on a GPU machine: the gpu test tier, verify, and first kernel timings.
+"""One call on a GPU machine: the gpu test tier, verify, and the benchmark run.
 
-Writes everything under ``--out`` (``make gpu OUT=$OUT``): ``pytest_gpu.log``,
-``verify.log`` and ``kernel_timing.json`` (device, versions, commit, raw timings).
+``make gpu OUT=$OUT`` uses the machine's own ``python3`` (torch and triton preinstalled).
+Everything lands under ``--out``: ``pytest_gpu.log``, ``verify.log``, ``bench.log`` and the
+result files (``<device>.json`` and CSVs) to commit under ``benchmarks/results/``.
 """
 import argparse
 import os
@@ -14,7 +15,7 @@ def run(cmd, log):
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         fh.write(proc.stdout)
-    print(proc.stdout[-4000:], flush=True)
+    print(proc.stdout[-3000:], flush=True)
     return proc.returncode
 
 
@@ -24,11 +25,10 @@ def main():
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     codes = {
-        "pytest_gpu": run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py", "-p", "no:cacheprovider"],
-                          os.path.join(args.out, "pytest_gpu.log")),
+        "pytest_gpu": run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/test_gpu.py",
+                           "-p", "no:cacheprovider"], os.path.join(args.out, "pytest_gpu.log")),
         "verify": run([sys.executable, "-m", "qgoft_kernels", "verify"], os.path.join(args.out, "verify.log")),
-        "timing": run([sys.executable, "benchmarks/kernel_timing.py", "--out", os.path.join(args.out, "kernel_timing.json")],
-                      os.path.join(args.out, "kernel_timing.log")),
+        "bench": run([sys.executable, "-m", "benchmarks.run", "--out", args.out], os.path.join(args.out, "bench.log")),
     }
     print("exit codes:", codes)
     return max(codes.values())

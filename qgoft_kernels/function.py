@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from .reference import rotate_reference
+from .sweeps import rotate_sweeps
 from .schedule import STRUCTURES, num_pairs, stage_offsets
 
 BLOCKS = ("givens", "quasi")
@@ -165,5 +165,5 @@ def givens_rotate(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
     """
     use = _check_inputs(x, params, block, structure, scale, transpose, backend)
     if use == "torch":
-        return rotate_reference(x, params, block=block, structure=structure, scale=scale, transpose=transpose)
+        return rotate_sweeps(x, params, block=block, structure=structure, scale=scale, transpose=transpose)
     return GivensRotationFunction.apply(x, params, scale, block, structure, transpose)

@@ -1,10 +1,16 @@
-"""The pure-PyTorch reference against the dense oracle, and gradcheck (runs anywhere)."""
+"""The PyTorch paths against the dense oracle, and gradcheck (runs anywhere).
+
+``rotate_reference`` (one index-copy per stage) is the oracle's stage-wise twin;
+``rotate_sweeps`` (the kernels' compact algorithm in torch ops) is the ``backend="torch"``
+path. Both are held to the dense ``givens_matrix``.
+"""
 import pytest
 import torch
 
 import qgoft_kernels as qk
 from qgoft_kernels.reference import blocks_from_params, rotate_reference
 from qgoft_kernels.schedule import schedule
+from qgoft_kernels.sweeps import rotate_sweeps
 from qgoft_kernels.verify import Case, random_inputs, rel_error
 
 DIMS = [1, 2, 3, 5, 6, 8, 17, 64, 100, 257]
@@ -56,45 +62,53 @@ def test_givens_is_a_rotation(d, gen):
     assert torch.linalg.det(R).item() == pytest.approx(1.0, abs=1e-9)
 
 
+PATHS = [rotate_reference, rotate_sweeps]
+
+
+@pytest.mark.parametrize("rotate", PATHS, ids=["reference", "sweeps"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
 @pytest.mark.parametrize("scale", [False, True], ids=["noscale", "scale"])
 @pytest.mark.parametrize("block", ["givens", "quasi"])
 @pytest.mark.parametrize("d", DIMS)
-def test_stagewise_matches_dense(d, block, scale, transpose, gen):
+def test_stagewise_matches_dense(d, block, scale, transpose, rotate, gen):
     case = Case(d, 13, block, scale, transpose, torch.float64)
     x, params, s, _ = random_inputs(case, "cpu", gen)
     params = params.double()
     s = None if s is None else s.double()
     R = qk.givens_matrix(d, params, block=block, scale=s)
     ref = x @ (R.T if transpose else R)
-    out = rotate_reference(x, params, block=block, scale=s, transpose=transpose)
+    out = rotate(x, params, block=block, scale=s, transpose=transpose)
     assert rel_error(out, ref) < 1e-13
 
 
+@pytest.mark.parametrize("rotate", PATHS, ids=["reference", "sweeps"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
 @pytest.mark.parametrize("block", ["givens", "quasi"])
 @pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 13])
-def test_gradcheck_reference(d, block, transpose, gen):
+def test_gradcheck(d, block, transpose, rotate, gen):
     case = Case(d, 4, block, True, transpose, torch.float64)
     x, params, s, _ = random_inputs(case, "cpu", gen)
     inputs = (x.requires_grad_(), params.double().requires_grad_(), s.double().requires_grad_())
     assert torch.autograd.gradcheck(
-        lambda a, p, sc: rotate_reference(a, p, block=block, scale=sc, transpose=transpose), inputs)
+        lambda a, p, sc: rotate(a, p, block=block, scale=sc, transpose=transpose), inputs)
 
 
-def test_identity_parameters_give_identity():
+@pytest.mark.parametrize("rotate", PATHS, ids=["reference", "sweeps"])
+def test_identity_parameters_give_identity(rotate):
     d = 37
     x = torch.randn(5, d, dtype=torch.float64)
     for block, params in (("givens", torch.zeros(d - 1)), ("quasi", torch.eye(2).repeat(d - 1, 1, 1))):
         assert torch.equal(qk.givens_matrix(d, params.double(), block=block), torch.eye(d, dtype=torch.float64))
-        assert torch.equal(rotate_reference(x, params, block=block), x)
+        assert torch.equal(rotate(x, params, block=block), x)
 
 
-def test_rotate_reference_shapes_dtype_and_strides():
+@pytest.mark.parametrize("rotate", PATHS, ids=["reference", "sweeps"])
+def test_shapes_dtype_and_strides(rotate):
     d = 12
     params = torch.randn(d - 1)
     x = torch.randn(3, 4, 2 * d, dtype=torch.bfloat16)[..., ::2]  # 3-D, non-contiguous
-    out = rotate_reference(x, params)
+    out = rotate(x, params)
     assert out.shape == x.shape and out.dtype == torch.bfloat16
     ref = x.double() @ qk.givens_matrix(d, params.double())
     assert rel_error(out, ref) < 1e-2
+    assert rotate(x[:0], params).shape == (0, 4, d)

@@ -1,0 +1,1 @@
+"""Benchmarks of qgoft_kernels against its peers: ``python -m benchmarks.run``."""

@@ -1,0 +1,136 @@
+"""The adapters compared, each built around the same frozen ``nn.Linear``.
+
+Peers are the real implementations: LoRA, OFT (its current input-side Cayley-Neumann form)
+and BOFT from PEFT. The paper's own method is :mod:`benchmarks.paper_dense`. Every factory
+takes a frozen linear layer and returns ``(module, note)``; the module maps ``x`` to the
+adapted layer's output, and only the adapter's parameters require grad.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from qgoft_kernels import GivensLinear
+
+from .paper_dense import PaperDenseGivensLinear
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str  # "floor", "qgoft", "paper", "peft"
+    build: Callable[[nn.Linear], tuple[nn.Module, str]]
+
+
+class _Wrap(nn.Module):
+    """PEFT targets modules by name: give it one called ``layer``."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.layer = linear
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def _peft(config_factory: Callable[[nn.Linear], object]):
+    def build(linear: nn.Linear):
+        import peft
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = peft.get_peft_model(_Wrap(copy.deepcopy(linear)), config_factory(linear))
+        # say so when PEFT falls back from its BOFT CUDA extension
+        fallback = any("CUDA extension" in str(w.message) for w in caught)
+        return model, "PEFT's CUDA extension did not load" if fallback else ""
+    return build
+
+
+def _lora(r: int):
+    def config(linear):
+        import peft
+        return peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["layer"])
+    return _peft(config)
+
+
+def _oft(block: int):
+    def config(linear):
+        import peft
+        return peft.OFTConfig(r=0, oft_block_size=block, target_modules=["layer"])
+    return _peft(config)
+
+
+def _boft(block: int, factors: int):
+    def config(linear):
+        import peft
+        return peft.BOFTConfig(boft_block_size=block, boft_n_butterfly_factor=factors, target_modules=["layer"])
+
+    def build(linear):
+        model, note = _peft(config)(linear)
+        # PEFT drops to one factor (block-diagonal OFT) when its CUDA extension does not load
+        used = model.base_model.model.layer.boft_R["default"].shape[0]
+        return model, "; ".join(filter(None, [note, f"ran with m={used}" if used != factors else ""]))
+    return build
+
+
+def _ours(cls, **options):
+    def build(linear: nn.Linear):
+        return cls.from_linear(copy.deepcopy(linear), **options), ""
+    return build
+
+
+def _frozen(linear: nn.Linear):
+    layer = copy.deepcopy(linear)
+    layer.requires_grad_(False)
+    return layer, ""
+
+
+def lora_rank_for_budget(d: int, k: int) -> int:
+    """The LoRA rank whose ``r (d + k)`` parameters come nearest qGOFT's ``4 (d - 1)``."""
+    return max(1, round(4 * (d - 1) / (d + k)))
+
+
+def methods(d: int, k: int, peft_available: bool) -> list[Method]:
+    """Every method for a ``d -> k`` layer (PEFT peers only when PEFT is installed)."""
+    out = [
+        Method("frozen nn.Linear", "floor", _frozen),
+        Method("qGOFT quasi", "qgoft", _ours(GivensLinear, block="quasi")),
+        Method("qGOFT quasi+scale", "qgoft", _ours(GivensLinear, block="quasi", scale=True)),
+        Method("GOFT givens", "qgoft", _ours(GivensLinear, block="givens")),
+        Method("GOFT givens+scale", "qgoft", _ours(GivensLinear, block="givens", scale=True)),
+        Method("paper dense qGOFT", "paper", _ours(PaperDenseGivensLinear, block="quasi")),
+    ]
+    if peft_available:
+        r = lora_rank_for_budget(d, k)
+        out += [Method(f"PEFT LoRA r={r} (budget)", "peft", _lora(r))] if r not in (8, 16) else []
+        out += [
+            Method("PEFT LoRA r=8", "peft", _lora(8)),
+            Method("PEFT LoRA r=16", "peft", _lora(16)),
+            Method("PEFT OFT b=32", "peft", _oft(32)),
+            Method("PEFT BOFT b=4 m=2", "peft", _boft(4, 2)),
+        ]
+    return out
+
+
+def trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def peft_version() -> str | None:
+    try:
+        import peft
+    except ImportError:
+        return None
+    return peft.__version__
+
+
+def make_linear(d: int, k: int, device, dtype, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(d, k, device=device, dtype=dtype)
+    layer.requires_grad_(False)
+    return layer

@@ -1,0 +1,80 @@
+"""Regenerate the plots from the committed results: ``python -m benchmarks.plot``.
+
+Reads every ``benchmarks/results/*.json`` written by :mod:`benchmarks.run` and writes PNGs
+to ``benchmarks/plots/`` (ignored by git: the data is what is kept).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+from .run import RESULTS
+
+PLOTS = os.path.join(os.path.dirname(RESULTS), "plots")
+
+
+def plot_result(path: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as fh:
+        result = json.load(fh)
+    name = os.path.splitext(os.path.basename(path))[0]
+    meta = result["meta"]
+    title = f"{meta['device']} · {meta['dtype']} · commit {meta['commit']}"
+    written = []
+
+    kernel = [r for r in result["kernel"] if r["variant"] != "torch.clone" and r["correct"]]
+    if kernel:
+        rows_max = max(r["rows"] for r in kernel)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for variant in sorted({r["variant"] for r in kernel}):
+            for pass_name, style in (("fwd", "-o"), ("bwd", "--s"), ("fwd+bwd", ":^")):
+                pts = sorted((r["d"], r["vs_clone"]) for r in kernel
+                             if r["variant"] == variant and r["pass"] == pass_name and r["rows"] == rows_max)
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{variant} {pass_name}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(xscale="log", xlabel="d", ylabel="time / torch.clone", title=f"givens_rotate, {rows_max} rows\n{title}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(os.path.join(PLOTS, f"{name}-kernel.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+
+    layer = [r for r in result["layer"] if r["correct"] and "train_vs_frozen" in r]
+    shapes = sorted({(r["d"], r["k"]) for r in layer})
+    if layer:
+        fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 4.5), sharey=True, squeeze=False)
+        for ax, (d, k) in zip(axes[0], shapes):
+            sub = [r for r in layer if (r["d"], r["k"]) == (d, k)]
+            ax.barh([r["method"] for r in sub], [r["train_vs_frozen"] for r in sub],
+                    color=["C0" if r["family"] == "qgoft" else "C3" if r["family"] == "paper" else "C7" for r in sub])
+            ax.axvline(1.0, color="grey", lw=0.8)
+            ax.set(title=f"{d} -> {k}, {sub[0]['tokens']} tokens", xlabel="train step / frozen nn.Linear")
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        written.append(os.path.join(PLOTS, f"{name}-layer.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def main() -> int:
+    os.makedirs(PLOTS, exist_ok=True)
+    paths = sorted(glob.glob(os.path.join(RESULTS, "*.json")))
+    if not paths:
+        print(f"no results in {RESULTS}; run python -m benchmarks.run first")
+        return 0
+    for path in paths:
+        for out in plot_result(path):
+            print("wrote", os.path.relpath(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

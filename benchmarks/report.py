@@ -1,0 +1,88 @@
+"""Write the committed results into the docs: ``python -m benchmarks.report``.
+
+``docs/benchmarks.md`` gets every table of every ``benchmarks/results/*.json`` between its
+``results`` markers; the README gets a short training-step table between its ``bench``
+markers. Numbers only ever come from those files; ``benchmarks/test_bench.py`` checks that
+the docs are current.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import sys
+
+from .run import RESULTS, tables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
+README = os.path.join(ROOT, "README.md")
+SHORT = ("frozen nn.Linear", "qGOFT quasi", "GOFT givens", "paper dense qGOFT", "PEFT LoRA r=8",
+         "PEFT LoRA r=16", "PEFT OFT b=32", "PEFT BOFT b=4 m=2")
+
+
+def load_results() -> list[tuple[str, dict]]:
+    out = []
+    for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
+        with open(path) as fh:
+            out.append((os.path.relpath(path, ROOT), json.load(fh)))
+    return out
+
+
+def docs_section(results) -> str:
+    parts = []
+    for path, result in results:
+        parts.append(f"### {result['meta']['device']}\n\nFrom `{path}` ({result['meta']['date']}, "
+                     f"{result['meta']['wall_seconds']} s).\n\n{tables(result)}\n")
+    return "\n".join(parts) if parts else "No results yet.\n"
+
+
+def readme_table(results) -> str:
+    lines = []
+    for path, result in results:
+        layer = [r for r in result["layer"] if r["correct"]]
+        if not layer:
+            continue
+        d, k = max({(r["d"], r["k"]) for r in layer}, key=lambda s: s[0] * s[1])
+        rows = {r["method"]: r for r in layer if (r["d"], r["k"]) == (d, k)}
+        meta = result["meta"]
+        lines += [f"{meta['device']} ({meta['dtype']}, qGOFT via {meta['qgoft_path']}), one training step of a "
+                  f"{d} -> {k} layer on {rows['frozen nn.Linear']['tokens']} tokens, from `{path}`:", "",
+                  "| method | trainable params | step / frozen nn.Linear |", "|---|---|---|"]
+        for name in SHORT:
+            if name in rows:
+                r = rows[name]
+                label = f"{name} ({r['note']})" if r["note"] else name
+                lines.append(f"| {label} | {r['trainable']:,} | {r.get('train_vs_frozen', 1.0):.2f} |")
+        lines.append("")
+    return "\n".join(lines) if lines else "No results yet.\n"
+
+
+def _replace(text: str, marker: str, body: str) -> str:
+    pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
+    if not pattern.search(text):
+        raise ValueError(f"markers <!-- {marker}:start/end --> not found")
+    return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), text)
+
+
+def render() -> dict[str, str]:
+    results = load_results()
+    out = {}
+    with open(DOCS) as fh:
+        out[DOCS] = _replace(fh.read(), "results", docs_section(results))
+    with open(README) as fh:
+        out[README] = _replace(fh.read(), "bench", readme_table(results))
+    return out
+
+
+def main() -> int:
+    for path, text in render().items():
+        with open(path, "w") as fh:
+            fh.write(text)
+        print("updated", os.path.relpath(path, ROOT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+"""The benchmark run: ``python -m benchmarks.run`` (``make bench`` calls it after ``verify``).
+
+Three tables, measured on whatever device is present:
+
+1. kernel: ``givens_rotate`` forward, backward and both, against ``torch.clone`` of the same
+   tensor (the floor);
+2. layer: one training step (forward + backward, no optimizer) and one inference forward of
+   a single adapted layer, against the frozen ``nn.Linear``, with the peers (PEFT LoRA,
+   OFT, BOFT) and the paper's dense method;
+3. merge: producing the merged weight, ours against building the dense ``R``.
+
+Every configuration of ours is first checked against the float64 oracle; one that fails
+gets no timing. Results go to ``benchmarks/results/<device>.json`` and CSV files beside it,
+with the device, versions, commit, shapes, dtype and raw timings.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+import qgoft_kernels as qk
+from qgoft_kernels.verify import Case, check_case, rel_error
+
+from .methods import make_linear, methods, peft_version, trainable_parameters
+from .paper_dense import PaperDenseGivensLinear
+from .timing import peak_bytes, saved_bytes, time_ms
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+@dataclass(frozen=True)
+class Plan:
+    dtype: torch.dtype
+    kernel_dims: tuple[int, ...]
+    kernel_rows: tuple[int, ...]
+    layer_shapes: tuple[tuple[int, int], ...]
+    tokens: int
+    merge_dims: tuple[int, ...]
+    min_run_time: float = 0.2
+
+
+GPU_PLAN = Plan(torch.bfloat16, (768, 1024, 2048, 3072, 4096, 8192, 11008, 16384), (4096, 16384, 65536),
+                ((1024, 1024), (1024, 4096), (4096, 4096), (4096, 16384)), 16384, (1024, 4096))
+CPU_PLAN = Plan(torch.float32, (256, 1024), (1024, 4096), ((256, 256), (256, 1024), (1024, 1024), (1024, 4096)),
+                1024, (256, 1024))
+QUICK_PLAN = Plan(torch.float32, (64,), (256,), ((64, 64),), 128, (64,), min_run_time=0.02)
+
+KERNEL_VARIANTS = (("quasi", True), ("givens", False))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def slug(device: torch.device) -> str:
+    if device.type == "cuda":
+        return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+
+
+def metadata(device: torch.device, plan: Plan) -> dict:
+    import triton
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(RESULTS)).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=os.path.dirname(RESULTS)).stdout.strip()
+    return {
+        "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+        "triton": triton.__version__, "peft": peft_version(), "python": platform.python_version(),
+        "qgoft_kernels": qk.__version__, "commit": (commit or "unknown") + ("+dirty" if dirty else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "dtype": str(plan.dtype).removeprefix("torch."), "adapter_params": "float32",
+        "timer": "triton.testing.do_bench (CUDA events)" if device.type == "cuda"
+        else "torch.utils.benchmark.Timer.blocked_autorange",
+        "qgoft_path": _qgoft_path(device),
+    }
+
+
+def _qgoft_path(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "Triton kernels"
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return "Triton interpreter (timings meaningless)"
+    return "PyTorch sweeps (CPU)"
+
+
+# --- 1. kernel level --------------------------------------------------------------------------
+
+def kernel_rows(device: torch.device, plan: Plan) -> list[dict]:
+    rows = []
+    checked = {}
+    for d in plan.kernel_dims:
+        for block, scale in KERNEL_VARIANTS:
+            case = Case(d, 257, block, scale, False, plan.dtype)
+            res = check_case(case, device, backend="auto")
+            checked[(d, block)] = all(r[2] for r in res.values())
+        for n in plan.kernel_rows:
+            x = torch.randn(n, d, device=device, dtype=plan.dtype)
+            nbytes = x.numel() * x.element_size()
+            clone = time_ms(lambda: torch.clone(x), device, plan.min_run_time)
+            rows.append({"d": d, "rows": n, "variant": "torch.clone", "pass": "copy", "ms": clone,
+                         "bytes": 2 * nbytes, "vs_clone": 1.0, "correct": True})
+            for block, scale in KERNEL_VARIANTS:
+                name = f"{block}{'+scale' if scale else ''}"
+                if not checked[(d, block)]:
+                    rows.append({"d": d, "rows": n, "variant": name, "pass": "all", "ms": None, "correct": False})
+                    continue
+                p = _random_params(d, block, device)
+                s = (1 + 0.1 * torch.randn(d, device=device)) if scale else None
+                leaves = [t.requires_grad_() for t in (p, s) if t is not None]
+                xg = x.detach().clone().requires_grad_()
+                y = qk.givens_rotate(xg, p, block=block, scale=s)
+                dy = torch.randn_like(y)
+                passes = {
+                    "fwd": (lambda: qk.givens_rotate(x, p.detach(), block=block,
+                                                     scale=None if s is None else s.detach()), 2),
+                    "bwd": (lambda: torch.autograd.grad(y, [xg, *leaves], dy, retain_graph=True), 3),
+                    "fwd+bwd": (lambda: torch.autograd.grad(qk.givens_rotate(xg, p, block=block, scale=s),
+                                                            [xg, *leaves], dy), 5),
+                }
+                for pass_name, (fn, touches) in passes.items():
+                    t = time_ms(fn, device, plan.min_run_time)
+                    rows.append({"d": d, "rows": n, "variant": name, "pass": pass_name, "ms": t,
+                                 "bytes": touches * nbytes, "vs_clone": t["median"] / clone["median"], "correct": True})
+    return rows
+
+
+def _random_params(d, block, device):
+    n = qk.num_pairs(d)
+    if block == "givens":
+        return 0.3 * torch.randn(n, device=device)
+    return torch.eye(2, device=device).expand(n, 2, 2) + 0.1 * torch.randn(n, 2, 2, device=device)
+
+
+# --- 2. layer level ---------------------------------------------------------------------------
+
+def _check_layer(module, base, x) -> bool:
+    """Our layers and the paper's: the output equals the frozen layer on ``x @ R`` (float64)."""
+    if not isinstance(module, qk.GivensLinear):
+        return True
+    with torch.no_grad():
+        R = qk.givens_matrix(module.in_features, module.rotation.double(), block=module.block,
+                             scale=None if module.scale is None else module.scale.double())
+        ref = (x.double() @ R) @ base.weight.double().T + base.bias.double()
+        got = module(x)
+    bound = 1e-5 if x.dtype == torch.float32 else 2e-2
+    return rel_error(got, ref) <= bound
+
+
+def _perturb(module):
+    """Move an adapter off its identity init, so that checks and timings see real values."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+
+
+def layer_rows(device: torch.device, plan: Plan) -> list[dict]:
+    rows = []
+    has_peft = peft_version() is not None
+    for d, k in plan.layer_shapes:
+        base = make_linear(d, k, device, plan.dtype)
+        x = torch.randn(plan.tokens, d, device=device, dtype=plan.dtype)
+        dy = torch.randn(plan.tokens, k, device=device, dtype=plan.dtype)
+        frozen = None
+        for method in methods(d, k, has_peft):
+            module, note = method.build(base)
+            _perturb(module)
+            correct = _check_layer(module, base, x[:64])
+            xg = x.detach().clone().requires_grad_()
+            row = {"d": d, "k": k, "tokens": plan.tokens, "method": method.name, "family": method.family,
+                   "trainable": trainable_parameters(module), "note": note, "correct": correct}
+            if correct:
+                def step():
+                    torch.autograd.backward(module(xg), dy)
+
+                def infer():
+                    with torch.no_grad():
+                        module(x)
+
+                row["train_ms"] = time_ms(step, device, plan.min_run_time)
+                row["infer_ms"] = time_ms(infer, device, plan.min_run_time)
+                row["saved_bytes"] = saved_bytes(lambda: module(xg))
+                row["peak_bytes"] = peak_bytes(step, device)
+                for p in module.parameters():
+                    p.grad = None
+            if method.family == "floor":
+                frozen = row
+            if frozen is not None and correct:
+                row["train_vs_frozen"] = row["train_ms"]["median"] / frozen["train_ms"]["median"]
+                row["infer_vs_frozen"] = row["infer_ms"]["median"] / frozen["infer_ms"]["median"]
+                row["saved_above_frozen"] = row["saved_bytes"] - frozen["saved_bytes"]
+                if row["peak_bytes"] is not None:
+                    row["peak_above_frozen"] = row["peak_bytes"] - frozen["peak_bytes"]
+            rows.append(row)
+            del module
+    return rows
+
+
+# --- 3. merge ---------------------------------------------------------------------------------
+
+def merge_rows(device: torch.device, plan: Plan) -> list[dict]:
+    rows = []
+    for d in plan.merge_dims:
+        base = make_linear(d, d, device, plan.dtype)
+        ours = qk.GivensLinear.from_linear(base, block="quasi", scale=True)
+        _perturb(ours)
+        paper = PaperDenseGivensLinear.from_linear(base, block="quasi", scale=True)
+        paper.load_state_dict(ours.state_dict())
+
+        def dense_merge():
+            with torch.no_grad():
+                return (base.weight.float() @ paper.dense_rotation().T).to(base.weight.dtype)
+
+        err = rel_error(ours.merged_linear().weight, dense_merge())
+        ok = err <= (1e-5 if plan.dtype == torch.float32 else 2e-2)
+        row = {"d": d, "dtype": str(plan.dtype).removeprefix("torch."), "rel_err_vs_dense": err, "correct": ok}
+        if ok:
+            w = base.weight
+            row["clone_ms"] = time_ms(lambda: torch.clone(w), device, plan.min_run_time)
+            row["ours_ms"] = time_ms(ours.merged_linear, device, plan.min_run_time)
+            row["dense_ms"] = time_ms(dense_merge, device, plan.min_run_time)
+        rows.append(row)
+    return rows
+
+
+# --- output -----------------------------------------------------------------------------------
+
+def _fmt_ms(t):
+    return "-" if t is None else f"{t['median']:.3f}"
+
+
+def tables(result: dict) -> str:
+    meta = result["meta"]
+    lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, peft {meta['peft']}; "
+             f"commit {meta['commit']}; {meta['dtype']} activations, fp32 adapters; qGOFT path: {meta['qgoft_path']}.",
+             "", "Kernel (givens_rotate), median ms and ratio to torch.clone of the same tensor:", "",
+             "| d | rows | variant | fwd ms | fwd / clone | bwd ms | bwd / clone | fwd+bwd ms | fwd+bwd / clone |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    by = {}
+    for r in result["kernel"]:
+        by.setdefault((r["d"], r["rows"], r["variant"]), {})[r["pass"]] = r
+    for (d, n, variant), passes in by.items():
+        if variant == "torch.clone":
+            continue
+        if not all(p["correct"] for p in passes.values()):
+            lines.append(f"| {d} | {n} | {variant} | FAILED CHECK: no timing | | | | | |")
+            continue
+        cells = []
+        for p in ("fwd", "bwd", "fwd+bwd"):
+            cells += [_fmt_ms(passes[p]["ms"]), f"{passes[p]['vs_clone']:.2f}"]
+        lines.append(f"| {d} | {n} | {variant} | " + " | ".join(cells) + " |")
+    lines += ["", "Layer (d -> k, one training step = forward + backward incl. dx; inference = unmerged forward):", "",
+              "| d -> k | tokens | method | trainable | train ms | train / frozen | infer ms | infer / frozen "
+              "| saved for bwd above frozen (MB) | peak above frozen (MB) |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["layer"]:
+        if not r["correct"]:
+            lines.append(f"| {r['d']} -> {r['k']} | {r['tokens']} | {r['method']} | {r['trainable']} | FAILED CHECK | | | | | |")
+            continue
+        ratio = lambda key: f"{r[key]:.2f}" if key in r else "1.00"  # noqa: E731
+        mb = lambda key: f"{r[key] / 2**20:.1f}" if r.get(key) is not None else "-"  # noqa: E731
+        lines.append(f"| {r['d']} -> {r['k']} | {r['tokens']} | {r['method']}{' (' + r['note'] + ')' if r['note'] else ''} "
+                     f"| {r['trainable']:,} | {_fmt_ms(r['train_ms'])} | {ratio('train_vs_frozen')} "
+                     f"| {_fmt_ms(r['infer_ms'])} | {ratio('infer_vs_frozen')} | {mb('saved_above_frozen')} "
+                     f"| {mb('peak_above_frozen')} |")
+    lines += ["", "Merge (W R^T for a d x d weight):", "",
+              "| d | ours ms | ours / clone(W) | dense R ms | dense / ours | rel. err ours vs dense |", "|---|---|---|---|---|---|"]
+    for r in result["merge"]:
+        if not r["correct"]:
+            lines.append(f"| {r['d']} | FAILED CHECK (rel err {r['rel_err_vs_dense']:.2e}) | | | | |")
+            continue
+        o, c, dn = r["ours_ms"]["median"], r["clone_ms"]["median"], r["dense_ms"]["median"]
+        lines.append(f"| {r['d']} | {o:.3f} | {o / c:.2f} | {dn:.3f} | {dn / o:.1f} | {r['rel_err_vs_dense']:.1e} |")
+    return "\n".join(lines)
+
+
+def write(result: dict, out_dir: str, name: str) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, f"{name}.json")]
+    with open(paths[0], "w") as fh:
+        json.dump(result, fh, indent=1)
+    for table in ("kernel", "layer", "merge"):
+        flat = [_flatten(r) for r in result[table]]
+        keys = sorted({k for r in flat for k in r})
+        path = os.path.join(out_dir, f"{name}-{table}.csv")
+        with open(path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(flat)
+        paths.append(path)
+    return paths
+
+
+def _flatten(row: dict) -> dict:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update({f"{k}_{kk}": vv for kk, vv in v.items()})
+        else:
+            out[k] = v
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run (writes nothing unless --out)")
+    parser.add_argument("--out", default=None, help=f"folder for the results (default {RESULTS})")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    plan = QUICK_PLAN if args.quick else GPU_PLAN if device.type == "cuda" else CPU_PLAN
+    if device.type == "cpu":
+        print("No GPU: timing the PyTorch path of qgoft_kernels and the peers on the CPU, at small shapes "
+              "(Triton kernels run only on a GPU; CPU numbers say nothing about GPU speed).", flush=True)
+    start = time.time()
+    result = {"meta": metadata(device, plan)}
+    result["kernel"] = kernel_rows(device, plan)
+    result["layer"] = layer_rows(device, plan)
+    result["merge"] = merge_rows(device, plan)
+    result["meta"]["wall_seconds"] = round(time.time() - start, 1)
+    print(tables(result))
+    if not args.quick or args.out:
+        for path in write(result, args.out or RESULTS, slug(device)):
+            print("wrote", os.path.relpath(path))
+    print(f"benchmarks took {result['meta']['wall_seconds']} s")
+    failed = [r for t in ("kernel", "layer", "merge") for r in result[t] if not r["correct"]]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
