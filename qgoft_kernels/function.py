@@ -6,20 +6,14 @@ import os
 import torch
 
 from .sweeps import rotate_sweeps
-from .schedule import STRUCTURES, num_pairs, stage_offsets
+from . import ops
+from .schedule import STRUCTURES, num_pairs
 
 BLOCKS = ("givens", "quasi")
 BACKENDS = ("auto", "triton", "torch")
 #: Largest ``d`` the Triton kernels take. Rows longer than a chunk are split (docs/math.md §4);
 #: this bound is what the compile report and the GPU tier cover.
 MAX_TRITON_DIM = 32768
-
-
-def _kernels():
-    # Imported on first use: under TRITON_INTERPRET=1, triton.jit must see the variable when
-    # the kernels are defined, and `python -m qgoft_kernels verify` sets it only then.
-    from . import kernels
-    return kernels
 
 
 def _interpreting() -> bool:
@@ -84,55 +78,24 @@ def _check_inputs(x, params, block, structure, scale, transpose, backend) -> str
     return "triton"
 
 
-def _as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as ``[rows, d]`` with unit column stride (a view when possible)."""
-    rows = t.reshape(-1, t.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
-
-
-def _coefs(params: torch.Tensor, block: str, dtype: torch.dtype) -> torch.Tensor:
-    """What the kernels read per pair: the blocks ``[P, 2, 2]``, or ``(cos, sin)`` ``[P, 2]``."""
-    if block == "quasi":
-        return params.contiguous()
-    theta = params.to(dtype)
-    return torch.stack((torch.cos(theta), torch.sin(theta)), -1)
-
-
 class GivensRotationFunction(torch.autograd.Function):
-    """Autograd for the Triton path: forward and backward are one kernel launch each.
+    """The Triton path as a ``torch.autograd.Function``: one kernel launch each way.
 
-    Saves only ``x`` (plus the small per-pair coefficients); the backward recomputes every
-    stage on chip. Inputs are assumed valid; call :func:`givens_rotate` for the checks.
+    Saves only ``x`` and the parameters; the backward recomputes every stage on chip and
+    computes only the gradients autograd asks for. It shares its forward and backward with
+    the custom op ``torch.ops.qgoft.rotate`` (``ops.py``), which :func:`givens_rotate` calls
+    so that ``torch.compile`` can keep it in one graph. Inputs are assumed valid.
     """
 
     @staticmethod
     def forward(ctx, x, params, scale, block, structure, transpose):
-        offsets = stage_offsets(x.shape[-1], structure, x.device)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        coefs = _coefs(params, block, acc)
-        scale_c = None if scale is None else scale.contiguous()
-        y = _kernels().givens_fwd(_as_rows(x), coefs, scale_c, offsets,
-                                  quasi=block == "quasi", transpose=transpose)
-        ctx.save_for_backward(x, coefs, scale_c)
-        ctx.block, ctx.transpose, ctx.offsets = block, transpose, offsets
-        ctx.params_dtype = params.dtype
-        return y.view(x.shape)
+        y = ops.launch_forward(x, params, scale, block, structure, transpose)
+        ops.setup_context(ctx, (x, params, scale, block, structure, transpose), y)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, coefs, scale = ctx.saved_tensors
-        need_dx, need_dparams, need_dscale = ctx.needs_input_grad[:3]
-        dx, dparams, dscale = _kernels().givens_bwd(
-            _as_rows(x), _as_rows(dy), coefs, scale, ctx.offsets, quasi=ctx.block == "quasi",
-            transpose=ctx.transpose, need_dx=need_dx, need_dparams=need_dparams,
-            need_dscale=need_dscale)
-        if dx is not None:
-            dx = dx.view(x.shape)
-        if dparams is not None:
-            dparams = dparams.to(ctx.params_dtype)
-        if dscale is not None:
-            dscale = dscale.to(scale.dtype)
-        return dx, dparams, dscale, None, None, None
+        return ops.backward(ctx, dy)
 
 
 def givens_rotate(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens",
@@ -166,4 +129,4 @@ def givens_rotate(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
     use = _check_inputs(x, params, block, structure, scale, transpose, backend)
     if use == "torch":
         return rotate_sweeps(x, params, block=block, structure=structure, scale=scale, transpose=transpose)
-    return GivensRotationFunction.apply(x, params, scale, block, structure, transpose)
+    return torch.ops.qgoft.rotate(x, params, scale, block, structure, transpose)

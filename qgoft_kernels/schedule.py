@@ -26,9 +26,24 @@ def num_stages(d: int) -> int:
     return (d - 1).bit_length()
 
 
+def stage_counts(d: int, structure: str = "tree") -> tuple[int, ...]:
+    """Pairs per stage, from a closed form (cheap, and traceable by ``torch.compile``)."""
+    _check(d, structure)
+    # tree stage r: i = 0, 2s, 4s, ... while i + s < d, i.e. ceil((d - s) / 2s) pairs
+    return tuple(-(-(d - s) // (2 * s)) for s in (1 << r for r in range(num_stages(d))))
+
+
+def param_offsets(d: int, structure: str = "tree") -> tuple[int, ...]:
+    """Index of each stage's first parameter, and the total: ``L + 1`` numbers."""
+    out = [0]
+    for count in stage_counts(d, structure):
+        out.append(out[-1] + count)
+    return tuple(out)
+
+
 def num_pairs(d: int, structure: str = "tree") -> int:
     """Number of 2x2 blocks (parameters of ``block="givens"``) for ``d`` features."""
-    return schedule(d, structure).num_pairs
+    return sum(stage_counts(d, structure))
 
 
 @dataclass(frozen=True)
@@ -70,10 +85,8 @@ _STAGE_PAIRS = {"tree": _tree_stage}
 
 
 def schedule(d: int, structure: str = "tree") -> Schedule:
-    """The :class:`Schedule` for ``d`` features (cached)."""
-    _check_d(d)
-    if structure not in _STAGE_PAIRS:
-        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+    """The :class:`Schedule` for ``d`` features, with every pair listed (cached)."""
+    _check(d, structure)
     return _schedule(d, structure)
 
 
@@ -114,3 +127,9 @@ def _check_d(d) -> None:
         raise TypeError(f"d must be an int, got {type(d).__name__}")
     if d < 1:
         raise ValueError(f"d must be >= 1, got {d}")
+
+
+def _check(d, structure) -> None:
+    _check_d(d)
+    if structure not in _STAGE_PAIRS:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .reference import blocks_from_params
-from .schedule import schedule
+from .schedule import num_stages, param_offsets
 
 
 def _stage_blocks(B: torch.Tensor, offsets, r: int, n: int):
@@ -34,8 +34,9 @@ def rotate_sweeps(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
     Inputs are assumed valid; :func:`qgoft_kernels.givens_rotate` checks them.
     """
     d = x.shape[-1]
-    sched = schedule(d, structure)
-    L, D = sched.num_stages, sched.padded_dim
+    offsets = param_offsets(d, structure)
+    L = num_stages(d)
+    D = 1 << L
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     B = blocks_from_params(params, block).to(compute)
     s = None if scale is None else scale.to(compute)
@@ -47,7 +48,7 @@ def rotate_sweeps(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
             y = y * s
         outs = []
         for r in range(1, L + 1):
-            b00, b01, b10, b11 = _stage_blocks(B, sched.offsets, r, D >> r)
+            b00, b01, b10, b11 = _stage_blocks(B, offsets, r, D >> r)
             lo, hi = y[..., 0::2], y[..., 1::2]
             # the odd outputs are final: no later stage touches them
             outs.append(b10 * lo + b11 * hi)
@@ -60,7 +61,7 @@ def rotate_sweeps(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
             his.append(y[..., 1::2])
             y = y[..., 0::2]
         for r in range(L, 0, -1):
-            b00, b01, b10, b11 = _stage_blocks(B, sched.offsets, r, D >> r)
+            b00, b01, b10, b11 = _stage_blocks(B, offsets, r, D >> r)
             hi = his[r - 1]
             y = _interleave(b00 * y + b10 * hi, b01 * y + b11 * hi)
         if s is not None:

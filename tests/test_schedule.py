@@ -58,3 +58,12 @@ def test_bad_d(bad, err):
 def test_unknown_structure():
     with pytest.raises(ValueError, match="structure must be one of"):
         qk.num_pairs(8, "spiral")
+
+
+@pytest.mark.parametrize("d", list(range(1, 70)) + [768, 1000, 3072, 11008, 16384, 28672])
+def test_closed_form_offsets_match_the_pair_lists(d):
+    from qgoft_kernels.schedule import param_offsets, stage_counts
+
+    s = schedule(d)
+    assert stage_counts(d) == tuple(len(stage) for stage in s.stages)
+    assert param_offsets(d) == s.offsets
