@@ -4,8 +4,9 @@
 product of ``ceil(log2 d)`` stages of disjoint 2x2 blocks applied to the activations in one
 fused pass; ``givens_rotate`` is the functional form. See README.md and docs/.
 """
+from .checkpoint import convert_official, load_adapter, load_official, save_adapter
 from .function import MAX_TRITON_DIM, GivensRotationFunction, givens_rotate
-from .nn import GivensLinear, orthogonality_penalty
+from .nn import GivensLinear, inject, merge, orthogonality_penalty, trainable_parameters
 from .reference import givens_matrix
 from .schedule import num_pairs, num_stages
 
@@ -13,10 +14,17 @@ __all__ = [
     "MAX_TRITON_DIM",
     "GivensLinear",
     "GivensRotationFunction",
+    "convert_official",
     "givens_matrix",
     "givens_rotate",
+    "inject",
+    "load_adapter",
+    "load_official",
+    "merge",
     "num_pairs",
     "num_stages",
     "orthogonality_penalty",
+    "save_adapter",
+    "trainable_parameters",
 ]
 __version__ = "0.1.0"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -138,3 +139,70 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     if not terms:
         return torch.zeros(())
     return torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+
+def _matches(name: str, target_modules) -> bool:
+    if target_modules == "all-linear":
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def inject(model: nn.Module, target_modules, *, block: str = "quasi", structure: str = "tree",
+           scale: bool = False) -> nn.Module:
+    """Replace the matching ``nn.Linear`` modules of ``model`` by ``GivensLinear`` and freeze the rest.
+
+    ``target_modules`` follows PEFT: a list of names (a module matches when its full name is
+    one of them or ends with ``"." + name``), a regular expression matched against the full
+    name, or ``"all-linear"``. The replaced layers share their weights (no copy). Afterwards
+    only the rotations (and scales) require grad. Returns ``model``, changed in place.
+
+    Example::
+
+        qk.inject(bert, ["query", "value"], block="quasi")
+        opt = torch.optim.AdamW(qk.trainable_parameters(bert), lr=1e-3)
+    """
+    if target_modules is None:
+        raise ValueError("target_modules must be a list of names, a regular expression or 'all-linear'")
+    found = [(name, m) for name, m in model.named_modules() if name and _matches(name, target_modules)]
+    if not found:
+        raise ValueError(f"no module of the model matches target_modules={target_modules!r}")
+    for name, module in found:
+        if isinstance(module, GivensLinear):
+            raise ValueError(f"module {name!r} is already a GivensLinear")
+        if type(module) is not nn.Linear:
+            if target_modules == "all-linear":
+                continue
+            raise TypeError(f"module {name!r} matches target_modules but is a {type(module).__name__}, "
+                            f"not an nn.Linear")
+    model.requires_grad_(False)
+    for name, module in found:
+        if type(module) is nn.Linear:
+            _set_module(model, name, GivensLinear.from_linear(module, block=block, structure=structure, scale=scale))
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every ``GivensLinear`` in ``model`` by its merged ``nn.Linear`` (``W R^T``).
+
+    Zero overhead at inference; the rotations are gone afterwards. Returns ``model``,
+    changed in place (a bare ``GivensLinear`` is returned merged).
+    """
+    if isinstance(model, GivensLinear):
+        return model.merged_linear()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GivensLinear):
+            _set_module(model, name, module.merged_linear())
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The rotations and scales of every ``GivensLinear`` in ``model``: what to optimize."""
+    return [p for m in model.modules() if isinstance(m, GivensLinear)
+            for p in (m.rotation, m.scale) if p is not None]
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
