@@ -53,7 +53,7 @@ class Setting:
 
 SETTINGS = {
     "smoke": Setting("smoke", train=96, val=32, test=64, epochs=1, layers=2, lr_grid=1, seeds=(0,)),
-    "cpu": Setting("cpu", train=640, val=160, test=500, epochs=3),
+    "cpu": Setting("cpu", train=400, val=160, test=500, epochs=3, max_len=40),
     "gpu": Setting("gpu", train=100_000, val=500, test=1000, epochs=5, lr_grid=3),
 }
 

@@ -64,6 +64,34 @@ def plot_result(path: str) -> list[str]:
     return written
 
 
+def plot_finetune(path: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as fh:
+        result = json.load(fh)
+    rows = result["summary"]
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4.5), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        sub = [r for r in rows if r["dataset"] == dataset]
+        ax.barh([f"{r['method']} ({r['trainable']:,})" for r in sub], [100 * r["test_acc_mean"] for r in sub],
+                xerr=[100 * r["test_acc_std"] for r in sub],
+                color=["C0" if "GOFT" in r["method"] else "C7" for r in sub])
+        lo = min(100 * r["test_acc_mean"] for r in sub)
+        ax.set(xlim=(max(0, lo - 10), 100), xlabel="test accuracy (%), mean ± std over seeds", title=dataset)
+    meta = result["meta"]
+    fig.suptitle(f"all-MiniLM-L6-v2, setting {result['setting']['name']} · {meta['device']} · commit {meta['commit']}",
+                 fontsize=9)
+    fig.tight_layout()
+    out = os.path.join(PLOTS, os.path.splitext(os.path.basename(path))[0] + ".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return [out]
+
+
 def main() -> int:
     os.makedirs(PLOTS, exist_ok=True)
     paths = sorted(glob.glob(os.path.join(RESULTS, "*.json")))
@@ -71,7 +99,8 @@ def main() -> int:
         print(f"no results in {RESULTS}; run python -m benchmarks.run first")
         return 0
     for path in paths:
-        for out in plot_result(path):
+        plot = plot_finetune if os.path.basename(path).startswith("finetune-") else plot_result
+        for out in plot(path):
             print("wrote", os.path.relpath(out))
     return 0
 

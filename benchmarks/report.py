@@ -22,9 +22,12 @@ SHORT = ("frozen nn.Linear", "qGOFT quasi", "GOFT givens", "paper dense qGOFT", 
          "PEFT LoRA r=16", "PEFT OFT b=32", "PEFT BOFT b=4 m=2")
 
 
-def load_results() -> list[tuple[str, dict]]:
+def load_results(kind: str = "speed") -> list[tuple[str, dict]]:
+    """Committed result files: ``"speed"`` (benchmarks.run) or ``"finetune"`` (benchmarks.finetune)."""
     out = []
     for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
+        if os.path.basename(path).startswith("finetune-") != (kind == "finetune"):
+            continue
         with open(path) as fh:
             out.append((os.path.relpath(path, ROOT), json.load(fh)))
     return out
@@ -35,6 +38,14 @@ def docs_section(results) -> str:
     for path, result in results:
         parts.append(f"### {result['meta']['device']}\n\nFrom `{path}` ({result['meta']['date']}, "
                      f"{result['meta']['wall_seconds']} s).\n\n{tables(result)}\n")
+    return "\n".join(parts) if parts else "No results yet.\n"
+
+
+def finetune_section(results) -> str:
+    from .finetune import table
+
+    parts = [f"From `{path}` ({result['meta']['date']}, {result['meta']['wall_seconds']} s).\n\n{table(result)}\n"
+             for path, result in results]
     return "\n".join(parts) if parts else "No results yet.\n"
 
 
@@ -70,7 +81,8 @@ def render() -> dict[str, str]:
     results = load_results()
     out = {}
     with open(DOCS) as fh:
-        out[DOCS] = _replace(fh.read(), "results", docs_section(results))
+        text = _replace(fh.read(), "results", docs_section(results))
+        out[DOCS] = _replace(text, "finetune", finetune_section(load_results("finetune")))
     with open(README) as fh:
         out[README] = _replace(fh.read(), "bench", readme_table(results))
     return out
