@@ -47,14 +47,15 @@ class Setting:
     batch: int = 32
     max_len: int = 48
     layers: int | None = None  # keep only the first encoder layers (the smoke test)
-    lr_grid: int = 2  # how many of each method's learning rates to try
+    lr_grid: int = 3  # how many of each method's learning rates to try
+    penalty_grid: int = 2  # how many of qGOFT's penalty weights to try
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
 SETTINGS = {
-    "smoke": Setting("smoke", train=96, val=32, test=64, epochs=1, layers=2, lr_grid=1, seeds=(0,)),
+    "smoke": Setting("smoke", train=96, val=32, test=64, epochs=1, layers=2, lr_grid=1, penalty_grid=1, seeds=(0,)),
     "cpu": Setting("cpu", train=400, val=160, test=500, epochs=3, max_len=40),
-    "gpu": Setting("gpu", train=100_000, val=500, test=1000, epochs=5, lr_grid=3),
+    "gpu": Setting("gpu", train=100_000, val=500, test=1000, epochs=5, penalty_grid=3),
 }
 
 
@@ -65,15 +66,17 @@ class Method:
     penalties: tuple[float, ...] = (0.0,)  # qGOFT's soft-orthogonality weights to choose from
 
 
+# learning-rate grids span a decade around each family's usual values (the same grid for
+# LoRA and OFT; rotation angles take larger steps)
 METHODS = (
     Method("head only (frozen encoder)", ()),
-    Method("LoRA r=8 q,v", (1e-3, 3e-3, 3e-4)),
-    Method("LoRA r=8 all linear", (1e-3, 3e-3, 3e-4)),
-    Method("OFT b=32 all linear", (1e-3, 3e-3, 3e-4)),
-    Method("GOFT all linear", (2e-3, 6e-3, 6e-4)),
-    Method("GOFT+scale all linear", (2e-3, 6e-3, 6e-4)),
-    Method("qGOFT all linear", (2e-3, 6e-3, 6e-4), penalties=(1e-3, 1e-2, 5e-2)),
-    Method("full fine-tuning", (3e-5, 1e-4, 1e-5)),
+    Method("LoRA r=8 q,v", (1e-3, 3e-3, 1e-2)),
+    Method("LoRA r=8 all linear", (1e-3, 3e-3, 1e-2)),
+    Method("OFT b=32 all linear", (1e-3, 3e-3, 1e-2)),
+    Method("GOFT all linear", (2e-3, 6e-3, 2e-2)),
+    Method("GOFT+scale all linear", (2e-3, 6e-3, 2e-2)),
+    Method("qGOFT all linear", (2e-3, 6e-3, 2e-2), penalties=(1e-3, 1e-2, 5e-2)),
+    Method("full fine-tuning", (1e-5, 3e-5, 1e-4)),
 )
 
 
@@ -271,35 +274,62 @@ def accuracy(model, encode, texts, labels, setting: Setting) -> float:
 def candidates(method: Method, setting: Setting):
     if not method.lrs:
         return [(0.0, 0.0)]
-    return [(lr, pen) for lr in method.lrs[:setting.lr_grid] for pen in method.penalties[:setting.lr_grid]]
+    return [(lr, pen) for lr in method.lrs[:setting.lr_grid] for pen in method.penalties[:setting.penalty_grid]]
 
 
-def benchmark(setting: Setting, device: torch.device, datasets, methods, progress: bool = True) -> dict:
-    tokenizer, base = load_encoder(setting.layers)
-    runs: list[Run] = []
-    summary = []
+def method_results(setting: Setting, device: torch.device, dataset: str, method: Method, progress: bool = True,
+                   loaded=None) -> tuple[dict, list[Run]]:
+    """Choose ``method``'s setting on validation (seed 0), rerun it with the other seeds, summarize."""
+    tokenizer, base = loaded or load_encoder(setting.layers)
+    texts, labels, classes = DATASETS[dataset]()
+    data = splits(texts, labels, setting)
+    tried = [run_one(dataset, data, len(classes), method, lr, pen, setting.seeds[0], setting, device, tokenizer, base,
+                     progress) for lr, pen in candidates(method, setting)]
+    best = max(tried, key=lambda r: (r.val_acc, -tried.index(r)))
+    final = [best] + [run_one(dataset, data, len(classes), method, best.lr, best.penalty, s, setting, device,
+                              tokenizer, base, progress) for s in setting.seeds[1:]]
+    accs = torch.tensor([r.test_acc for r in final])
+    summary = {
+        "dataset": dataset, "method": method.name, "lr": best.lr, "penalty": best.penalty,
+        "val_acc_chosen": best.val_acc, "test_acc_mean": accs.mean().item(),
+        "test_acc_std": accs.std().item() if len(final) > 1 else 0.0, "seeds": len(final),
+        "trainable": best.trainable,
+        "epoch_seconds": sum(sum(r.epoch_seconds) for r in final) / sum(len(r.epoch_seconds) for r in final),
+        "activation_mb": best.activation_mb, "peak_mb": best.peak_mb,
+        "candidates": [(r.lr, r.penalty, r.val_acc) for r in tried],
+    }
+    return summary, tried + final[1:]
+
+
+def _isolated(args) -> tuple[dict, list[dict]]:
+    setting, device, dataset, index, progress = args
+    summary, runs = method_results(setting, torch.device(device), dataset, METHODS[index], progress)
+    return summary, [asdict(r) for r in runs]
+
+
+def benchmark(setting: Setting, device: torch.device, datasets, methods, progress: bool = True,
+              isolate: bool = False) -> dict:
+    """Every method on every dataset. ``isolate`` runs each (dataset, method) in a fresh process:
+    a long run in one process grows its heap by hundreds of MB per run (allocator fragmentation
+    from ever-changing batch shapes; seen to reach 24 GB), and a process's exit returns it all."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    summary, runs = [], []
+    loaded = None if isolate else load_encoder(setting.layers)
     for dataset in datasets:
-        texts, labels, classes = DATASETS[dataset]()
-        data = splits(texts, labels, setting)
         for method in methods:
-            tried = [run_one(dataset, data, len(classes), method, lr, pen, setting.seeds[0], setting, device,
-                             tokenizer, base, progress) for lr, pen in candidates(method, setting)]
-            best = max(tried, key=lambda r: (r.val_acc, -tried.index(r)))
-            final = [best] + [run_one(dataset, data, len(classes), method, best.lr, best.penalty, s, setting, device,
-                                      tokenizer, base, progress) for s in setting.seeds[1:]]
-            runs += tried + final[1:]
-            accs = torch.tensor([r.test_acc for r in final])
-            summary.append({
-                "dataset": dataset, "method": method.name, "lr": best.lr, "penalty": best.penalty,
-                "val_acc_chosen": best.val_acc, "test_acc_mean": accs.mean().item(),
-                "test_acc_std": accs.std().item() if len(final) > 1 else 0.0, "seeds": len(final),
-                "trainable": best.trainable,
-                "epoch_seconds": sum(sum(r.epoch_seconds) for r in final) / sum(len(r.epoch_seconds) for r in final),
-                "activation_mb": best.activation_mb, "peak_mb": best.peak_mb,
-                "candidates": [(r.lr, r.penalty, r.val_acc) for r in tried],
-            })
-            print(format_row(summary[-1]), flush=True)
-    return {"summary": summary, "runs": [asdict(r) for r in runs]}
+            if isolate:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    row, method_runs = pool.submit(_isolated, (setting, str(device), dataset, METHODS.index(method),
+                                                               progress)).result()
+            else:
+                row, method_runs = method_results(setting, device, dataset, method, progress, loaded)
+                method_runs = [asdict(r) for r in method_runs]
+            summary.append(row)
+            runs += method_runs
+            print(format_row(row), flush=True)
+    return {"summary": summary, "runs": runs}
 
 
 def format_row(s: dict) -> str:
@@ -336,7 +366,8 @@ def main(argv=None) -> int:
         print("note: TRITON_INTERPRET is set: qGOFT runs in the Triton interpreter (slow)")
     setting = SETTINGS[args.setting or ("gpu" if device.type == "cuda" else "cpu")]
     start = time.time()
-    result = benchmark(setting, device, args.datasets, METHODS, progress=not args.no_progress)
+    result = benchmark(setting, device, args.datasets, METHODS, progress=not args.no_progress,
+                       isolate=setting.name != "smoke")
     result["meta"] = _meta(device)
     result["setting"] = asdict(setting)
     result["meta"]["wall_seconds"] = round(time.time() - start, 1)
