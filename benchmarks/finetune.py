@@ -40,7 +40,7 @@ HEAD_LR = 2e-3
 @dataclass(frozen=True)
 class Setting:
     name: str
-    train: int  # training examples per dataset (before the validation split)
+    train: int  # training examples per dataset (validation and test examples are drawn separately)
     val: int
     test: int
     epochs: int
