@@ -1,6 +1,7 @@
 # make test   set up .venv from nothing and run the test suite (CPU: Triton interpreter)
 # make bench  the main job: verification of every kernel path, then the benchmark tables and plots
-# make finetune  the fine-tuning benchmark (MiniLM on TREC and movie reviews; ~20 min on 2 CPU cores)
+# make finetune  the fine-tuning benchmark (MiniLM on TREC and movie reviews); SETTING=quick takes
+#                about 20 min on 2 CPU cores, the default (cpu on a CPU, gpu with CUDA) longer
 # make gpu    on a CUDA machine with torch and triton already installed: gpu tier + verify + timings
 #
 # TORCH=torch==2.13.0 (default) installs that wheel first (the CPU build on a CPU machine);
@@ -9,6 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 OUT ?= benchmarks/results/latest
+SETTING ?=
 PY := $(VENV)/bin/python
 
 ifeq ($(TORCH),system)
@@ -37,7 +39,7 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.report
 
 finetune: $(VENV)/.installed
-	$(PY) -m benchmarks.finetune
+	$(PY) -m benchmarks.finetune $(if $(SETTING),--setting $(SETTING))
 
 gpu:
 	mkdir -p $(OUT)

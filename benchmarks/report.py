@@ -70,6 +70,31 @@ def readme_table(results) -> str:
     return "\n".join(lines) if lines else "No results yet.\n"
 
 
+def readme_finetune(results) -> str:
+    """Test accuracy per method and task, one table per committed fine-tuning result."""
+    lines = []
+    for path, result in results:
+        datasets = sorted({s["dataset"] for s in result["summary"]})
+        # the trained head's parameters, counted by the head-only row, are left out
+        heads = {s["dataset"]: s["trainable"] for s in result["summary"] if s["method"].startswith("head only")}
+        rows: dict[str, dict] = {}
+        for s in result["summary"]:
+            rows.setdefault(s["method"], {})[s["dataset"]] = s
+        setting = result["setting"]
+        lines += [f"Setting `{setting['name']}` ({setting['train']} training examples per task, "
+                  f"{setting['epochs']} epochs, {len(setting['seeds'])} seeds; {result['meta']['device']}), "
+                  f"test accuracy (%), from `{path}`:", "",
+                  "| method | trainable params besides the head | " + " | ".join(datasets) + " |",
+                  "|---|---|" + "---|" * len(datasets)]
+        for method, by_dataset in rows.items():
+            accs = [f"{100 * by_dataset[d]['test_acc_mean']:.1f} ± {100 * by_dataset[d]['test_acc_std']:.1f}"
+                    if d in by_dataset else "-" for d in datasets]
+            params = max(s["trainable"] - heads.get(d, 0) for d, s in by_dataset.items())
+            lines.append(f"| {method} | {params:,} | " + " | ".join(accs) + " |")
+        lines.append("")
+    return "\n".join(lines) if lines else "No results yet.\n"
+
+
 def _replace(text: str, marker: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
     if not pattern.search(text):
@@ -84,7 +109,8 @@ def render() -> dict[str, str]:
         text = _replace(fh.read(), "results", docs_section(results))
         out[DOCS] = _replace(text, "finetune", finetune_section(load_results("finetune")))
     with open(README) as fh:
-        out[README] = _replace(fh.read(), "bench", readme_table(results))
+        text = _replace(fh.read(), "bench", readme_table(results))
+        out[README] = _replace(text, "finetune", readme_finetune(load_results("finetune")))
     return out
 
 
