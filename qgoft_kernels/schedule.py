@@ -29,8 +29,7 @@ def num_stages(d: int) -> int:
 def stage_counts(d: int, structure: str = "tree") -> tuple[int, ...]:
     """Pairs per stage, from a closed form (cheap, and traceable by ``torch.compile``)."""
     _check(d, structure)
-    # tree stage r: i = 0, 2s, 4s, ... while i + s < d, i.e. ceil((d - s) / 2s) pairs
-    return tuple(-(-(d - s) // (2 * s)) for s in (1 << r for r in range(num_stages(d))))
+    return tuple(_STAGE_COUNT[structure](d, 1 << r) for r in range(num_stages(d)))
 
 
 def param_offsets(d: int, structure: str = "tree") -> tuple[int, ...]:
@@ -72,16 +71,19 @@ class Schedule:
         """``2**L``: the power of two the kernels pad a row to."""
         return 1 << self.num_stages
 
-    def stride(self, r: int) -> int:
-        """Stride ``s = 2**(r-1)`` of stage ``r`` (1-based)."""
-        return 1 << (r - 1)
-
 
 def _tree_stage(d: int, s: int) -> tuple[tuple[int, int], ...]:
     return tuple((i, i + s) for i in range(0, d - s, 2 * s))
 
 
+def _tree_count(d: int, s: int) -> int:
+    # i = 0, 2s, 4s, ... while i + s < d: ceil((d - s) / 2s) pairs
+    return -(-(d - s) // (2 * s))
+
+
+# a structure is its pairs per stage of stride s, and their count in closed form
 _STAGE_PAIRS = {"tree": _tree_stage}
+_STAGE_COUNT = {"tree": _tree_count}
 
 
 def schedule(d: int, structure: str = "tree") -> Schedule:
@@ -93,33 +95,33 @@ def schedule(d: int, structure: str = "tree") -> Schedule:
 # keyed on checked arguments only: lru_cache would take 2.0 or True for a cached 2 or 1
 @functools.lru_cache(maxsize=None)
 def _schedule(d: int, structure: str) -> Schedule:
-    stages, offsets = [], [0]
-    for r in range(1, num_stages(d) + 1):
-        pairs = _STAGE_PAIRS[structure](d, 1 << (r - 1))
-        stages.append(pairs)
-        offsets.append(offsets[-1] + len(pairs))
-    return Schedule(d, structure, tuple(stages), tuple(offsets))
-
-
-@functools.lru_cache(maxsize=None)
-def _index_tensors(d: int, structure: str, device: torch.device):
-    sched = schedule(d, structure)
-    offsets = torch.tensor(sched.offsets, dtype=torch.int32, device=device)
-    pairs = []
-    for stage in sched.stages:
-        ij = torch.tensor(stage, dtype=torch.long).reshape(-1, 2).T.contiguous()
-        pairs.append((ij[0].to(device), ij[1].to(device)))
-    return offsets, tuple(pairs)
+    stages = tuple(_STAGE_PAIRS[structure](d, 1 << r) for r in range(num_stages(d)))
+    return Schedule(d, structure, stages, param_offsets(d, structure))
 
 
 def stage_offsets(d: int, structure: str, device) -> torch.Tensor:
     """``int32`` tensor ``[L + 1]`` of per-stage parameter offsets on ``device`` (cached)."""
-    return _index_tensors(d, structure, torch.device(device))[0]
+    return _offsets_tensor(d, structure, torch.device(device))
 
 
 def stage_indices(d: int, structure: str, device) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """Per stage, the ``(i, j)`` index tensors of its pairs on ``device`` (cached)."""
-    return _index_tensors(d, structure, torch.device(device))[1]
+    return _index_tensors(d, structure, torch.device(device))
+
+
+# the kernels need only the offsets: they never build the pair lists
+@functools.lru_cache(maxsize=None)
+def _offsets_tensor(d: int, structure: str, device: torch.device) -> torch.Tensor:
+    return torch.tensor(param_offsets(d, structure), dtype=torch.int32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _index_tensors(d: int, structure: str, device: torch.device):
+    pairs = []
+    for stage in schedule(d, structure).stages:
+        ij = torch.tensor(stage, dtype=torch.long).reshape(-1, 2).T.contiguous()
+        pairs.append((ij[0].to(device), ij[1].to(device)))
+    return tuple(pairs)
 
 
 def _check_d(d) -> None:
