@@ -12,8 +12,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .function import rotation_shape
 from .nn import GivensLinear, _set_module
-from .schedule import num_pairs
 
 FORMAT, VERSION = "qgoft-adapter", "1"
 
@@ -78,10 +78,7 @@ def load_adapter_state(model: nn.Module, tensors: dict, modules: dict, *, strict
     """:func:`load_adapter` from tensors and options already in memory."""
     plan = []
     for name, opts in modules.items():
-        try:
-            target = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"{source}: module {name!r} is not in the model") from None
+        target = _submodule(model, name, source)
         _check_entry(name, target, opts, tensors, source)
         plan.append((name, target, opts))
     expected = {f"{n}.{k}" for n, _, o in plan for k in (("rotation", "scale") if o["scale"] else ("rotation",))}
@@ -119,8 +116,7 @@ def _check_entry(name: str, target: nn.Module, opts: dict, tensors: dict, source
             raise ValueError(f"{source}: module {name!r} is an nn.Linear {have}, the file has {opts}")
     else:
         raise ValueError(f"{source}: module {name!r} is a {type(target).__name__}, not a GivensLinear or nn.Linear")
-    n = num_pairs(opts["in_features"], opts["structure"])
-    shapes = {"rotation": (n,) if opts["block"] == "givens" else (n, 2, 2)}
+    shapes = {"rotation": rotation_shape(opts["in_features"], opts["block"], opts["structure"])}
     if opts["scale"]:
         shapes["scale"] = (opts["in_features"],)
     for part, shape in shapes.items():
@@ -174,10 +170,14 @@ def convert_official(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
 def load_official(model: nn.Module, state: dict[str, torch.Tensor], *, strict: bool = True) -> nn.Module:
     """Load the paper code's parameters (see :func:`convert_official`) into ``model``."""
     tensors, modules = convert_official(state)
+    source = "official parameters"
     for name, opts in modules.items():
-        try:
-            target = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"official parameters: module {name!r} is not in the model") from None
-        opts["out_features"] = getattr(target, "out_features", None)
-    return load_adapter_state(model, tensors, modules, strict=strict, source="official parameters")
+        opts["out_features"] = getattr(_submodule(model, name, source), "out_features", None)
+    return load_adapter_state(model, tensors, modules, strict=strict, source=source)
+
+
+def _submodule(model: nn.Module, name: str, source: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"{source}: module {name!r} is not in the model") from None

@@ -31,15 +31,25 @@ def _check_float(name: str, t) -> None:
         raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
 
 
-def check_params(d: int, params, block: str, structure: str, scale) -> None:
-    """Raise a clear error unless ``params`` (and ``scale``) fit ``d`` features."""
+def check_options(block: str, structure: str) -> None:
+    """Raise a clear error unless ``block`` and ``structure`` are known."""
     if block not in BLOCKS:
         raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
     if structure not in STRUCTURES:
         raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-    _check_float("params", params)
+
+
+def rotation_shape(d: int, block: str, structure: str = "tree") -> tuple[int, ...]:
+    """Shape of the rotation parameters for ``d`` features: ``(P,)`` angles or ``(P, 2, 2)`` blocks."""
     n = num_pairs(d, structure)
-    expected = (n,) if block == "givens" else (n, 2, 2)
+    return (n,) if block == "givens" else (n, 2, 2)
+
+
+def check_params(d: int, params, block: str, structure: str, scale) -> None:
+    """Raise a clear error unless ``params`` (and ``scale``) fit ``d`` features."""
+    check_options(block, structure)
+    _check_float("params", params)
+    expected = rotation_shape(d, block, structure)
     if tuple(params.shape) != expected:
         raise ValueError(f"params for block={block!r}, structure={structure!r} and d={d} must have "
                          f"shape {expected}, got {_describe(params)}")

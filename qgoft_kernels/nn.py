@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .function import BLOCKS, givens_rotate
-from .schedule import STRUCTURES, num_pairs
+from .function import check_options, givens_rotate, rotation_shape
 
 
 class GivensLinear(nn.Module):
@@ -64,18 +64,14 @@ class GivensLinear(nn.Module):
         return self
 
     def _configure(self, in_features, out_features, block, structure) -> None:
-        if block not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
-        if structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+        check_options(block, structure)
         if in_features < 1 or out_features < 0:
             raise ValueError(f"need in_features >= 1 and out_features >= 0, got {in_features}, {out_features}")
         self.in_features, self.out_features = in_features, out_features
         self.block, self.structure = block, structure
 
     def _add_adapter(self, device, scale: bool) -> None:
-        n = num_pairs(self.in_features, self.structure)
-        shape = (n,) if self.block == "givens" else (n, 2, 2)
+        shape = rotation_shape(self.in_features, self.block, self.structure)
         self.rotation = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
         if scale:
             self.scale = nn.Parameter(torch.empty(self.in_features, device=device, dtype=torch.float32))
@@ -83,15 +79,9 @@ class GivensLinear(nn.Module):
             self.register_parameter("scale", None)
         self.reset_adapter()
 
-    @torch.no_grad()
     def reset_adapter(self) -> None:
         """Back to the identity: zero angles or identity blocks, unit scale."""
-        if self.block == "givens":
-            self.rotation.zero_()
-        else:
-            self.rotation.copy_(torch.eye(2).expand_as(self.rotation))
-        if self.scale is not None:
-            self.scale.fill_(1.0)
+        reset_identity(self.rotation, self.scale, self.block)
 
     def rotate(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
         """``x @ R`` (or ``x @ R^T``) with this layer's rotation."""
@@ -117,11 +107,7 @@ class GivensLinear(nn.Module):
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``sum_p <alpha_p, beta_p>^2`` over the quasi blocks' columns; 0 for strict rotations."""
-        if self.block == "givens":
-            return self.rotation.new_zeros(())
-        b = self.rotation
-        inner = b[:, 0, 0] * b[:, 0, 1] + b[:, 1, 0] * b[:, 1, 1]
-        return (inner * inner).sum()
+        return block_penalty(self.rotation, self.block)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -129,13 +115,36 @@ class GivensLinear(nn.Module):
                 f"scale={self.scale is not None}")
 
 
+@torch.no_grad()
+def reset_identity(rotation: torch.Tensor, scale: torch.Tensor | None, block: str) -> None:
+    """Set ``rotation`` (and ``scale``) in place to the identity: zero angles or identity blocks, unit scale."""
+    if block == "givens":
+        rotation.zero_()
+    else:
+        rotation.copy_(torch.eye(2).expand_as(rotation))
+    if scale is not None:
+        scale.fill_(1.0)
+
+
+def block_penalty(rotation: torch.Tensor, block: str) -> torch.Tensor:
+    """The soft-orthogonality penalty of one rotation: ``sum_p <alpha_p, beta_p>^2`` over the
+    columns of its quasi blocks; 0 for strict rotations."""
+    if block == "givens":
+        return rotation.new_zeros(())
+    inner = rotation[:, 0, 0] * rotation[:, 0, 1] + rotation[:, 1, 0] * rotation[:, 1, 1]
+    return (inner * inner).sum()
+
+
 def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
-    """Sum of :meth:`GivensLinear.orthogonality_penalty` over every ``GivensLinear`` in ``model``.
+    """The qGOFT penalty summed over every ``GivensLinear`` of ``model`` (and every qGOFT layer
+    of a PEFT model: the active adapters).
 
     Add ``lam * orthogonality_penalty(model)`` to the loss; the paper uses ``lam`` in
     ``[1e-3, 5e-2]``. A model without such layers gives a float32 zero.
     """
-    terms = [m.orthogonality_penalty() for m in model.modules() if isinstance(m, GivensLinear)]
+    # PEFT's layers exist only once qgoft_kernels.peft is imported; no need to import it here
+    peft_layer = getattr(sys.modules.get("qgoft_kernels.peft"), "QGOFTLayer", ())
+    terms = [m.orthogonality_penalty() for m in model.modules() if isinstance(m, (GivensLinear, peft_layer))]
     if not terms:
         return torch.zeros(())
     return torch.stack([t.to(terms[0].device) for t in terms]).sum()

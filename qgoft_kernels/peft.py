@@ -2,7 +2,7 @@
 
 Importing this module makes qGOFT a PEFT method, so ``get_peft_model``,
 ``PeftModel.save_pretrained``, ``PeftModel.from_pretrained`` and ``merge_and_unload`` work
-with a :class:`QGOFTConfig` (docs/peft.md). The layer is PEFT's usual tuner-layer wrapper
+with a :class:`QGOFTConfig` (docs/ecosystem.md). The layer is PEFT's usual tuner-layer wrapper
 around the frozen ``nn.Linear``; its forward is ``base_layer(givens_rotate(x, ...))`` on the
 same kernels as :class:`~qgoft_kernels.GivensLinear`.
 
@@ -27,8 +27,8 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from .function import BLOCKS, givens_rotate
-from .schedule import STRUCTURES, num_pairs
+from .function import check_options, givens_rotate, rotation_shape
+from .nn import block_penalty, reset_identity
 
 PREFIX = "qgoft_"
 
@@ -74,10 +74,7 @@ class QGOFTConfig(PeftConfig):
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = QGOFT
-        if self.block not in BLOCKS:
-            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
-        if self.structure not in STRUCTURES:
-            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
+        check_options(self.block, self.structure)
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -108,10 +105,9 @@ class QGOFTLayer(BaseTunerLayer):
         return set(self.qgoft_rotation)
 
     def update_layer(self, adapter_name: str, config: QGOFTConfig, inference_mode: bool = False, **kwargs) -> None:
-        n = num_pairs(self.in_features, config.structure)
         self.qgoft_block[adapter_name] = config.block
         self.qgoft_structure[adapter_name] = config.structure
-        shape = (n,) if config.block == "givens" else (n, 2, 2)
+        shape = rotation_shape(self.in_features, config.block, config.structure)
         self.qgoft_rotation[adapter_name] = nn.Parameter(torch.empty(shape, dtype=torch.float32))
         if config.scale:
             self.qgoft_scale[adapter_name] = nn.Parameter(torch.empty(self.in_features, dtype=torch.float32))
@@ -122,14 +118,16 @@ class QGOFTLayer(BaseTunerLayer):
     @torch.no_grad()
     def reset_qgoft_parameters(self, adapter_name: str, init_weights: bool) -> None:
         rotation = self.qgoft_rotation[adapter_name]
-        if self.qgoft_block[adapter_name] == "givens":
-            rotation.zero_() if init_weights else rotation.normal_(0.0, 0.1)
-        else:
-            rotation.copy_(torch.eye(2).expand_as(rotation))
-            if not init_weights:
-                rotation.add_(0.1 * torch.randn_like(rotation))
-        if adapter_name in self.qgoft_scale:
-            self.qgoft_scale[adapter_name].fill_(1.0)
+        reset_identity(rotation, self.qgoft_scale[adapter_name] if adapter_name in self.qgoft_scale else None,
+                       self.qgoft_block[adapter_name])
+        if not init_weights:
+            rotation.add_(0.1 * torch.randn_like(rotation))
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """The qGOFT penalty of the active adapters (see :func:`qgoft_kernels.orthogonality_penalty`)."""
+        terms = [block_penalty(self.qgoft_rotation[a], self.qgoft_block[a])
+                 for a in self.active_adapters if a in self.qgoft_rotation]
+        return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def _rotate(self, x: torch.Tensor, adapter: str, transpose: bool = False) -> torch.Tensor:
         scale = self.qgoft_scale[adapter] if adapter in self.qgoft_scale else None
@@ -183,7 +181,7 @@ class Linear(nn.Module, QGOFTLayer):
 
     def _inverse_rotate_rows(self, w: torch.Tensor, adapter: str) -> torch.Tensor:
         # W R^{-T} with R = P_L ... P_1 S: the plain product again, with every block B
-        # replaced by B^{-T} and the scale by 1/s (docs/peft.md)
+        # replaced by B^{-T} and the scale by 1/s (docs/ecosystem.md)
         block = self.qgoft_block[adapter]
         params = self.qgoft_rotation[adapter].detach().double()
         if block == "quasi":

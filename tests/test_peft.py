@@ -21,11 +21,7 @@ class Tiny(nn.Module):
         return self.head(torch.tanh(self.v(self.q(x))))
 
 
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    # the PyTorch path keeps these quick on a CPU; the kernels have their own tests
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+pytestmark = pytest.mark.usefixtures("torch_path")
 
 
 def make(seed=0):
@@ -93,3 +89,19 @@ def test_same_as_givens_linear(gen):
         ours.rotation.copy_(layer.qgoft_rotation["default"])
     x = torch.randn(4, 20, generator=gen)
     assert torch.equal(layer(x), ours(x))
+
+
+def test_penalty_covers_peft_layers(gen):
+    """qk.orthogonality_penalty(model) sums the quasi blocks' penalty of a PEFT model too."""
+    torch.manual_seed(1)
+    model = peft.get_peft_model(make(), QGOFTConfig(target_modules=["q", "v"], block="quasi", init_weights=False))
+    penalty = qk.orthogonality_penalty(model)
+    expected = torch.zeros(())
+    for name in ("q", "v"):
+        b = getattr(model.base_model.model, name).qgoft_rotation["default"].detach().double()
+        expected += ((b[:, 0, 0] * b[:, 0, 1] + b[:, 1, 0] * b[:, 1, 1]) ** 2).sum()
+    assert expected > 0
+    assert rel_error(penalty, expected) < 1e-6
+    penalty.backward()
+    grad = model.base_model.model.q.qgoft_rotation["default"].grad
+    assert grad is not None and grad.abs().sum() > 0
