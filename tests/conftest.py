@@ -33,3 +33,11 @@ def gen():
     seed = random.SystemRandom().randrange(2**31)
     print(f"seed={seed}")
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """The PyTorch path on a CPU-only machine (the interpreter would take minutes for whole
+    models); the kernels have their own tests. Modules opt in with ``usefixtures``."""
+    if not HAS_CUDA:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")

