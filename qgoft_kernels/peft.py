@@ -13,6 +13,10 @@ this module registers ``"QGOFT"`` in those dicts under a string key. Saved adapt
 ``"peft_type": "QGOFT"``. Loading one needs ``import qgoft_kernels.peft`` first, the same
 as for any PEFT method defined outside PEFT. Mixed-adapter batches and ``PeftMixedModel``
 are not supported.
+
+It needs PEFT >= 0.21 (:data:`MIN_PEFT`): 0.20 and older reject an out-of-tree method when
+saving (``Unknown PEFT type passed: QGOFT``), so importing this module there raises an
+``ImportError`` that says so.
 """
 from __future__ import annotations
 
@@ -20,15 +24,24 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
+import peft
 import torch
 import torch.nn as nn
-from peft.config import PeftConfig
-from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from packaging.version import Version
 
-from .function import check_options, givens_rotate, rotation_shape
-from .nn import block_penalty, reset_identity
+#: The oldest PEFT this module works with (pyproject's ``peft`` extra).
+MIN_PEFT = "0.21"
+if Version(peft.__version__) < Version(MIN_PEFT):
+    raise ImportError(f"qgoft_kernels.peft needs peft >= {MIN_PEFT}, found {peft.__version__} "
+                      "(older PEFT rejects the method: 'Unknown PEFT type passed: QGOFT')")
+
+from peft.config import PeftConfig  # noqa: E402
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # noqa: E402
+
+from .function import check_options, givens_rotate, rotation_shape  # noqa: E402
+from .nn import block_penalty, reset_identity  # noqa: E402
 
 PREFIX = "qgoft_"
 

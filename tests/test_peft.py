@@ -6,8 +6,9 @@ import torch.nn as nn
 import qgoft_kernels as qk
 from qgoft_kernels.verify import rel_error
 
-peft = pytest.importorskip("peft")
-from qgoft_kernels.peft import QGOFTConfig  # noqa: E402
+# qgoft_kernels.peft needs PEFT >= 0.21 (its MIN_PEFT); older versions skip with the version in the reason
+peft = pytest.importorskip("peft", minversion="0.21")
+from qgoft_kernels.peft import MIN_PEFT, QGOFTConfig  # noqa: E402
 
 
 class Tiny(nn.Module):
@@ -105,3 +106,15 @@ def test_penalty_covers_peft_layers(gen):
     penalty.backward()
     grad = model.base_model.model.q.qgoft_rotation["default"].grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_minimum_peft_version_is_declared():
+    """The module's MIN_PEFT, pyproject's extras and the tests' skip agree."""
+    import os
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")) as fh:
+        pins = re.findall(r'"peft>=([0-9.]+)"', fh.read())
+    assert pins and set(pins) == {MIN_PEFT}
+    with open(__file__) as fh:
+        assert f'minversion="{MIN_PEFT}"' in fh.read()
