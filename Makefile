@@ -2,7 +2,9 @@
 # make bench  the main job: verification of every kernel path, then the benchmark tables and plots
 # make finetune  the fine-tuning benchmark (MiniLM on TREC and movie reviews); SETTING=quick takes
 #                about 20 min on 2 CPU cores, the default (cpu on a CPU, gpu with CUDA) longer
-# make gpu    on a CUDA machine with torch and triton already installed: gpu tier + verify + timings
+# make gpu    on a CUDA machine with time: gpu tier + verify + timings (STEPS=tests,verify,bench: a part
+#             per call); the machine's own python3 with torch and triton, nothing installed; stops
+#             at once without CUDA; compile cache in $(TRITON_CACHE_DIR); COMMIT=<sha> where git is missing
 #
 # TORCH=torch==2.13.0 (default) installs that wheel first (the CPU build on a CPU machine);
 # TORCH=system makes the venv see the torch/triton already installed instead.
@@ -11,7 +13,13 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 OUT ?= benchmarks/results/latest
 SETTING ?=
+COMMIT ?=
+STEPS ?= tests,verify,bench
+TRITON_CACHE_DIR ?= $(CURDIR)/.triton-cache
 PY := $(VENV)/bin/python
+# the GPU machine's python3 is itself a venv: run from the tree, install nothing
+GPU_ENV := PYTHONPATH=. PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 TRITON_CACHE_DIR=$(TRITON_CACHE_DIR) \
+	$(if $(COMMIT),QGOFT_COMMIT=$(COMMIT))
 
 ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
@@ -42,8 +50,7 @@ finetune: $(VENV)/.installed
 	$(PY) -m benchmarks.finetune $(if $(SETTING),--setting $(SETTING))
 
 gpu:
-	mkdir -p $(OUT)
-	PYTHONPATH=. $(PYTHON) -m benchmarks.gpu_check --out $(OUT)
+	$(GPU_ENV) $(PYTHON) -m benchmarks.gpu_check --out $(OUT) --steps $(STEPS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .benchmarks
+	rm -rf $(VENV) .pytest_cache .benchmarks .triton-cache

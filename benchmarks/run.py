@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from qgoft_kernels.verify import Case, check_case, rel_error
 
 from .methods import make_linear, methods, peft_version, trainable_parameters
 from .paper_dense import PaperDenseGivensLinear
+from .provenance import commit_id
 from .timing import peak_bytes, saved_bytes, time_ms
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -74,14 +74,10 @@ def slug(device: torch.device) -> str:
 def metadata(device: torch.device, plan: Plan) -> dict:
     import triton
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(RESULTS)).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=os.path.dirname(RESULTS)).stdout.strip()
     return {
         "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
         "triton": triton.__version__, "peft": peft_version(), "python": platform.python_version(),
-        "qgoft_kernels": qk.__version__, "commit": (commit or "unknown") + ("+dirty" if dirty else ""),
+        "qgoft_kernels": qk.__version__, "commit": commit_id()[0],
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "dtype": str(plan.dtype).removeprefix("torch."), "adapter_params": "float32",
         "timer": "triton.testing.do_bench (CUDA events)" if device.type == "cuda"
@@ -148,7 +144,7 @@ def _random_params(d, block, device):
 
 # --- 2. layer level ---------------------------------------------------------------------------
 
-def _check_layer(module, base, x) -> bool:
+def check_layer(module, base, x) -> bool:
     """Our layers and the paper's: the output equals the frozen layer on ``x @ R`` (float64)."""
     if not isinstance(module, qk.GivensLinear):
         return True
@@ -161,7 +157,7 @@ def _check_layer(module, base, x) -> bool:
     return rel_error(got, ref) <= bound
 
 
-def _perturb(module):
+def perturb(module):
     """Move an adapter off its identity init, so that checks and timings see real values."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -180,8 +176,8 @@ def layer_rows(device: torch.device, plan: Plan) -> list[dict]:
         frozen = None
         for method in methods(d, k, has_peft):
             module, note = method.build(base)
-            _perturb(module)
-            correct = _check_layer(module, base, x[:64])
+            perturb(module)
+            correct = check_layer(module, base, x[:64])
             xg = x.detach().clone().requires_grad_()
             row = {"d": d, "k": k, "tokens": plan.tokens, "method": method.name, "family": method.family,
                    "trainable": trainable_parameters(module), "note": note, "correct": correct}
@@ -219,7 +215,7 @@ def merge_rows(device: torch.device, plan: Plan) -> list[dict]:
     for d in plan.merge_dims:
         base = make_linear(d, d, device, plan.dtype)
         ours = qk.GivensLinear.from_linear(base, block="quasi", scale=True)
-        _perturb(ours)
+        perturb(ours)
         paper = PaperDenseGivensLinear.from_linear(base, block="quasi", scale=True)
         paper.load_state_dict(ours.state_dict())
 
