@@ -3,8 +3,13 @@
 # make finetune  the fine-tuning benchmark (MiniLM on TREC and movie reviews); SETTING=quick takes
 #                about 20 min on 2 CPU cores, the default (cpu on a CPU, gpu with CUDA) longer
 # make gpu    on a CUDA machine with time: gpu tier + verify + timings (STEPS=tests,verify,bench: a part
-#             per call); the machine's own python3 with torch and triton, nothing installed; stops
-#             at once without CUDA; compile cache in $(TRITON_CACHE_DIR); COMMIT=<sha> where git is missing
+#             per call); the machine's own python3 with torch and triton, nothing installed
+# make gpu-quick OUT=<folder> COMMIT=<sha>  on a lent GPU (15 minutes): compile + check + time the
+#             kernels and the layer in one call of at most 7 minutes (benchmarks/gpu_quick.py);
+#             ARGS= passes options (--only, --dims, --deadline)
+# make gpu-quick-dry  its rehearsal on the CPU (Triton interpreter, tiny shapes): not GPU data
+# Both GPU targets stop at once without CUDA, write nothing in the tree but the ignored
+# compile cache $(TRITON_CACHE_DIR), and take the commit id from COMMIT where git is missing.
 #
 # TORCH=torch==2.13.0 (default) installs that wheel first (the CPU build on a CPU machine);
 # TORCH=system makes the venv see the torch/triton already installed instead.
@@ -15,6 +20,7 @@ OUT ?= benchmarks/results/latest
 SETTING ?=
 COMMIT ?=
 STEPS ?= tests,verify,bench
+ARGS ?=
 TRITON_CACHE_DIR ?= $(CURDIR)/.triton-cache
 PY := $(VENV)/bin/python
 # the GPU machine's python3 is itself a venv: run from the tree, install nothing
@@ -25,7 +31,7 @@ ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
 endif
 
-.PHONY: test bench finetune gpu clean
+.PHONY: test bench finetune gpu gpu-quick gpu-quick-dry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -51,6 +57,12 @@ finetune: $(VENV)/.installed
 
 gpu:
 	$(GPU_ENV) $(PYTHON) -m benchmarks.gpu_check --out $(OUT) --steps $(STEPS)
+
+gpu-quick:
+	$(GPU_ENV) $(PYTHON) -m benchmarks.gpu_quick --out $(OUT) $(ARGS)
+
+gpu-quick-dry: $(VENV)/.installed
+	$(GPU_ENV) $(PY) -m benchmarks.gpu_quick --dry-run --out $(OUT)/dry-run $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks .triton-cache
