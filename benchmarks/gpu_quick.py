@@ -44,7 +44,7 @@ from qgoft_kernels.ops import launch_backward, launch_forward
 from qgoft_kernels.verify import RTOL, Case, magnitudes, oracle, random_inputs, rel_error, tolerance
 
 from .methods import make_linear, methods, peft_version, trainable_parameters
-from .provenance import REPO, TRITON_CACHE, commit_id, driver_version, interpreter_problem, require_cuda
+from .provenance import TRITON_CACHE, commit_id, driver_version, interpreter_problem, require_cuda
 from .run import RESULTS, check_layer, perturb
 from .timing import peak_bytes, saved_bytes
 
@@ -143,7 +143,7 @@ def unit_cost(unit: Unit) -> tuple:
 # --- phase 1: compile and check, one unit per worker task ---------------------------------------
 
 def unit_inputs(unit: Unit, rows: int, device, dtype, generator=None):
-    """``x``, ``params``, ``scale``, ``dy`` for ``unit`` (random; ``params``/``scale`` float32)."""
+    """``(case, (x, params, scale, dy))`` for ``unit``: fresh random inputs (``params``/``scale`` float32)."""
     case = Case(unit.d, rows, unit.block, unit.scale, unit.path == "forward_t", dtype)
     return case, random_inputs(case, device, generator)
 
@@ -353,8 +353,9 @@ def time_kernel(kind: str, d: int, plan: Plan, device, ok: dict, timer: Timer, r
                ratio=1.0, ratio_to="torch.clone", note=f"next to {kind}", **clone)
         for unit, fn in fns.items():
             common = dict(kind=kind, method=variant_name(unit.block, unit.scale), d=d, rows=plan.rows, dtype=dtype,
-                          block=unit.block, scale=unit.scale, repeat=repeat, ratio_to="torch.clone", target=target(kind, d),
-                          predicted_ratio=predicted(preds, kind, d, dtype, unit.block, unit.scale))
+                          block=unit.block, scale=unit.scale, repeat=repeat, ratio_to="torch.clone",
+                          target=target(kind, d), predicted_ratio=predicted(preds, kind, d, dtype, unit.block,
+                                                                            unit.scale))
             if not ok.get(unit):
                 record(**common, ok=False, note="failed or missing check: no timing")
                 continue
@@ -388,11 +389,12 @@ def time_merge(d: int, plan: Plan, device, ok: dict, timer: Timer, record, preds
             scale = None if layer.scale is None else layer.scale.detach()
             kernel = (lambda layer=layer, scale=scale: launch_forward(
                 x=w, params=layer.rotation.detach(), scale=scale, block=layer.block, structure="tree", transpose=True))
+            # the static model predicts the kernel alone ("merge" rows), not the end-to-end call
+            prediction = predicted(preds, "merge", d, dtype, unit.block, unit.scale)
             for kind, fn in (("merge", layer.merged_linear), ("merge_kernel", kernel)):
                 common = dict(kind=kind, method=variant_name(unit.block, unit.scale), d=d, rows=d, dtype=dtype,
                               block=unit.block, scale=unit.scale, repeat=repeat, ratio_to="torch.clone(W)",
-                              target=target(kind, d), predicted_ratio=predicted(preds, "merge", d, dtype, unit.block,
-                                                                                unit.scale) if kind == "merge_kernel" else None)
+                              target=target(kind, d), predicted_ratio=prediction if kind == "merge_kernel" else None)
                 if not (ok.get(unit) and good.get(unit)):
                     record(**common, ok=False, note="failed check (kernel or merged layer): no timing")
                     continue
@@ -538,7 +540,8 @@ def table(rows: list[dict]) -> str:
                 continue
             ok = timed(mreps)
             if not ok:
-                lines.append(f"| {kind} | {d} | {mreps[0]['rows']} | {method} | NO TIMING: {mreps[0]['note']} | | | | | |")
+                lines.append(f"| {kind} | {d} | {mreps[0]['rows']} | {method} | NO TIMING: {mreps[0]['note']} "
+                             "| | | | | |")
                 continue
             lines.append(f"| {kind} | {d} | {ok[0]['rows']} | {method} | {' / '.join(_ms(r) for r in ok)} "
                          f"| {' / '.join(_spread(r) for r in ok)} "

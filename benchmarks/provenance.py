@@ -65,9 +65,9 @@ def require_cuda(command: str) -> bool:
 
     if torch.cuda.is_available():
         return True
-    print(f"{command}: no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}, sees none). "
-          "This command measures the Triton kernels on a GPU; without one it would only time the CPU "
-          "fallbacks, so it stops here.", file=sys.stderr)
+    print(f"{command}: no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda or 'none'}, "
+          "sees none). This command measures the Triton kernels on a GPU; without one it would only "
+          "time the CPU fallbacks, so it stops here.", file=sys.stderr)
     return False
 
 
