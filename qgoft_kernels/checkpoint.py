@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .function import rotation_shape
+from .checks import rotation_shape
 from .nn import GivensLinear, _set_module
 
 FORMAT, VERSION = "qgoft-adapter", "1"

@@ -6,10 +6,9 @@ import os
 import torch
 
 from . import ops
-from .schedule import STRUCTURES, num_pairs
+from .checks import check_float, check_params, describe
 from .sweeps import rotate_sweeps
 
-BLOCKS = ("givens", "quasi")
 BACKENDS = ("auto", "triton", "torch")
 #: Largest ``d`` the Triton kernels take. Rows longer than a chunk are split (docs/math.md §4);
 #: this bound is what the compile report and the GPU tier cover.
@@ -20,56 +19,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
-def _check_float(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
-
-
-def check_options(block: str, structure: str) -> None:
-    """Raise a clear error unless ``block`` and ``structure`` are known."""
-    if block not in BLOCKS:
-        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
-    if structure not in STRUCTURES:
-        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-
-
-def rotation_shape(d: int, block: str, structure: str = "tree") -> tuple[int, ...]:
-    """Shape of the rotation parameters for ``d`` features: ``(P,)`` angles or ``(P, 2, 2)`` blocks."""
-    n = num_pairs(d, structure)
-    return (n,) if block == "givens" else (n, 2, 2)
-
-
-def check_params(d: int, params, block: str, structure: str, scale) -> None:
-    """Raise a clear error unless ``params`` (and ``scale``) fit ``d`` features."""
-    check_options(block, structure)
-    _check_float("params", params)
-    expected = rotation_shape(d, block, structure)
-    if tuple(params.shape) != expected:
-        raise ValueError(f"params for block={block!r}, structure={structure!r} and d={d} must have "
-                         f"shape {expected}, got {_describe(params)}")
-    if scale is not None:
-        _check_float("scale", scale)
-        if tuple(scale.shape) != (d,):
-            raise ValueError(f"scale must have shape ({d},) for d={d}, got {_describe(scale)}")
-        if scale.device != params.device:
-            raise ValueError(f"scale and params must be on one device: scale is on {scale.device}, "
-                             f"params on {params.device}")
-
-
 def _check_inputs(x, params, block, structure, scale, transpose, backend) -> str:
     """Validate everything; return the backend to use (``"triton"`` or ``"torch"``)."""
-    _check_float("x", x)
+    check_float("x", x)
     if x.dim() < 1:
-        raise ValueError(f"x must have at least one dimension (the features), got {_describe(x)}")
+        raise ValueError(f"x must have at least one dimension (the features), got {describe(x)}")
     d = x.shape[-1]
     if d < 1:
-        raise ValueError(f"x's last dimension (d) must be >= 1, got {_describe(x)}")
+        raise ValueError(f"x's last dimension (d) must be >= 1, got {describe(x)}")
     check_params(d, params, block, structure, scale)
     if params.device != x.device:
         raise ValueError(f"params and x must be on one device: params is on {params.device}, x on {x.device}")

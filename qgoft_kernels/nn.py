@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .function import check_options, givens_rotate, rotation_shape
+from .checks import check_options, rotation_shape
+from .function import givens_rotate
 
 
 class GivensLinear(nn.Module):

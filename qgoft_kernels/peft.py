@@ -27,7 +27,8 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from .function import check_options, givens_rotate, rotation_shape
+from .checks import check_options, rotation_shape
+from .function import givens_rotate
 from .nn import block_penalty, reset_identity
 
 PREFIX = "qgoft_"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_params
 from .schedule import schedule, stage_indices
 
 
@@ -36,9 +37,6 @@ def givens_matrix(d: int, params: torch.Tensor, *, block: str = "givens", struct
         R = givens_matrix(8, torch.randn(7, dtype=torch.float64))
         y = x @ R          # equals givens_rotate(x, params)
     """
-    # imported here: function.py imports this module for the CPU path
-    from .function import check_params
-
     check_params(d, params, block, structure, scale)
     sched = schedule(d, structure)
     B = blocks_from_params(params, block)
