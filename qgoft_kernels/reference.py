@@ -63,7 +63,7 @@ def rotate_reference(x: torch.Tensor, params: torch.Tensor, *, block: str = "giv
     sched = schedule(d, structure)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.to(compute)
-    B = blocks_from_params(params, block).to(compute)
+    B = blocks_from_params(params.to(compute), block)
     s = None if scale is None else scale.to(compute)
     stages = list(enumerate(stage_indices(d, structure, x.device), start=1))
     if transpose and s is not None:

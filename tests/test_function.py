@@ -4,6 +4,8 @@ import torch
 
 import qgoft_kernels as qk
 from qgoft_kernels.function import _check_inputs
+from qgoft_kernels.reference import rotate_reference
+from qgoft_kernels.verify import assert_close
 
 
 def call(x, params, **kw):
@@ -80,3 +82,16 @@ def test_torch_backend_keeps_dtype_and_shape():
     x = torch.randn(2, 3, 10, dtype=torch.float16)
     y = call(x, torch.randn(9, 2, 2), block="quasi")
     assert y.dtype == torch.float16 and y.shape == x.shape
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
+def test_torch_path_takes_cos_sin_in_float32(transpose, gen):
+    """bf16 (or fp16) angles with fp32 x: cos and sin are taken in fp32, as the kernels do."""
+    d = 64
+    x = torch.randn(5, d, generator=gen)
+    theta = ((torch.rand(d - 1, generator=gen) * 2 - 1) * torch.pi).to(torch.bfloat16)
+    R = qk.givens_matrix(d, theta.double())
+    ref = x.double() @ (R.T if transpose else R)
+    assert_close(call(x, theta, transpose=transpose), ref)
+    assert_close(rotate_reference(x, theta, transpose=transpose), ref)
+
