@@ -5,6 +5,10 @@ check their options and parameter shapes here, so no module imports back up the 
 """
 from __future__ import annotations
 
+import functools
+import os
+import sys
+
 import torch
 
 from .schedule import STRUCTURES, num_pairs
@@ -63,3 +67,47 @@ def check_features(x, in_features: int) -> None:
         width = x.shape[-1] if x.dim() else "no"
         raise ValueError(f"x has {width} features (its last dimension); this layer takes "
                          f"in_features={in_features}; got {describe(x)}")
+
+
+# the values triton itself reads as true in TRITON_INTERPRET
+_TRUE = ("1", "true", "yes", "on", "y")
+
+
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks, now, for Triton's CPU interpreter (parsed as triton does)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
+
+
+def check_triton_mode() -> None:
+    """Raise a clear error when the Triton functions were defined in another mode than
+    ``TRITON_INTERPRET`` asks for now.
+
+    ``triton.jit`` reads the variable when it decorates a function: triton's own library at
+    ``import triton``, this package's kernels at their first use. Set after triton was
+    imported (by peft, transformers or an optimizer step), it makes the kernels interpreted
+    while triton's library helpers are not, and only some launches fail, with triton's
+    ``Cannot call @triton.jit'd outside of the scope of a kernel``.
+    """
+    _check_triton_mode(os.environ.get("TRITON_INTERPRET", ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _check_triton_mode(flag: str) -> None:
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import KernelInterface
+
+    want = interpreting()
+    modules = [("triton", triton.language.standard)]
+    modules += [(name, m) for name, m in sorted(sys.modules.items()) if name.startswith("qgoft_kernels.kernels.")]
+    for name, module in modules:
+        fn = next((v for v in vars(module).values() if isinstance(v, KernelInterface)), None)
+        if fn is not None and isinstance(fn, InterpretedFunction) != want:
+            have = "the interpreter" if not want else "compiled GPU kernels"
+            raise RuntimeError(
+                f"TRITON_INTERPRET={flag!r} asks for {'the interpreter' if want else 'compiled GPU kernels'}, but "
+                f"{name}'s functions were defined for {have}: triton reads TRITON_INTERPRET once, when it defines "
+                f"them (at `import triton`, and when qgoft_kernels first runs its kernels). Set TRITON_INTERPRET=1 "
+                f"before anything imports triton (at the start of the process, `TRITON_INTERPRET=1 python ...`, or "
+                f"before importing peft, transformers or anything else that imports triton), or leave it unset for "
+                f"GPU kernels, in a fresh process.")

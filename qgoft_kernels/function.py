@@ -1,22 +1,16 @@
 """``givens_rotate``: input checks, backend dispatch and the thin autograd Function."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import ops
-from .checks import check_float, check_params, describe
+from .checks import check_float, check_params, describe, interpreting
 from .sweeps import rotate_sweeps
 
 BACKENDS = ("auto", "triton", "torch")
 #: Largest ``d`` the Triton kernels take. Rows longer than a chunk are split (docs/math.md §4);
 #: this bound is what the compile report and the GPU tier cover.
 MAX_TRITON_DIM = 32768
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _check_inputs(x, params, block, structure, scale, transpose, backend) -> str:
@@ -34,9 +28,9 @@ def _check_inputs(x, params, block, structure, scale, transpose, backend) -> str
         raise TypeError(f"transpose must be a bool, got {type(transpose).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and x.device.type != "cuda" and not _interpreting()):
+    if backend == "torch" or (backend == "auto" and x.device.type != "cuda" and not interpreting()):
         return "torch"
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got x on {x.device}")
     if d > MAX_TRITON_DIM:
         if backend == "auto":

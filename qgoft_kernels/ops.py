@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .checks import check_triton_mode
 from .schedule import stage_offsets
 
 
@@ -17,6 +18,7 @@ def _kernels():
     # Imported on first use: under TRITON_INTERPRET=1, triton.jit must see the variable when
     # the kernels are defined, and `python -m qgoft_kernels verify` sets it only then.
     from . import kernels
+    check_triton_mode()
     return kernels
 
 

@@ -1,4 +1,6 @@
 """Input checking and backend dispatch of givens_rotate (runs anywhere)."""
+import os
+
 import pytest
 import torch
 
@@ -95,3 +97,32 @@ def test_torch_path_takes_cos_sin_in_float32(transpose, gen):
     assert_close(call(x, theta, transpose=transpose), ref)
     assert_close(rotate_reference(x, theta, transpose=transpose), ref)
 
+
+INTERPRET_LATE = """
+import os, sys
+import torch
+import triton  # imported first, as peft, transformers or an optimizer step do
+os.environ["TRITON_INTERPRET"] = "1"
+import qgoft_kernels as qk
+
+x = torch.randn(3, 8, requires_grad=True)
+try:
+    qk.givens_rotate(x, torch.zeros(7), transpose=True)
+except RuntimeError as e:
+    print("ERROR:", e)
+    sys.exit(0)
+print("no error")
+sys.exit(1)
+"""
+
+
+def test_interpreter_flag_set_after_triton_import_is_explained():
+    """TRITON_INTERPRET=1 set after triton was imported: a clear error saying what to do."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", INTERPRET_LATE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "TRITON_INTERPRET=1" in proc.stdout and "before" in proc.stdout and "triton" in proc.stdout
