@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_options, rotation_shape
+from .checks import check_features, check_options, rotation_shape
 from .function import givens_rotate
 
 
@@ -86,6 +86,7 @@ class GivensLinear(nn.Module):
 
     def rotate(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
         """``x @ R`` (or ``x @ R^T``) with this layer's rotation."""
+        check_features(x, self.in_features)
         return givens_rotate(x, self.rotation, block=self.block, structure=self.structure,
                              scale=self.scale, transpose=transpose)
 

@@ -27,7 +27,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
-from .checks import check_options, rotation_shape
+from .checks import check_features, check_options, rotation_shape
 from .function import givens_rotate
 from .nn import block_penalty, reset_identity
 
@@ -131,6 +131,7 @@ class QGOFTLayer(BaseTunerLayer):
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def _rotate(self, x: torch.Tensor, adapter: str, transpose: bool = False) -> torch.Tensor:
+        check_features(x, self.in_features)
         scale = self.qgoft_scale[adapter] if adapter in self.qgoft_scale else None
         return givens_rotate(x, self.qgoft_rotation[adapter], block=self.qgoft_block[adapter],
                              structure=self.qgoft_structure[adapter], scale=scale, transpose=transpose)

@@ -163,3 +163,9 @@ def test_state_dict_round_trip(gen):
     other.load_state_dict(layer.state_dict())
     x = torch.randn(2, 10, generator=gen)
     assert torch.equal(other(x), layer(x))
+
+
+def test_wrong_input_width_names_x():
+    """x with the wrong number of features is blamed on x, not on the parameters."""
+    with pytest.raises(ValueError, match=r"x has 6 features \(its last dimension\); this layer takes in_features=5"):
+        qk.GivensLinear(5, 3)(torch.randn(2, 6))

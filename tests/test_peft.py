@@ -105,3 +105,9 @@ def test_penalty_covers_peft_layers(gen):
     penalty.backward()
     grad = model.base_model.model.q.qgoft_rotation["default"].grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_wrong_input_width_names_x():
+    model = peft.get_peft_model(make(), QGOFTConfig(target_modules=["q"]))
+    with pytest.raises(ValueError, match=r"x has 21 features \(its last dimension\); this layer takes in_features=20"):
+        model.base_model.model.q(torch.randn(2, 21))
