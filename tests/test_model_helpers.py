@@ -169,3 +169,31 @@ def test_convert_official_layout(gen):
     assert rel_error(v(x), (x.double() @ R) @ v.weight.double().T + v.bias.double()) < 1e-5
     with pytest.raises(ValueError, match="exactly one of givens_hard/givens_soft"):
         qk.convert_official({"a.givens_hard": phi, "a.givens_soft": soft})
+
+
+# --- issue 11: adapter files, inject and merge under hostile use --------------------------------------------------
+
+
+def test_merge_keeps_frozen_weights_frozen(gen):
+    """qk.merge and merged_linear give back weights as frozen as they were (not requires_grad=True)."""
+    net = qk.inject(Net(), "all-linear", block="quasi")
+    randomize(net, gen)
+    qk.merge(net)
+    assert not any(p.requires_grad for p in net.parameters())
+    layer = qk.GivensLinear(8, 3)
+    merged = layer.merged_linear()
+    assert not merged.weight.requires_grad and not merged.bias.requires_grad
+
+
+def test_inject_all_linear_without_a_linear_refuses():
+    model = nn.Sequential(nn.LayerNorm(4), nn.GELU())
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        qk.inject(model, "all-linear")
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen
+
+
+def test_a_second_inject_keeps_the_first_adapters_trainable():
+    """inject freezes the rest of the model, not the rotations an earlier inject added."""
+    net = qk.inject(qk.inject(Net(), ["query"]), ["value"], block="givens")
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{i}.{m}.rotation" for i in (0, 1) for m in ("query", "value")}
