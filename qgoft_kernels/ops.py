@@ -103,3 +103,12 @@ def backward(ctx, dy):
 
 
 rotate.register_autograd(backward, setup_context=setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("givens_rotate's Triton path supports first-order gradients only (its backward is a "
+                       "hand-written kernel); for second derivatives use backend='torch'")
+
+
+# differentiating the backward (create_graph=True, then backward again) says so clearly
+rotate_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)

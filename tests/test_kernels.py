@@ -151,3 +151,16 @@ def test_auto_backend_uses_the_kernels(device):
 
     x = torch.randn(2, 8, device=device)
     assert _check_inputs(x, torch.zeros(7, device=device), "givens", "tree", None, False, "auto") == "triton"
+
+
+def test_double_backward_is_refused_clearly(device, gen):
+    """The kernels' backward is first order only: differentiating it says so (the PyTorch path can)."""
+    x = torch.randn(4, 9, generator=gen).to(device).requires_grad_()
+    params = torch.randn(8, generator=gen).to(device).requires_grad_()
+    y = qk.givens_rotate(x, params, backend="triton")
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only.*backend='torch'"):
+        dx.sum().backward()
+    # the PyTorch path has second derivatives
+    inputs = (x.detach().double().cpu().requires_grad_(), params.detach().double().cpu().requires_grad_())
+    assert torch.autograd.gradgradcheck(lambda a, p: qk.givens_rotate(a, p, backend="torch"), inputs)
