@@ -124,7 +124,8 @@ def magnitudes(x, params, scale, dy, case: Case) -> dict:
     if case.block == "givens":
         # dtheta = sum(dB * dB/dtheta), dB/dtheta = [[-sin, -cos], [cos, -sin]]
         s, c = torch.sin(params.double()).abs(), torch.cos(params.double()).abs()
-        mag["dparams"] = (mag["dparams"] * torch.stack((torch.stack((s, c), -1), torch.stack((c, s), -1)), -2)).sum((-2, -1))
+        weights = torch.stack((torch.stack((s, c), -1), torch.stack((c, s), -1)), -2)
+        mag["dparams"] = (mag["dparams"] * weights).sum((-2, -1))
     return mag
 
 

@@ -15,7 +15,8 @@ def call(x, params, **kw):
 
 
 def test_wrong_last_dim():
-    with pytest.raises(ValueError, match=r"params .* d=8 \(x's last dimension\) must have shape \(7,\), got shape \(8,\)"):
+    with pytest.raises(ValueError,
+                       match=r"params .* d=8 \(x's last dimension\) must have shape \(7,\), got shape \(8,\)"):
         call(torch.randn(2, 8), torch.zeros(8))
 
 

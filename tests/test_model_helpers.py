@@ -364,6 +364,7 @@ def test_non_finite_adapters_are_refused(tmp_path, gen, value):
     tensors = {f"layers.{i}.query.{k}": getattr(net.layers[i].query, k).detach()
                for i in (0, 1) for k in ("rotation", "scale")}
     import json
+
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as fh:
         meta = fh.metadata()
