@@ -43,9 +43,10 @@ class GivensRotationFunction(torch.autograd.Function):
     """The Triton path as a ``torch.autograd.Function``: one kernel launch each way.
 
     Saves only ``x`` and the parameters; the backward recomputes every stage on chip and
-    computes only the gradients autograd asks for. It shares its forward and backward with
-    the custom op ``torch.ops.qgoft.rotate`` (``ops.py``), which :func:`givens_rotate` calls
-    so that ``torch.compile`` can keep it in one graph. Inputs are assumed valid.
+    computes only the gradients autograd asks for. It is an entry point for code that wants
+    a plain ``Function``, not the path of :func:`givens_rotate`: that calls the custom op
+    ``torch.ops.qgoft.rotate`` (``ops.py``), so that ``torch.compile`` keeps it as one node.
+    Both run the same forward and backward. Inputs are assumed valid.
     """
 
     @staticmethod
@@ -67,7 +68,7 @@ def givens_rotate(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
     Args:
         x: ``[..., d]`` activations, any float dtype; any strides.
         params: ``[P]`` angles (``block="givens"``) or ``[P, 2, 2]`` blocks (``"quasi"``),
-            ``P = num_pairs(d, structure)``, in the stage-major order of ``SPEC.md``.
+            ``P = num_pairs(d, structure)``, in the stage-major order of ``docs/method.md`` §1.
         block: ``"givens"`` (strict rotations) or ``"quasi"`` (free 2x2 blocks).
         structure: the pair schedule; ``"tree"`` (``d - 1`` pairs in ``ceil(log2 d)`` stages).
         scale: optional ``[d]`` diagonal applied last (``x @ R``) or first (``x @ R^T``).

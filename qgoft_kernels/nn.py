@@ -17,7 +17,7 @@ class GivensLinear(nn.Module):
     """``y = F.linear(x @ R, W, b)`` with ``W``, ``b`` frozen and only ``R`` trained.
 
     ``R`` is the product of ``ceil(log2 in_features)`` stages of disjoint 2x2 blocks
-    (SPEC §2): strict rotations (``block="givens"``, ``in_features - 1`` angles) or free
+    (docs/method.md §1): strict rotations (``block="givens"``, ``in_features - 1`` angles) or free
     blocks (``block="quasi"``, ``4 (in_features - 1)`` entries), optionally followed by a
     trained diagonal ``scale``. It starts at the identity, so a fresh module computes exactly
     the frozen layer; :meth:`merged_linear` folds ``R`` into the weight for inference.

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference: the dense oracle and the stage-wise rotation (the CPU path).
 
-Nothing clever here on purpose: the tests trust this file, so it follows ``SPEC.md`` §2
+Nothing clever here on purpose: the tests trust this file, so it follows ``docs/method.md`` §1
 line by line and lets autograd differentiate through plain torch ops.
 """
 from __future__ import annotations

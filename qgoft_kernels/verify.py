@@ -3,7 +3,7 @@
 Every kernel path (block kind x scale x direction x dtype) runs on fresh random inputs and
 is compared, output and every gradient, with a float64 oracle: the dense ``givens_matrix``
 (``d <= DENSE_MAX``) or, above that, the stage-wise reference in float64. The tests use
-the same helpers, so the tolerance rule (SPEC §5) lives here once.
+the same helpers, so the tolerance rule (``docs/method.md`` §4) lives here once.
 """
 from __future__ import annotations
 

@@ -1,6 +1,9 @@
-"""The repository itself: the package's imports only go down."""
+"""The repository itself: the package's imports only go down, and it stands alone."""
 import ast
 import pathlib
+import subprocess
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "qgoft_kernels"
@@ -42,3 +45,20 @@ def test_no_import_cycles():
     for m in graph:
         visit(m, [])
 
+
+
+def test_repository_stands_alone():
+    """Nothing in the repository points at notes or folders that are not in it."""
+    outside = ("SPEC.md", "SPEC §", "PAPER-NOTES", "PEERS-NOTES", "STYLE.md", "../shared", "/work/")
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode != 0:
+        pytest.skip("not a git checkout")
+    this = pathlib.Path(__file__).resolve()
+    hits = []
+    for name in tracked.stdout.splitlines():
+        path = ROOT / name
+        if path.resolve() == this or not path.is_file() or path.suffix in (".png", ".svg", ".pdf"):
+            continue
+        text = path.read_text(errors="ignore")
+        hits += [f"{name}: {word}" for word in outside if word in text]
+    assert not hits, hits
