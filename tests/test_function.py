@@ -127,3 +127,16 @@ def test_interpreter_flag_set_after_triton_import_is_explained():
                           timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
     assert "TRITON_INTERPRET=1" in proc.stdout and "before" in proc.stdout and "triton" in proc.stdout
+
+
+def test_kernels_defined_for_the_interpreter_refuse_the_compiled_mode(monkeypatch):
+    """The reverse mismatch: kernels defined under the interpreter, TRITON_INTERPRET unset later."""
+    if torch.cuda.is_available():
+        pytest.skip("the kernels are compiled on a CUDA machine")
+    from qgoft_kernels import ops
+    from qgoft_kernels.checks import check_triton_mode
+
+    ops._kernels()  # defined under the interpreter: conftest set TRITON_INTERPRET=1 first
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="asks for compiled GPU kernels, but .* were defined for the interpreter"):
+        check_triton_mode()
