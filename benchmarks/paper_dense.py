@@ -1,11 +1,11 @@
-"""The paper's own training-time method, re-implemented from SPEC §2 for comparison.
+"""The paper's own training-time method, re-implemented from ``docs/method.md`` for comparison.
 
 The official qGOFT code (ArthurLeoM/peft-givens, 2024) rebuilds the dense ``d x d`` matrix
 ``R = P_L ... P_1 (diag(s))`` at every forward. Each stage matrix ``P_r`` is an identity
 with its 2x2 blocks written in, converted to a sparse COO tensor, and multiplied into the
 running product. Then ``x @ R`` is done by matmul in fp32, cast back, and passed through
 the frozen linear. This module does the same steps with our parameter layout. It is written
-from the description in PAPER-NOTES §3, not copied, and checked against ``givens_matrix``
+from the description in ``docs/method.md`` §2, not copied, and checked against ``givens_matrix``
 in ``benchmarks/test_bench.py``.
 """
 from __future__ import annotations

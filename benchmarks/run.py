@@ -204,7 +204,8 @@ def layer_rows(device: torch.device, plan: Plan) -> list[dict]:
                 if row["peak_bytes"] is not None:
                     row["peak_above_frozen"] = row["peak_bytes"] - frozen["peak_bytes"]
             rows.append(row)
-            del module
+            # drop the layer before building the next (the closures above hold the name, not a copy)
+            module = None
     return rows
 
 
@@ -267,16 +268,19 @@ def tables(result: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["layer"]:
         if not r["correct"]:
-            lines.append(f"| {r['d']} -> {r['k']} | {r['tokens']} | {r['method']} | {r['trainable']} | FAILED CHECK | | | | | |")
+            lines.append(f"| {r['d']} -> {r['k']} | {r['tokens']} | {r['method']} | {r['trainable']} "
+                         f"| FAILED CHECK | | | | | |")
             continue
         ratio = lambda key: f"{r[key]:.2f}" if key in r else "1.00"  # noqa: E731
         mb = lambda key: f"{r[key] / 2**20:.1f}" if r.get(key) is not None else "-"  # noqa: E731
-        lines.append(f"| {r['d']} -> {r['k']} | {r['tokens']} | {r['method']}{' (' + r['note'] + ')' if r['note'] else ''} "
+        note = f" ({r['note']})" if r["note"] else ""
+        lines.append(f"| {r['d']} -> {r['k']} | {r['tokens']} | {r['method']}{note} "
                      f"| {r['trainable']:,} | {_fmt_ms(r['train_ms'])} | {ratio('train_vs_frozen')} "
                      f"| {_fmt_ms(r['infer_ms'])} | {ratio('infer_vs_frozen')} | {mb('saved_above_frozen')} "
                      f"| {mb('peak_above_frozen')} |")
     lines += ["", "Merge (W R^T for a d x d weight):", "",
-              "| d | ours ms | ours / clone(W) | dense R ms | dense / ours | rel. err ours vs dense |", "|---|---|---|---|---|---|"]
+              "| d | ours ms | ours / clone(W) | dense R ms | dense / ours | rel. err ours vs dense |",
+              "|---|---|---|---|---|---|"]
     for r in result["merge"]:
         if not r["correct"]:
             lines.append(f"| {r['d']} | FAILED CHECK (rel err {r['rel_err_vs_dense']:.2e}) | | | | |")

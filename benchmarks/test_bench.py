@@ -10,7 +10,7 @@ import qgoft_kernels as qk
 from benchmarks import run
 from benchmarks.methods import make_linear, methods, peft_version, trainable_parameters
 from benchmarks.paper_dense import PaperDenseGivensLinear
-from qgoft_kernels.verify import rel_error
+from qgoft_kernels.verify import assert_close
 
 D, K, TOKENS = 64, 64, 128
 METHODS = methods(D, K, peft_version() is not None)
@@ -29,9 +29,9 @@ def test_paper_dense_method_computes_the_same_layer(block, scale):
     paper.load_state_dict(ours.state_dict())
     R = qk.givens_matrix(24, ours.rotation.double(), block=block,
                          scale=None if ours.scale is None else ours.scale.double())
-    assert rel_error(paper.dense_rotation(), R) < 1e-6
+    assert_close(paper.dense_rotation(), R, rtol=1e-6)
     x = torch.randn(5, 24, requires_grad=True)
-    assert rel_error(paper(x), ours(x)) < 1e-6
+    assert_close(paper(x), ours(x), rtol=1e-6)
     paper(x).sum().backward()
     assert paper.rotation.grad is not None and x.grad is not None
 

@@ -2,20 +2,25 @@
 
 safetensors holds raw tensors and a string header, so loading an untrusted adapter runs no
 code (no pickle). The header records, per module, the options needed to rebuild it:
-``{"format": "qgoft-adapter", "version": "1", "modules": "<json>"}``.
+``{"format": "qgoft-adapter", "version": "1", "modules": "<json>"}``. Files are written to
+a temporary file beside the target and renamed over it, so a failed write leaves the old
+file whole.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
+import secrets
 
 import torch
 import torch.nn as nn
 
-from .function import rotation_shape
-from .nn import GivensLinear, _set_module
+from .checks import check_options, rotation_shape
+from .nn import GivensLinear, module_uses, replace_modules
 
 FORMAT, VERSION = "qgoft-adapter", "1"
+OPTION_KEYS = ("in_features", "out_features", "block", "structure", "scale")
 
 
 def _options(m: GivensLinear) -> dict:
@@ -24,7 +29,10 @@ def _options(m: GivensLinear) -> dict:
 
 
 def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """``({"<module>.rotation": t, "<module>.scale": t, ...}, {"<module>": options})``."""
+    """``({"<module>.rotation": t, "<module>.scale": t, ...}, {"<module>": options})``.
+
+    A ``GivensLinear`` used at several places is listed once, under its first name.
+    """
     tensors, modules = {}, {}
     for name, m in model.named_modules():
         if isinstance(m, GivensLinear):
@@ -36,38 +44,85 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
 
 
 def save_adapter(model: nn.Module, path) -> None:
-    """Write every ``GivensLinear``'s rotation and scale (and their options) to ``path``."""
-    from safetensors.torch import save_file
+    """Write every ``GivensLinear``'s rotation and scale (and their options) to ``path``.
+
+    Refuses (``ValueError``) an adapter holding NaN or Inf, which no load would accept. The
+    write is atomic: a temporary file beside ``path``, renamed over it once complete.
+    """
+    from safetensors.torch import save
 
     tensors, modules = adapter_state(model)
     if not modules:
         raise ValueError("the model has no GivensLinear module: nothing to save")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
-              metadata={"format": FORMAT, "version": VERSION, "modules": json.dumps(modules, sort_keys=True)})
+    for key, t in tensors.items():
+        _check_finite(key, t, "the model")
+    data = save({k: v.contiguous().cpu() for k, v in tensors.items()},
+                metadata={"format": FORMAT, "version": VERSION, "modules": json.dumps(modules, sort_keys=True)})
+    _write_atomic(path, data)
+
+
+def _write_atomic(path, data: bytes) -> None:
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+    # os.open honours the umask, as a plain open() of the target would
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
 
 
 def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """The tensors and per-module options of an adapter file, checked for its format."""
-    from safetensors import safe_open
+    """The tensors and per-module options of an adapter file, checked for its format.
 
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a {FORMAT} file (format {meta.get('format')!r})")
-        if meta.get("version") != VERSION:
-            raise ValueError(f"{path} has adapter format version {meta.get('version')!r}; this reads {VERSION!r}")
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    return tensors, json.loads(meta["modules"])
+    Anything but a readable adapter file raises an error naming ``path``: a directory
+    (``IsADirectoryError``), a missing file (``FileNotFoundError``), or a file that is not
+    safetensors or whose header is malformed (``ValueError``).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a directory, not an adapter file (a PEFT adapter folder is "
+                                f"loaded with PeftModel.from_pretrained)")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a {FORMAT} file (format {meta.get('format')!r})")
+            if meta.get("version") != VERSION:
+                raise ValueError(f"{path} has adapter format version {meta.get('version')!r}; this reads {VERSION!r}")
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    if "modules" not in meta:
+        raise ValueError(f"{path}: the header has no 'modules' entry")
+    try:
+        modules = json.loads(meta["modules"])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the header's 'modules' entry is not valid JSON ({e})") from None
+    return tensors, modules
 
 
 def load_adapter(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
     """Load an adapter file into ``model``: all or nothing.
 
     Modules named in the file must be ``GivensLinear`` with the same options, or plain
-    ``nn.Linear`` of the same shape, which are then injected with the file's options. Every
-    module, shape, dtype and option is checked before anything changes; a mismatch raises
-    ``ValueError`` naming the module. ``strict`` also requires every ``GivensLinear`` of
-    the model to be in the file. Returns ``model``.
+    ``nn.Linear`` of the same shape, which are then injected with the file's options and
+    the rest of the model frozen, as :func:`~qgoft_kernels.inject` does. Every module,
+    option, shape, dtype and value (finite) is checked before anything changes; a mismatch
+    raises ``ValueError`` naming the file and the module. ``strict`` also requires every
+    ``GivensLinear`` of the model to be in the file. Returns ``model``.
     """
     tensors, modules = read_adapter(path)
     return load_adapter_state(model, tensors, modules, strict=strict, source=str(path))
@@ -76,25 +131,42 @@ def load_adapter(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
 def load_adapter_state(model: nn.Module, tensors: dict, modules: dict, *, strict: bool = True,
                        source: str = "the adapter") -> nn.Module:
     """:func:`load_adapter` from tensors and options already in memory."""
-    plan = []
+    if not isinstance(modules, dict):
+        raise ValueError(f"{source}: the header's 'modules' must map module names to options, "
+                         f"got {type(modules).__name__}")
+    uses = {id(m): names for m, names in module_uses(model)}
+    plan, seen = [], {}
     for name, opts in modules.items():
         target = _submodule(model, name, source)
         _check_entry(name, target, opts, tensors, source)
+        if id(target) in seen:
+            raise ValueError(f"{source}: modules {seen[id(target)]!r} and {name!r} are one module of the model")
+        seen[id(target)] = name
+        if not isinstance(target, GivensLinear) and "" in uses[id(target)]:
+            raise ValueError(f"{source}: the adapter is for the model itself (module name {name!r}), here an "
+                             f"nn.Linear, which cannot be replaced in place: load it into "
+                             f"qk.GivensLinear.from_linear(model) instead")
         plan.append((name, target, opts))
     expected = {f"{n}.{k}" for n, _, o in plan for k in (("rotation", "scale") if o["scale"] else ("rotation",))}
     extra = set(tensors) - expected
     if extra:
         raise ValueError(f"{source}: tensors {sorted(extra)} belong to no module in its header")
     if strict:
-        missing = [n for n, m in model.named_modules() if isinstance(m, GivensLinear) and n not in modules]
+        missing = [n for n, m in model.named_modules() if isinstance(m, GivensLinear) and id(m) not in seen]
         if missing:
             raise ValueError(f"{source}: no entry for the model's GivensLinear modules {missing} (strict=True)")
     # everything checked: now change the model
+    layers, injected = [], []
     for name, target, opts in plan:
         if not isinstance(target, GivensLinear):
-            target = GivensLinear.from_linear(target, block=opts["block"], structure=opts["structure"],
-                                              scale=opts["scale"])
-            _set_module(model, name, target)
+            new = GivensLinear.from_linear(target, block=opts["block"], structure=opts["structure"],
+                                           scale=opts["scale"])
+            injected.append((uses[id(target)], new))
+            target = new
+        layers.append((name, target, opts))
+    if injected:
+        replace_modules(model, injected)
+    for name, target, opts in layers:
         with torch.no_grad():
             target.rotation.copy_(tensors[f"{name}.rotation"])
             if opts["scale"]:
@@ -102,20 +174,28 @@ def load_adapter_state(model: nn.Module, tensors: dict, modules: dict, *, strict
     return model
 
 
-def _check_entry(name: str, target: nn.Module, opts: dict, tensors: dict, source: str) -> None:
-    keys = ("in_features", "out_features", "block", "structure", "scale")
-    if not isinstance(opts, dict) or set(opts) != set(keys):
-        raise ValueError(f"{source}: module {name!r} has malformed options {opts!r}")
+def _check_entry(name: str, target: nn.Module, opts, tensors: dict, source: str) -> None:
+    if not isinstance(target, GivensLinear) and type(target) is not nn.Linear:
+        raise ValueError(f"{source}: module {name!r} is a {type(target).__name__}, not a GivensLinear or nn.Linear")
+    if not isinstance(opts, dict) or set(opts) != set(OPTION_KEYS):
+        raise ValueError(f"{source}: module {name!r} has malformed options {opts!r}; expected the keys {OPTION_KEYS}")
+    for key, low in (("in_features", 1), ("out_features", 0)):
+        if type(opts[key]) is not int or opts[key] < low:
+            raise ValueError(f"{source}: module {name!r}: {key} must be an int >= {low}, got {opts[key]!r}")
+    if type(opts["scale"]) is not bool:
+        raise ValueError(f"{source}: module {name!r}: scale must be true or false, got {opts['scale']!r}")
+    try:
+        check_options(opts["block"], opts["structure"])
+    except ValueError as e:
+        raise ValueError(f"{source}: module {name!r}: {e}") from None
     if isinstance(target, GivensLinear):
         if _options(target) != opts:
             raise ValueError(f"{source}: module {name!r} is a GivensLinear with options {_options(target)}, "
                              f"the file has {opts}")
-    elif type(target) is nn.Linear:
+    else:
         have = {"in_features": target.in_features, "out_features": target.out_features}
         if have != {k: opts[k] for k in have}:
             raise ValueError(f"{source}: module {name!r} is an nn.Linear {have}, the file has {opts}")
-    else:
-        raise ValueError(f"{source}: module {name!r} is a {type(target).__name__}, not a GivensLinear or nn.Linear")
     shapes = {"rotation": rotation_shape(opts["in_features"], opts["block"], opts["structure"])}
     if opts["scale"]:
         shapes["scale"] = (opts["in_features"],)
@@ -123,9 +203,15 @@ def _check_entry(name: str, target: nn.Module, opts: dict, tensors: dict, source
         t = tensors.get(f"{name}.{part}")
         if t is None:
             raise ValueError(f"{source}: module {name!r} has no tensor {part!r}")
-        if tuple(t.shape) != shape or not t.is_floating_point():
-            raise ValueError(f"{source}: module {name!r}: {part} must be a float tensor of shape {shape}, "
-                             f"got {tuple(t.shape)} {t.dtype}")
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
+            got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{source}: module {name!r}: {part} must be a float tensor of shape {shape}, got {got}")
+        _check_finite(f"{name}.{part}", t, source)
+
+
+def _check_finite(key: str, t: torch.Tensor, source: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{source}: {key} holds values that are not finite (NaN or Inf)")
 
 
 def convert_official(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
@@ -146,6 +232,8 @@ def convert_official(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
         hit = [i for i, p in enumerate(parts) if p in (*kinds, "givens_scaler")]
         if not hit:
             continue
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"official parameters: {key!r} must be a torch.Tensor, got {type(value).__name__}")
         i = hit[-1]
         module = ".".join(parts[:i])
         module = module.removeprefix("base_model.model.")
@@ -157,11 +245,17 @@ def convert_official(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Te
             raise ValueError(f"official parameters for {module!r} need exactly one of givens_hard/givens_soft, "
                              f"got {sorted(parts)}")
         kind = rotation_kinds[0]
-        raw = parts[kind].detach().float()
+        raw = parts[kind]
+        _check_official(module, kind, raw, "[d-1]" if kind == "givens_hard" else "[d-1, 2, 2]",
+                        raw.dim() == 1 if kind == "givens_hard" else raw.dim() == 3 and raw.shape[1:] == (2, 2))
+        raw = raw.detach().float()
         d = raw.shape[0] + 1
         tensors[f"{module}.rotation"] = math.pi * torch.tanh(raw) if kind == "givens_hard" else raw.clone()
         if "givens_scaler" in parts:
-            tensors[f"{module}.scale"] = parts["givens_scaler"].detach().float().reshape(-1).clone()
+            # the official code keeps it as [d] (some exports add a leading 1)
+            scaler = parts["givens_scaler"]
+            _check_official(module, "givens_scaler", scaler, f"[{d}]", scaler.numel() == d and scaler.dim() >= 1)
+            tensors[f"{module}.scale"] = scaler.detach().float().reshape(-1).clone()
         modules[module] = {"in_features": d, "out_features": None, "block": kinds[kind], "structure": "tree",
                            "scale": "givens_scaler" in parts}
     return tensors, modules
@@ -174,6 +268,12 @@ def load_official(model: nn.Module, state: dict[str, torch.Tensor], *, strict: b
     for name, opts in modules.items():
         opts["out_features"] = getattr(_submodule(model, name, source), "out_features", None)
     return load_adapter_state(model, tensors, modules, strict=strict, source=source)
+
+
+def _check_official(module: str, kind: str, t: torch.Tensor, shape: str, ok: bool) -> None:
+    if not ok or not t.is_floating_point():
+        raise ValueError(f"official parameters for {module!r}: {kind} must be a float tensor of shape {shape}, "
+                         f"got shape {tuple(t.shape)}, dtype {t.dtype}")
 
 
 def _submodule(model: nn.Module, name: str, source: str) -> nn.Module:

@@ -1,75 +1,26 @@
 """``givens_rotate``: input checks, backend dispatch and the thin autograd Function."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import ops
-from .schedule import STRUCTURES, num_pairs
+from .checks import check_float, check_params, describe, interpreting
 from .sweeps import rotate_sweeps
 
-BLOCKS = ("givens", "quasi")
 BACKENDS = ("auto", "triton", "torch")
 #: Largest ``d`` the Triton kernels take. Rows longer than a chunk are split (docs/math.md §4);
 #: this bound is what the compile report and the GPU tier cover.
 MAX_TRITON_DIM = 32768
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _describe(t: torch.Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
-def _check_float(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
-
-
-def check_options(block: str, structure: str) -> None:
-    """Raise a clear error unless ``block`` and ``structure`` are known."""
-    if block not in BLOCKS:
-        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
-    if structure not in STRUCTURES:
-        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
-
-
-def rotation_shape(d: int, block: str, structure: str = "tree") -> tuple[int, ...]:
-    """Shape of the rotation parameters for ``d`` features: ``(P,)`` angles or ``(P, 2, 2)`` blocks."""
-    n = num_pairs(d, structure)
-    return (n,) if block == "givens" else (n, 2, 2)
-
-
-def check_params(d: int, params, block: str, structure: str, scale) -> None:
-    """Raise a clear error unless ``params`` (and ``scale``) fit ``d`` features."""
-    check_options(block, structure)
-    _check_float("params", params)
-    expected = rotation_shape(d, block, structure)
-    if tuple(params.shape) != expected:
-        raise ValueError(f"params for block={block!r}, structure={structure!r} and d={d} must have "
-                         f"shape {expected}, got {_describe(params)}")
-    if scale is not None:
-        _check_float("scale", scale)
-        if tuple(scale.shape) != (d,):
-            raise ValueError(f"scale must have shape ({d},) for d={d}, got {_describe(scale)}")
-        if scale.device != params.device:
-            raise ValueError(f"scale and params must be on one device: scale is on {scale.device}, "
-                             f"params on {params.device}")
-
-
 def _check_inputs(x, params, block, structure, scale, transpose, backend) -> str:
     """Validate everything; return the backend to use (``"triton"`` or ``"torch"``)."""
-    _check_float("x", x)
+    check_float("x", x)
     if x.dim() < 1:
-        raise ValueError(f"x must have at least one dimension (the features), got {_describe(x)}")
+        raise ValueError(f"x must have at least one dimension (the features), got {describe(x)}")
     d = x.shape[-1]
     if d < 1:
-        raise ValueError(f"x's last dimension (d) must be >= 1, got {_describe(x)}")
+        raise ValueError(f"x's last dimension (d) must be >= 1, got {describe(x)}")
     check_params(d, params, block, structure, scale)
     if params.device != x.device:
         raise ValueError(f"params and x must be on one device: params is on {params.device}, x on {x.device}")
@@ -77,9 +28,9 @@ def _check_inputs(x, params, block, structure, scale, transpose, backend) -> str
         raise TypeError(f"transpose must be a bool, got {type(transpose).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and x.device.type != "cuda" and not _interpreting()):
+    if backend == "torch" or (backend == "auto" and x.device.type != "cuda" and not interpreting()):
         return "torch"
-    if x.device.type != "cuda" and not _interpreting():
+    if x.device.type != "cuda" and not interpreting():
         raise ValueError(f"backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got x on {x.device}")
     if d > MAX_TRITON_DIM:
         if backend == "auto":
@@ -92,9 +43,10 @@ class GivensRotationFunction(torch.autograd.Function):
     """The Triton path as a ``torch.autograd.Function``: one kernel launch each way.
 
     Saves only ``x`` and the parameters; the backward recomputes every stage on chip and
-    computes only the gradients autograd asks for. It shares its forward and backward with
-    the custom op ``torch.ops.qgoft.rotate`` (``ops.py``), which :func:`givens_rotate` calls
-    so that ``torch.compile`` can keep it in one graph. Inputs are assumed valid.
+    computes only the gradients autograd asks for. It is an entry point for code that wants
+    a plain ``Function``, not the path of :func:`givens_rotate`: that calls the custom op
+    ``torch.ops.qgoft.rotate`` (``ops.py``), so that ``torch.compile`` keeps it as one node.
+    Both run the same forward and backward. Inputs are assumed valid.
     """
 
     @staticmethod
@@ -116,7 +68,7 @@ def givens_rotate(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
     Args:
         x: ``[..., d]`` activations, any float dtype; any strides.
         params: ``[P]`` angles (``block="givens"``) or ``[P, 2, 2]`` blocks (``"quasi"``),
-            ``P = num_pairs(d, structure)``, in the stage-major order of ``SPEC.md``.
+            ``P = num_pairs(d, structure)``, in the stage-major order of ``docs/method.md`` §1.
         block: ``"givens"`` (strict rotations) or ``"quasi"`` (free 2x2 blocks).
         structure: the pair schedule; ``"tree"`` (``d - 1`` pairs in ``ceil(log2 d)`` stages).
         scale: optional ``[d]`` diagonal applied last (``x @ R``) or first (``x @ R^T``).

@@ -9,14 +9,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .function import check_options, givens_rotate, rotation_shape
+from .checks import check_features, check_options, rotation_shape
+from .function import givens_rotate
 
 
 class GivensLinear(nn.Module):
     """``y = F.linear(x @ R, W, b)`` with ``W``, ``b`` frozen and only ``R`` trained.
 
     ``R`` is the product of ``ceil(log2 in_features)`` stages of disjoint 2x2 blocks
-    (SPEC §2): strict rotations (``block="givens"``, ``in_features - 1`` angles) or free
+    (docs/method.md §1): strict rotations (``block="givens"``, ``in_features - 1`` angles) or free
     blocks (``block="quasi"``, ``4 (in_features - 1)`` entries), optionally followed by a
     trained diagonal ``scale``. It starts at the identity, so a fresh module computes exactly
     the frozen layer; :meth:`merged_linear` folds ``R`` into the weight for inference.
@@ -85,6 +86,7 @@ class GivensLinear(nn.Module):
 
     def rotate(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
         """``x @ R`` (or ``x @ R^T``) with this layer's rotation."""
+        check_features(x, self.in_features)
         return givens_rotate(x, self.rotation, block=self.block, structure=self.structure,
                              scale=self.scale, transpose=transpose)
 
@@ -101,8 +103,11 @@ class GivensLinear(nn.Module):
         merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight.device, dtype=self.weight.dtype)
         merged.weight.copy_(self.rotate(self.weight, transpose=True))
+        # as frozen as the weights it replaces (a fresh nn.Linear would require grad)
+        merged.weight.requires_grad_(self.weight.requires_grad)
         if self.bias is not None:
             merged.bias.copy_(self.bias)
+            merged.bias.requires_grad_(self.bias.requires_grad)
         return merged
 
     def orthogonality_penalty(self) -> torch.Tensor:
@@ -164,8 +169,10 @@ def inject(model: nn.Module, target_modules, *, block: str = "quasi", structure:
 
     ``target_modules`` follows PEFT: a list of names (a module matches when its full name is
     one of them or ends with ``"." + name``), a regular expression matched against the full
-    name, or ``"all-linear"``. The replaced layers share their weights (no copy). Afterwards
-    only the rotations (and scales) require grad. Returns ``model``, changed in place.
+    name, or ``"all-linear"``. The replaced layers share their weights (no copy). A module
+    used at several places matches when any of its names does, and one ``GivensLinear``
+    replaces it at every place. Afterwards only the rotations (and scales) of the model's
+    ``GivensLinear`` modules require grad. Returns ``model``, changed in place.
 
     Example::
 
@@ -174,35 +181,41 @@ def inject(model: nn.Module, target_modules, *, block: str = "quasi", structure:
     """
     if target_modules is None:
         raise ValueError("target_modules must be a list of names, a regular expression or 'all-linear'")
-    found = [(name, m) for name, m in model.named_modules() if name and _matches(name, target_modules)]
+    check_options(block, structure)
+    found = [(m, names) for m, names in module_uses(model)
+             if any(name and _matches(name, target_modules) for name in names)]
     if not found:
-        raise ValueError(f"no module of the model matches target_modules={target_modules!r}")
-    for name, module in found:
+        raise ValueError(f"no module of the model matches target_modules={target_modules!r}{_root_hint(model)}")
+    for module, names in found:
         if isinstance(module, GivensLinear):
-            raise ValueError(f"module {name!r} is already a GivensLinear")
-        if type(module) is not nn.Linear:
-            if target_modules == "all-linear":
-                continue
-            raise TypeError(f"module {name!r} matches target_modules but is a {type(module).__name__}, "
+            raise ValueError(f"module {names[0]!r} is already a GivensLinear")
+        if type(module) is not nn.Linear and target_modules != "all-linear":
+            raise TypeError(f"module {names[0]!r} matches target_modules but is a {type(module).__name__}, "
                             f"not an nn.Linear")
-    model.requires_grad_(False)
-    for name, module in found:
-        if type(module) is nn.Linear:
-            _set_module(model, name, GivensLinear.from_linear(module, block=block, structure=structure, scale=scale))
+    targets = [(m, names) for m, names in found if type(m) is nn.Linear]
+    if not targets:
+        raise ValueError(f"no nn.Linear module of the model matches target_modules={target_modules!r}: "
+                         f"nothing to adapt{_root_hint(model)}")
+    replace_modules(model, [(names, GivensLinear.from_linear(m, block=block, structure=structure, scale=scale))
+                            for m, names in targets])
     return model
 
 
 def merge(model: nn.Module) -> nn.Module:
     """Replace every ``GivensLinear`` in ``model`` by its merged ``nn.Linear`` (``W R^T``).
 
-    Zero overhead at inference; the rotations are gone afterwards. Returns ``model``,
-    changed in place (a bare ``GivensLinear`` is returned merged).
+    Zero overhead at inference; the rotations are gone afterwards, and the merged weights
+    are as frozen as the ones they replace. A ``GivensLinear`` used at several places is
+    replaced by one merged ``nn.Linear`` at every place. Returns ``model``, changed in place
+    (a bare ``GivensLinear`` is returned merged).
     """
     if isinstance(model, GivensLinear):
         return model.merged_linear()
-    for name, module in list(model.named_modules()):
+    for module, names in module_uses(model):
         if isinstance(module, GivensLinear):
-            _set_module(model, name, module.merged_linear())
+            merged = module.merged_linear()
+            for name in names:
+                _set_module(model, name, merged)
     return model
 
 
@@ -212,6 +225,42 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
             for p in (m.rotation, m.scale) if p is not None]
 
 
+def module_uses(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
+    """Every module of ``model`` once, with all the names it is used under.
+
+    ``named_modules()`` lists a module used at several places under its first name only, so
+    a replacement made by name would miss the other places.
+    """
+    uses: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        names = uses.setdefault(id(m), (m, []))[1]
+        if name not in names:
+            names.append(name)
+    return list(uses.values())
+
+
+def replace_modules(model: nn.Module, replacements) -> None:
+    """Put each new module at all of its ``names`` and freeze the rest, as :func:`inject` does.
+
+    ``replacements`` is a list of ``(names, new_module)``. Afterwards only the rotations and
+    scales of the model's ``GivensLinear`` modules require grad, the earlier ones included.
+    """
+    model.requires_grad_(False)
+    for names, new in replacements:
+        for name in names:
+            _set_module(model, name, new)
+    for p in trainable_parameters(model):
+        p.requires_grad_(True)
+
+
+def _root_hint(model: nn.Module) -> str:
+    if type(model) is nn.Linear:
+        return "; the model itself is an nn.Linear, which cannot be replaced in place: use GivensLinear.from_linear"
+    return ""
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("the model itself cannot be replaced in place")
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)

@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from .checks import check_triton_mode
 from .schedule import stage_offsets
 
 
@@ -17,6 +18,7 @@ def _kernels():
     # Imported on first use: under TRITON_INTERPRET=1, triton.jit must see the variable when
     # the kernels are defined, and `python -m qgoft_kernels verify` sets it only then.
     from . import kernels
+    check_triton_mode()
     return kernels
 
 
@@ -101,3 +103,12 @@ def backward(ctx, dy):
 
 
 rotate.register_autograd(backward, setup_context=setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("givens_rotate's Triton path supports first-order gradients only (its backward is a "
+                       "hand-written kernel); for second derivatives use backend='torch'")
+
+
+# differentiating the backward (create_graph=True, then backward again) says so clearly
+rotate_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)

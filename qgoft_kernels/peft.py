@@ -40,8 +40,10 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # noqa: E402
 
-from .function import check_options, givens_rotate, rotation_shape  # noqa: E402
-from .nn import block_penalty, reset_identity  # noqa: E402
+from .checks import check_features, check_options, rotation_shape  # noqa: E402
+from .function import givens_rotate  # noqa: E402
+from .nn import block_penalty, module_uses, reset_identity  # noqa: E402
+from .schedule import num_stages  # noqa: E402
 
 PREFIX = "qgoft_"
 
@@ -143,6 +145,7 @@ class QGOFTLayer(BaseTunerLayer):
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
     def _rotate(self, x: torch.Tensor, adapter: str, transpose: bool = False) -> torch.Tensor:
+        check_features(x, self.in_features)
         scale = self.qgoft_scale[adapter] if adapter in self.qgoft_scale else None
         return givens_rotate(x, self.qgoft_rotation[adapter], block=self.qgoft_block[adapter],
                              structure=self.qgoft_structure[adapter], scale=scale, transpose=transpose)
@@ -183,31 +186,120 @@ class Linear(nn.Module, QGOFTLayer):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo :meth:`merge`: ``W <- W R^{-T}``, which needs every quasi block to be invertible."""
+        """Undo :meth:`merge`: ``W <- W R^{-T}``, or refuse without touching anything.
+
+        The rounding the merge left in ``W`` comes back amplified by up to ``cond(R)``. So
+        this estimates ``cond(R)`` and refuses (``ValueError``; the layer stays merged) when
+        the predicted error of the weight exceeds ``UNMERGE_RTOL`` for its dtype, or when a
+        block is singular. The inverse runs in float64, and merging the result again must give
+        back the stored ``W`` before it is written (docs/ecosystem.md).
+        """
         if not self.merged:
             warnings.warn("Already unmerged. Nothing to do.")
             return
         base = self.get_base_layer()
-        while self.merged_adapters:
-            adapter = self.merged_adapters.pop()
-            base.weight.data = self._inverse_rotate_rows(base.weight, adapter)
+        w = base.weight
+        limit = UNMERGE_RTOL.get(w.dtype, UNMERGE_RTOL[torch.float32])
+        inverses = {a: self._inverse_params(a) for a in self.merged_adapters}
+        bound = unmerge_error_bound(w.dtype, self.in_features,
+                                    [self._condition(a, *inverses[a]) for a in self.merged_adapters])
+        if not bound <= limit:
+            raise ValueError(f"cannot unmerge the adapters {self.merged_adapters}: R is ill-conditioned, and W "
+                             f"({w.dtype}) would come back with a relative error up to {bound:.1e}, more than "
+                             f"the {limit:.0e} allowed; the layer stays merged (reload the base weights to undo "
+                             f"the merge)")
+        restored = w.detach().double()
+        for adapter in reversed(self.merged_adapters):
+            restored = self._rotate_by(restored, adapter, *inverses[adapter])
+        restored = restored.to(w.dtype)
+        again = restored.double()
+        for adapter in self.merged_adapters:
+            again = self._rotate(again, adapter, transpose=True)
+        # relative error of the round trip; NaN or Inf fail it too
+        err = ((again - w.double()).norm() / w.double().norm().clamp_min(1e-300)).item()
+        if not err <= limit:
+            raise ValueError(f"cannot unmerge the adapters {self.merged_adapters}: merging the result again "
+                             f"differs from W by {err:.1e} (relative), more than {limit:.0e}; the layer stays "
+                             f"merged")
+        base.weight.data = restored
+        self.merged_adapters.clear()
 
-    def _inverse_rotate_rows(self, w: torch.Tensor, adapter: str) -> torch.Tensor:
-        # W R^{-T} with R = P_L ... P_1 S: the plain product again, with every block B
-        # replaced by B^{-T} and the scale by 1/s (docs/ecosystem.md)
+    def _inverse_params(self, adapter: str):
+        """Parameters of ``R^{-T}`` in float64: ``R = P_L ... P_1 S`` gives the plain product again
+        with every block ``B`` replaced by ``B^{-T}`` and the scale by ``1/s``."""
         block = self.qgoft_block[adapter]
         params = self.qgoft_rotation[adapter].detach().double()
         if block == "quasi":
-            det = params[:, 0, 0] * params[:, 1, 1] - params[:, 0, 1] * params[:, 1, 0]
-            if (det.abs() < 1e-12).any():
-                raise ValueError(f"adapter {adapter!r} has a singular quasi block: cannot unmerge")
+            sigma = torch.linalg.svdvals(params)
+            if not (torch.isfinite(sigma).all() and (sigma[:, 1] > 1e-15 * sigma[:, 0]).all()):
+                raise ValueError(f"cannot unmerge the adapter {adapter!r}: it has a singular (or non-finite) "
+                                 f"quasi block, so R is ill-conditioned; the layer stays merged")
             params = torch.linalg.inv(params).transpose(-1, -2)
-        scale = self.qgoft_scale[adapter].detach().double().reciprocal() if adapter in self.qgoft_scale else None
-        out = givens_rotate(w.double(), params, block=block, structure=self.qgoft_structure[adapter], scale=scale)
-        return out.to(w.dtype)
+        scale = self.qgoft_scale[adapter].detach().double() if adapter in self.qgoft_scale else None
+        if scale is not None:
+            if not (torch.isfinite(scale).all() and (scale != 0).all()):
+                raise ValueError(f"cannot unmerge the adapter {adapter!r}: its scale has a zero (or non-finite) "
+                                 f"entry, so R is singular (ill-conditioned); the layer stays merged")
+            scale = scale.reciprocal()
+        return params, scale
+
+    def _rotate_by(self, x: torch.Tensor, adapter: str, params, scale, transpose: bool = False) -> torch.Tensor:
+        return givens_rotate(x, params, block=self.qgoft_block[adapter], structure=self.qgoft_structure[adapter],
+                             scale=scale, transpose=transpose)
+
+    def _condition(self, adapter: str, inv_params, inv_scale) -> float:
+        """``cond(R) = ||R|| ||R^{-1}||``, estimated by power iteration through the rotation itself."""
+        def norm(apply):
+            return spectral_norm(apply, self.in_features, self.qgoft_rotation[adapter].device)
+
+        big = norm(lambda v, t: self._rotate(v, adapter, transpose=t))
+        small = norm(lambda v, t: self._rotate_by(v, adapter, inv_params, inv_scale, transpose=t))
+        return big * small
 
     def __repr__(self) -> str:
         return "qgoft." + super().__repr__()
+
+
+#: The largest relative (Frobenius) error of the weight :meth:`Linear.unmerge` may give back,
+#: per dtype of the weight: the package's bounds for "equal" in fp32/fp64; in bf16/fp16 about
+#: five and eight units of the dtype's rounding (a round trip through an orthogonal R costs two).
+UNMERGE_RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def spectral_norm(apply, d: int, device, iters: int = 40, probes: int = 4) -> float:
+    """Largest singular value of a ``d x d`` matrix ``A`` known only through ``apply(v, transpose)``
+    (``v @ A``, or ``v @ A^T``), by power iteration on ``A A^T`` from fixed random rows, in float64.
+
+    Each step's value is a lower bound that rises to the norm; 40 steps from 4 starts get within
+    a few percent unless the top singular values are very close, where the error matters little.
+    """
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(probes, d, generator=g, dtype=torch.float64).to(device)
+    v = v / v.norm(dim=1, keepdim=True)
+    estimate = 0.0
+    for _ in range(iters):
+        u = apply(v, False)
+        estimate = max(estimate, u.norm(dim=1).max().item())
+        w = apply(u, True)
+        v = w / w.norm(dim=1, keepdim=True).clamp_min(1e-300)
+    return estimate
+
+
+def unmerge_error_bound(dtype: torch.dtype, d: int, conditions: list[float]) -> float:
+    """A first-order bound on the relative error of ``W`` after undoing merges of ``R_1, R_2, ...``.
+
+    Merge ``j`` rounds once per stage in its compute dtype (fp32, fp64 for fp64 weights) and
+    once to ``dtype``; undoing merges ``j, j-1, ..., 1`` amplifies that by at most
+    ``cond(R_1) ... cond(R_j)``; the result is rounded to ``dtype`` once more.
+    """
+    unit = torch.finfo(dtype).eps / 2
+    compute = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps / 2
+    per_merge = unit + num_stages(d) * compute
+    total, amplification = unit, 1.0
+    for kappa in conditions:
+        amplification *= kappa
+        total += per_merge * amplification
+    return total
 
 
 class QGOFTModel(BaseTuner):
@@ -216,6 +308,18 @@ class QGOFTModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = QGOFTLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _prepare_model(self, peft_config: QGOFTConfig, model: nn.Module) -> None:
+        # PEFT walks named_modules(), which lists a module used at several places once: it
+        # would adapt one place of a shared nn.Linear and leave the others plain
+        for module, names in module_uses(model):
+            if type(module) is not nn.Linear or len(names) < 2:
+                continue
+            if peft_config.target_modules == "all-linear" or any(self._check_target_module_exists(peft_config, n)
+                                                                 for n in names):
+                raise ValueError(f"nn.Linear module used at several places {names}: qGOFT through PEFT adapts a "
+                                 f"module at one place only; exclude it (exclude_modules) or use qk.inject, "
+                                 f"which adapts every place")
 
     def _create_and_replace(self, config: QGOFTConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key=None, **kwargs) -> None:
@@ -241,4 +345,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["QGOFTConfig", "QGOFTModel", "QGOFTLayer", "Linear", "QGOFT"]
+__all__ = ["QGOFTConfig", "QGOFTModel", "QGOFTLayer", "Linear", "QGOFT", "UNMERGE_RTOL"]

@@ -1,12 +1,13 @@
 """Pure-PyTorch reference: the dense oracle and the stage-wise rotation (the CPU path).
 
-Nothing clever here on purpose: the tests trust this file, so it follows ``SPEC.md`` §2
+Nothing clever here on purpose: the tests trust this file, so it follows ``docs/method.md`` §1
 line by line and lets autograd differentiate through plain torch ops.
 """
 from __future__ import annotations
 
 import torch
 
+from .checks import check_params
 from .schedule import schedule, stage_indices
 
 
@@ -36,9 +37,6 @@ def givens_matrix(d: int, params: torch.Tensor, *, block: str = "givens", struct
         R = givens_matrix(8, torch.randn(7, dtype=torch.float64))
         y = x @ R          # equals givens_rotate(x, params)
     """
-    # imported here: function.py imports this module for the CPU path
-    from .function import check_params
-
     check_params(d, params, block, structure, scale)
     sched = schedule(d, structure)
     B = blocks_from_params(params, block)
@@ -65,7 +63,7 @@ def rotate_reference(x: torch.Tensor, params: torch.Tensor, *, block: str = "giv
     sched = schedule(d, structure)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.to(compute)
-    B = blocks_from_params(params, block).to(compute)
+    B = blocks_from_params(params.to(compute), block)
     s = None if scale is None else scale.to(compute)
     stages = list(enumerate(stage_indices(d, structure, x.device), start=1))
     if transpose and s is not None:

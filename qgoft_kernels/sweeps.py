@@ -38,7 +38,7 @@ def rotate_sweeps(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
     L = num_stages(d)
     D = 1 << L
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    B = blocks_from_params(params, block).to(compute)
+    B = blocks_from_params(params.to(compute), block)
     s = None if scale is None else scale.to(compute)
     y = F.pad(x.to(compute), (0, D - d))
     if s is not None:

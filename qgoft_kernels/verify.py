@@ -3,7 +3,7 @@
 Every kernel path (block kind x scale x direction x dtype) runs on fresh random inputs and
 is compared, output and every gradient, with a float64 oracle: the dense ``givens_matrix``
 (``d <= DENSE_MAX``) or, above that, the stage-wise reference in float64. The tests use
-the same helpers, so the tolerance rule (SPEC §5) lives here once.
+the same helpers, so the tolerance rule (``docs/method.md`` §4) lives here once.
 """
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ RTOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 MAG_RTOL = {torch.float32: 1e-6, torch.float64: 1e-13}
 #: Low precision: at most ``LOW_FACTOR`` x the PyTorch reference's own error, plus ``LOW_ATOL``.
 LOW_FACTOR, LOW_ATOL = 2.0, 1e-5
+#: The default bound of :func:`assert_close` per dtype of the result checked: ``RTOL`` for
+#: fp32/fp64; for bf16/fp16, where no reference in the same dtype is at hand, about four units
+#: of the dtype's rounding (one rounding of the output costs about one).
+TOLERANCE = {**RTOL, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 @dataclass
@@ -120,7 +124,8 @@ def magnitudes(x, params, scale, dy, case: Case) -> dict:
     if case.block == "givens":
         # dtheta = sum(dB * dB/dtheta), dB/dtheta = [[-sin, -cos], [cos, -sin]]
         s, c = torch.sin(params.double()).abs(), torch.cos(params.double()).abs()
-        mag["dparams"] = (mag["dparams"] * torch.stack((torch.stack((s, c), -1), torch.stack((c, s), -1)), -2)).sum((-2, -1))
+        weights = torch.stack((torch.stack((s, c), -1), torch.stack((c, s), -1)), -2)
+        mag["dparams"] = (mag["dparams"] * weights).sum((-2, -1))
     return mag
 
 
@@ -145,6 +150,27 @@ def describe_mismatch(got: torch.Tensor, ref: torch.Tensor, limit: int = 5) -> s
         return "empty"
     bad = (err > 1e-3 * ref.abs().max().clamp_min(1e-30)).nonzero()[:limit].tolist()
     return f"max abs err {err.max().item():.3e}, mean {err.mean().item():.3e}, first mismatches at {bad}"
+
+
+def assert_close(got, ref, *, rtol: float | None = None, atol: float | None = None, name: str = "result") -> None:
+    """Assert that ``got`` matches ``ref``: the one comparison of the tests.
+
+    Passes when ``rel_error(got, ref) <= rtol``, by default ``TOLERANCE[got.dtype]``, and,
+    when ``atol`` is given, every element is also within ``atol`` of ``ref``. A test passes
+    ``rtol`` to be stricter than its dtype's default, or looser where the result went through
+    several low-precision operations (autocast), saying why. The failure message gives the
+    errors, the bound and the first mismatching indices.
+    """
+    got, ref = torch.as_tensor(got), torch.as_tensor(ref)
+    assert tuple(got.shape) == tuple(ref.shape), f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    bound = TOLERANCE.get(got.dtype, RTOL[torch.float32]) if rtol is None else rtol
+    err = rel_error(got, ref)
+    problems = [f"relative error {err:.3e} > {bound:.3e}"] if not err <= bound else []
+    if atol is not None and got.numel():
+        worst = (got.double() - ref.double()).abs().nan_to_num(float("inf")).max().item()
+        if not worst <= atol:
+            problems.append(f"max abs error {worst:.3e} > atol {atol:.3e}")
+    assert not problems, f"{name} ({got.dtype}): {'; '.join(problems)} ({describe_mismatch(got, ref)})"
 
 
 def tolerance(name: str, dtype: torch.dtype, low_ref: dict | None, ref: dict, mag: dict) -> float:

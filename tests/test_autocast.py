@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import qgoft_kernels as qk
-from qgoft_kernels.verify import rel_error
+from qgoft_kernels.verify import assert_close
 
 
 def _model(device):
@@ -31,6 +31,8 @@ def test_autocast(device, dtype, gen):
     assert all(p.dtype == torch.float32 for p in qk.trainable_parameters(model))
     grads = torch.autograd.grad(out.float().square().sum(), qk.trainable_parameters(model))
     assert all(g.dtype == torch.float32 for g in grads)
-    assert rel_error(out, ref) < 2e-2
+    # the whole model, frozen matmuls included, runs in the autocast dtype: several roundings,
+    # not the one of a single op; the fp32 gradients carry them too
+    assert_close(out, ref, rtol=2e-2)
     for g, r in zip(grads, ref_grads):
-        assert rel_error(g, r) < 5e-2
+        assert_close(g, r, rtol=5e-2)

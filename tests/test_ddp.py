@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 import qgoft_kernels as qk
+from qgoft_kernels.verify import assert_close
 
 pytestmark = pytest.mark.slow
 
@@ -63,4 +64,4 @@ def test_ddp_gradients_match_single_process(tmp_path):
     single = [p.grad for p in qk.trainable_parameters(model)]
     assert len(ddp_grads) == len(single) == 3
     for a, b in zip(ddp_grads, single):
-        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+        assert_close(a, b, atol=1e-7)

@@ -28,7 +28,8 @@ def test_every_method_runs_end_to_end():
         < by["qGOFT all linear"]["trainable"] < by["full fine-tuning"]["trainable"]
     from dataclasses import asdict
 
-    text = finetune.table({**result, "meta": {"device": "cpu", "commit": "x"}, "setting": asdict(finetune.SETTINGS["smoke"])})
+    text = finetune.table({**result, "meta": {"device": "cpu", "commit": "x"},
+                           "setting": asdict(finetune.SETTINGS["smoke"])})
     assert text.count("| trec |") == len(finetune.METHODS)
 
 

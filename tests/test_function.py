@@ -1,9 +1,13 @@
 """Input checking and backend dispatch of givens_rotate (runs anywhere)."""
+import os
+
 import pytest
 import torch
 
 import qgoft_kernels as qk
 from qgoft_kernels.function import _check_inputs
+from qgoft_kernels.reference import rotate_reference
+from qgoft_kernels.verify import assert_close
 
 
 def call(x, params, **kw):
@@ -11,7 +15,8 @@ def call(x, params, **kw):
 
 
 def test_wrong_last_dim():
-    with pytest.raises(ValueError, match=r"params .* d=8 must have shape \(7,\), got shape \(8,\)"):
+    with pytest.raises(ValueError,
+                       match=r"params .* d=8 \(x's last dimension\) must have shape \(7,\), got shape \(8,\)"):
         call(torch.randn(2, 8), torch.zeros(8))
 
 
@@ -80,3 +85,58 @@ def test_torch_backend_keeps_dtype_and_shape():
     x = torch.randn(2, 3, 10, dtype=torch.float16)
     y = call(x, torch.randn(9, 2, 2), block="quasi")
     assert y.dtype == torch.float16 and y.shape == x.shape
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
+def test_torch_path_takes_cos_sin_in_float32(transpose, gen):
+    """bf16 (or fp16) angles with fp32 x: cos and sin are taken in fp32, as the kernels do."""
+    d = 64
+    x = torch.randn(5, d, generator=gen)
+    theta = ((torch.rand(d - 1, generator=gen) * 2 - 1) * torch.pi).to(torch.bfloat16)
+    R = qk.givens_matrix(d, theta.double())
+    ref = x.double() @ (R.T if transpose else R)
+    assert_close(call(x, theta, transpose=transpose), ref)
+    assert_close(rotate_reference(x, theta, transpose=transpose), ref)
+
+
+INTERPRET_LATE = """
+import os, sys
+import torch
+import triton  # imported first, as peft, transformers or an optimizer step do
+os.environ["TRITON_INTERPRET"] = "1"
+import qgoft_kernels as qk
+
+x = torch.randn(3, 8, requires_grad=True)
+try:
+    qk.givens_rotate(x, torch.zeros(7), transpose=True)
+except RuntimeError as e:
+    print("ERROR:", e)
+    sys.exit(0)
+print("no error")
+sys.exit(1)
+"""
+
+
+def test_interpreter_flag_set_after_triton_import_is_explained():
+    """TRITON_INTERPRET=1 set after triton was imported: a clear error saying what to do."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", INTERPRET_LATE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "TRITON_INTERPRET=1" in proc.stdout and "before" in proc.stdout and "triton" in proc.stdout
+
+
+def test_kernels_defined_for_the_interpreter_refuse_the_compiled_mode(monkeypatch):
+    """The reverse mismatch: kernels defined under the interpreter, TRITON_INTERPRET unset later."""
+    if torch.cuda.is_available():
+        pytest.skip("the kernels are compiled on a CUDA machine")
+    from qgoft_kernels import ops
+    from qgoft_kernels.checks import check_triton_mode
+
+    ops._kernels()  # defined under the interpreter: conftest set TRITON_INTERPRET=1 first
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="asks for compiled GPU kernels, but .* were defined for the interpreter"):
+        check_triton_mode()

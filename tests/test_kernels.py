@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import qgoft_kernels as qk
-from qgoft_kernels.verify import Case, assert_case_ok, random_inputs, rel_error
+from qgoft_kernels.verify import Case, assert_case_ok, assert_close, random_inputs
 
 pytestmark = pytest.mark.kernel
 
@@ -66,7 +66,7 @@ def test_non_contiguous_and_3d_input(transpose, device, gen):
                  transpose=transpose, backend="torch")
     assert tri[0].shape == x.shape and tri[1].shape == x.shape
     for t, r in zip(tri, ref):
-        assert rel_error(t, r) < 1e-5
+        assert_close(t, r)
 
 
 def test_zero_rows(device):
@@ -96,7 +96,7 @@ def test_parameter_gradients_are_deterministic(block, device, gen, monkeypatch):
             assert torch.equal(a, b)
     ref = _grads(x.double(), params.double(), scale.double(), dy.double(), block=block, backend="torch")[1:]
     for a, r in zip(runs[0], ref):
-        assert rel_error(a, r) < 1e-5
+        assert_close(a, r)
 
 
 @pytest.mark.parametrize("which", ["x", "params", "scale", "x+scale"])
@@ -111,7 +111,7 @@ def test_only_the_requested_gradients(which, device, gen):
                  block="quasi", backend="torch")
     assert len(tri) == len(ref) == 1 + len(which.split("+"))
     for t, r in zip(tri, ref):
-        assert rel_error(t, r) < 1e-5
+        assert_close(t, r)
 
 
 @pytest.mark.parametrize("block_n, programs", [(1, 1), (2, 5), (16, 2), (64, 7)])
@@ -151,3 +151,16 @@ def test_auto_backend_uses_the_kernels(device):
 
     x = torch.randn(2, 8, device=device)
     assert _check_inputs(x, torch.zeros(7, device=device), "givens", "tree", None, False, "auto") == "triton"
+
+
+def test_double_backward_is_refused_clearly(device, gen):
+    """The kernels' backward is first order only: differentiating it says so (the PyTorch path can)."""
+    x = torch.randn(4, 9, generator=gen).to(device).requires_grad_()
+    params = torch.randn(8, generator=gen).to(device).requires_grad_()
+    y = qk.givens_rotate(x, params, backend="triton")
+    (dx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first-order gradients only.*backend='torch'"):
+        dx.sum().backward()
+    # the PyTorch path has second derivatives
+    inputs = (x.detach().double().cpu().requires_grad_(), params.detach().double().cpu().requires_grad_())
+    assert torch.autograd.gradgradcheck(lambda a, p: qk.givens_rotate(a, p, backend="torch"), inputs)

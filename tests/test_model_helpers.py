@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import qgoft_kernels as qk
-from qgoft_kernels.verify import rel_error
+from qgoft_kernels.verify import assert_close
 
 
 class Block(nn.Module):
@@ -77,7 +77,7 @@ def test_merge_replaces_with_equivalent_linears(gen):
     adapted = net(x)
     qk.merge(net)
     assert not any(isinstance(m, qk.GivensLinear) for m in net.modules())
-    assert rel_error(net(x), adapted) < 1e-5
+    assert_close(net(x), adapted)
 
 
 def test_save_load_round_trip(tmp_path, gen):
@@ -161,11 +161,234 @@ def test_convert_official_layout(gen):
     qk.load_official(net, state)
     q, v = net.layers[0].query, net.layers[1].value
     assert q.block == "givens" and q.scale is not None and v.block == "quasi" and v.scale is None
-    assert torch.allclose(q.rotation, math.pi * torch.tanh(phi))
+    assert_close(q.rotation, math.pi * torch.tanh(phi), atol=1e-8)
     assert torch.equal(v.rotation, soft) and torch.equal(q.scale, scaler)
     # the same R the official code builds: R[i,i]=a00, R[i,j]=a01, R[j,i]=a10, R[j,j]=a11, stage-major
     x = torch.randn(2, 16, generator=gen)
     R = qk.givens_matrix(16, soft.double(), block="quasi")
-    assert rel_error(v(x), (x.double() @ R) @ v.weight.double().T + v.bias.double()) < 1e-5
+    assert_close(v(x), (x.double() @ R) @ v.weight.double().T + v.bias.double())
     with pytest.raises(ValueError, match="exactly one of givens_hard/givens_soft"):
         qk.convert_official({"a.givens_hard": phi, "a.givens_soft": soft})
+
+
+# --- issue 11: adapter files, inject and merge under hostile use --------------------------------------------------
+
+
+def _write_adapter(path, tensors, metadata):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _header(modules):
+    import json
+
+    return {"format": "qgoft-adapter", "version": "1", "modules": json.dumps(modules)}
+
+
+@pytest.mark.parametrize("bad", [{"block": "Quasi"}, {"structure": "Tree"}, {"in_features": "5"},
+                                 {"out_features": 3.0}, {"scale": "yes"}, {"in_features": True}],
+                         ids=["block", "structure", "in_features", "out_features", "scale", "bool-features"])
+def test_load_checks_every_option_before_changing_the_model(tmp_path, bad):
+    """A header with an unknown block (or any malformed option) is refused in the check phase:
+    the model is not left half-converted."""
+    model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2))
+    opts = {"in_features": 5, "out_features": 3, "block": "quasi", "structure": "tree", "scale": False}
+    good = {"in_features": 3, "out_features": 2, "block": "givens", "structure": "tree", "scale": False}
+    path = tmp_path / "bad.safetensors"
+    # the good module first: a lazy check would convert it before failing on the bad one
+    _write_adapter(path, {"0.rotation": torch.eye(2).repeat(4, 1, 1), "2.rotation": torch.zeros(2)},
+                   _header({"2": good, "0": {**opts, **bad}}))
+    with pytest.raises(ValueError, match=str(path)):
+        qk.load_adapter(model, path)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_load_root_adapter_into_a_bare_linear_refuses(tmp_path, gen):
+    """An adapter of a bare GivensLinear (module name "") cannot be put into a bare nn.Linear in
+    place: a clear error, not a Linear returned unchanged with a child named ""."""
+    layer = qk.GivensLinear(6, 4, block="quasi")
+    randomize(layer, gen)
+    path = tmp_path / "root.safetensors"
+    qk.save_adapter(layer, path)
+    bare = nn.Linear(6, 4)
+    with pytest.raises(ValueError, match="GivensLinear.from_linear"):
+        qk.load_adapter(bare, path)
+    assert dict(bare.named_children()) == {}
+    # into a bare GivensLinear it loads in place
+    other = qk.GivensLinear(6, 4, block="quasi")
+    assert qk.load_adapter(other, path) is other
+    assert torch.equal(other.rotation, layer.rotation)
+
+
+def test_merge_keeps_frozen_weights_frozen(gen):
+    """qk.merge and merged_linear give back weights as frozen as they were (not requires_grad=True)."""
+    net = qk.inject(Net(), "all-linear", block="quasi")
+    randomize(net, gen)
+    qk.merge(net)
+    assert not any(p.requires_grad for p in net.parameters())
+    layer = qk.GivensLinear(8, 3)
+    merged = layer.merged_linear()
+    assert not merged.weight.requires_grad and not merged.bias.requires_grad
+
+
+def test_inject_all_linear_without_a_linear_refuses():
+    model = nn.Sequential(nn.LayerNorm(4), nn.GELU())
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        qk.inject(model, "all-linear")
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen
+
+
+def test_a_second_inject_keeps_the_first_adapters_trainable():
+    """inject freezes the rest of the model, not the rotations an earlier inject added."""
+    net = qk.inject(qk.inject(Net(), ["query"]), ["value"], block="givens")
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{i}.{m}.rotation" for i in (0, 1) for m in ("query", "value")}
+
+
+class Shared(nn.Module):
+    """One nn.Linear used at two places (``first`` and ``second``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(8, 8)
+        self.act = nn.Tanh()
+        self.second = self.first
+
+    def forward(self, x):
+        return self.second(self.act(self.first(x)))
+
+
+@pytest.mark.parametrize("targets", [["first"], ["second"], "all-linear"])
+def test_a_shared_linear_is_adapted_at_every_use(targets, gen, tmp_path):
+    torch.manual_seed(0)
+    model = qk.inject(Shared(), targets, block="quasi")
+    assert isinstance(model.first, qk.GivensLinear) and model.second is model.first
+    randomize(model, gen)
+    x = torch.randn(3, 8, generator=gen)
+    R = qk.givens_matrix(8, model.first.rotation.double(), block="quasi")
+    w, b = model.first.weight.double(), model.first.bias.double()
+    expected = (torch.tanh((x.double() @ R) @ w.T + b) @ R) @ w.T + b
+    assert_close(model(x), expected)
+    # saved once, loaded at both places
+    qk.save_adapter(model, tmp_path / "shared.safetensors")
+    torch.manual_seed(0)
+    fresh = Shared()
+    qk.load_adapter(fresh, tmp_path / "shared.safetensors")
+    assert isinstance(fresh.first, qk.GivensLinear) and fresh.second is fresh.first
+    assert torch.equal(fresh(x), model(x))
+    # merged at both places
+    qk.merge(model)
+    assert type(model.first) is nn.Linear and model.second is model.first
+    assert_close(model(x), expected)
+
+
+def _saved_net(tmp_path, gen):
+    net = qk.inject(Net(), ["query"], block="quasi", scale=True)
+    randomize(net, gen)
+    path = tmp_path / "a.safetensors"
+    qk.save_adapter(net, path)
+    return net, path
+
+
+@pytest.mark.parametrize("meta", [
+    {"format": "qgoft-adapter", "version": "1"},
+    {"format": "qgoft-adapter", "version": "1", "modules": "{not json"},
+    {"format": "qgoft-adapter", "version": "1", "modules": "[1, 2]"},
+    {"format": "qgoft-adapter", "version": "1", "modules": '{"layers.0.query": 7}'},
+    {"format": "qgoft-adapter", "version": "1", "modules": '{"layers.0.query": {"block": "quasi"}}'},
+], ids=["no-modules", "bad-json", "list", "options-not-a-dict", "missing-options"])
+def test_malformed_headers_raise_value_error_naming_the_file(tmp_path, meta):
+    path = tmp_path / "broken.safetensors"
+    _write_adapter(path, {"layers.0.query.rotation": torch.eye(2).repeat(15, 1, 1)}, meta)
+    net = Net()
+    with pytest.raises(ValueError, match=str(path)):
+        qk.load_adapter(net, path)
+    assert type(net.layers[0].query) is nn.Linear
+
+
+def test_load_corrupt_file_names_it(tmp_path):
+    path = tmp_path / "garbage.safetensors"
+    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage}")
+    with pytest.raises(ValueError, match=str(path)):
+        qk.load_adapter(Net(), path)
+
+
+def test_load_directory_or_missing_file_says_so(tmp_path):
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a directory"):
+        qk.load_adapter(Net(), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        qk.load_adapter(Net(), tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("value, match", [
+    (torch.tensor(0.5), "givens_hard must be a float tensor of shape"),
+    (3.0, "must be a torch.Tensor"),
+    ("phi", "must be a torch.Tensor"),
+    (torch.zeros(15, 2), "givens_hard must be a float tensor of shape"),
+    (torch.zeros(15, dtype=torch.long), "float tensor"),
+])
+def test_load_official_rejects_bad_values(value, match):
+    net = Net()
+    with pytest.raises(ValueError, match=match):
+        qk.load_official(net, {"layers.0.query.givens_hard.default": value})
+    assert type(net.layers[0].query) is nn.Linear
+
+
+def test_load_official_checks_the_scaler_and_soft_shapes():
+    with pytest.raises(ValueError, match="givens_soft must be a float tensor of shape"):
+        qk.convert_official({"a.givens_soft": torch.zeros(7, 4)})
+    with pytest.raises(ValueError, match="givens_scaler must be a float tensor of shape"):
+        qk.convert_official({"a.givens_hard": torch.zeros(7), "a.givens_scaler": torch.ones(7)})
+
+
+def test_load_adapter_freezes_the_rest_like_inject(tmp_path, gen):
+    """Both routes to an adapted model leave the same parameters trainable."""
+    _, path = _saved_net(tmp_path, gen)
+    loaded = qk.load_adapter(Net(), path)
+    injected = qk.inject(Net(), ["query"], block="quasi", scale=True)
+    trainable = {n for n, p in loaded.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in injected.named_parameters() if p.requires_grad}
+    assert trainable == {f"layers.{i}.query.{k}" for i in (0, 1) for k in ("rotation", "scale")}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_adapters_are_refused(tmp_path, gen, value):
+    net, path = _saved_net(tmp_path, gen)
+    with torch.no_grad():
+        net.layers[1].query.rotation.fill_(value)
+    with pytest.raises(ValueError, match="layers.1.query.*not finite"):
+        qk.save_adapter(net, tmp_path / "nan.safetensors")
+    assert not (tmp_path / "nan.safetensors").exists()
+    tensors = {f"layers.{i}.query.{k}": getattr(net.layers[i].query, k).detach()
+               for i in (0, 1) for k in ("rotation", "scale")}
+    import json
+
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    bad = tmp_path / "bad.safetensors"
+    _write_adapter(bad, tensors, {**meta, "modules": json.dumps(json.loads(meta["modules"]))})
+    fresh = Net()
+    with pytest.raises(ValueError, match="layers.1.query.*not finite"):
+        qk.load_adapter(fresh, bad)
+    assert type(fresh.layers[0].query) is nn.Linear
+
+
+def test_save_adapter_is_atomic(tmp_path, gen, monkeypatch):
+    """A write that fails half-way leaves the previous file whole and no temporary behind."""
+    net, path = _saved_net(tmp_path, gen)
+    before = path.read_bytes()
+    randomize(net, gen)
+    import os
+
+    def broken(fd):
+        raise OSError("disk full")
+
+    # fails after the bytes went out, before they are known to be on disk
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(OSError, match="disk full"):
+        qk.save_adapter(net, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import qgoft_kernels as qk
-from qgoft_kernels.verify import rel_error
+from qgoft_kernels.verify import assert_close
 
 # qgoft_kernels.peft needs PEFT >= 0.21 (its MIN_PEFT); older versions skip with the version in the reason
 peft = pytest.importorskip("peft", minversion="0.21")
@@ -57,7 +57,7 @@ def test_four_calls(tmp_path, block, scale, gen):
     assert torch.equal(loaded(x), out)
     merged = loaded.merge_and_unload()
     assert type(merged.q) is nn.Linear and type(merged.v) is nn.Linear
-    assert rel_error(merged(x), out) < 1e-5
+    assert_close(merged(x), out)
 
 
 def test_merge_unmerge_round_trip(gen):
@@ -68,12 +68,12 @@ def test_merge_unmerge_round_trip(gen):
     w0 = layer.base_layer.weight.detach().clone()
     out = model(x)
     model.merge_adapter()
-    assert rel_error(model(x), out) < 1e-5
+    assert_close(model(x), out)
     model.unmerge_adapter()
-    assert rel_error(layer.base_layer.weight, w0) < 1e-5
-    assert rel_error(model(x), out) < 1e-5
+    assert_close(layer.base_layer.weight, w0)
+    assert_close(model(x), out)
     with model.disable_adapter():
-        assert torch.allclose(model(x), make()(x), atol=1e-6)
+        assert_close(model(x), make()(x), atol=1e-6)
 
 
 def test_config_checks_its_options():
@@ -102,7 +102,7 @@ def test_penalty_covers_peft_layers(gen):
         b = getattr(model.base_model.model, name).qgoft_rotation["default"].detach().double()
         expected += ((b[:, 0, 0] * b[:, 0, 1] + b[:, 1, 0] * b[:, 1, 1]) ** 2).sum()
     assert expected > 0
-    assert rel_error(penalty, expected) < 1e-6
+    assert_close(penalty, expected, rtol=1e-6)
     penalty.backward()
     grad = model.base_model.model.q.qgoft_rotation["default"].grad
     assert grad is not None and grad.abs().sum() > 0
@@ -118,3 +118,89 @@ def test_minimum_peft_version_is_declared():
     assert pins and set(pins) == {MIN_PEFT}
     with open(__file__) as fh:
         assert f'minversion="{MIN_PEFT}"' in fh.read()
+
+
+# --- issue 11: unmerge gives W back or refuses; shared modules -------------------------------------------------
+
+
+def _merged_q(blocks):
+    """A PEFT model whose layer ``q`` carries the quasi ``blocks`` [19, 2, 2], merged."""
+    model = peft.get_peft_model(make(), QGOFTConfig(target_modules=["q"], block="quasi"))
+    layer = model.base_model.model.q
+    with torch.no_grad():
+        layer.qgoft_rotation["default"].copy_(blocks)
+    w0 = layer.base_layer.weight.detach().clone()
+    model.merge_adapter()
+    return model, layer, w0
+
+
+def _random_blocks(gen):
+    return torch.eye(2) + 0.3 * torch.randn(qk.num_pairs(20), 2, 2, generator=gen)
+
+
+def test_unmerge_error_leaves_the_layer_merged(gen):
+    """A refused unmerge changes nothing: the layer stays merged, so the forward is still right."""
+    blocks = _random_blocks(gen)
+    blocks[4] = torch.tensor([[1.0, 2.0], [2.0, 4.0]])  # singular
+    model, layer, _ = _merged_q(blocks)
+    x = torch.randn(3, 20, generator=gen)
+    out = model(x)
+    w_merged = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="cannot unmerge"):
+        model.unmerge_adapter()
+    assert layer.merged and layer.merged_adapters == ["default"]
+    assert torch.equal(layer.base_layer.weight, w_merged)
+    assert torch.equal(model(x), out)  # R applied once, not twice
+
+
+@pytest.mark.parametrize("bad", [1, 3], ids=["one-block", "three-blocks"])
+def test_unmerge_refuses_ill_conditioned_blocks(bad, gen):
+    """An ill-conditioned (not singular) quasi block would give back a silently different W."""
+    blocks = _random_blocks(gen)
+    for p in range(bad):
+        blocks[3 + 5 * p] = torch.tensor([[1.0, 1.0], [1.0, 1.0 + 1e-6]])
+    model, layer, _ = _merged_q(blocks)
+    w_merged = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="ill-conditioned"):
+        model.unmerge_adapter()
+    assert torch.equal(layer.base_layer.weight, w_merged) and layer.merged
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_unmerge_gives_back_the_weight_to_its_precision(dtype, gen):
+    """Well-conditioned adapters unmerge within the promised bound, in the weight's dtype."""
+    from qgoft_kernels.peft import UNMERGE_RTOL
+
+    model = peft.get_peft_model(make().to(dtype), QGOFTConfig(target_modules=["q", "v"], block="quasi", scale=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "qgoft_" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    w0 = {n: model.base_model.model.get_submodule(n).base_layer.weight.detach().clone() for n in ("q", "v")}
+    model.merge_adapter()
+    model.unmerge_adapter()
+    for n, w in w0.items():
+        assert_close(model.base_model.model.get_submodule(n).base_layer.weight, w, rtol=UNMERGE_RTOL[dtype])
+
+
+def test_shared_linear_is_refused_clearly():
+    """PEFT walks each module once: a Linear used at two places would be adapted at one only."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(8, 8)
+            self.second = self.first
+
+        def forward(self, x):
+            return self.second(torch.tanh(self.first(x)))
+
+    for targets in (["first"], ["second"], "all-linear"):
+        with pytest.raises(ValueError, match=r"used at several places \['first', 'second'\]"):
+            peft.get_peft_model(Shared(), QGOFTConfig(target_modules=targets))
+
+
+def test_wrong_input_width_names_x():
+    model = peft.get_peft_model(make(), QGOFTConfig(target_modules=["q"]))
+    with pytest.raises(ValueError, match=r"x has 21 features \(its last dimension\); this layer takes in_features=20"):
+        model.base_model.model.q(torch.randn(2, 21))

@@ -4,6 +4,8 @@ import re
 
 import torch
 
+from qgoft_kernels.verify import assert_close
+
 
 def test_quickstart_runs(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the CPU PyTorch path: quick
@@ -13,4 +15,4 @@ def test_quickstart_runs(monkeypatch):
     exec(compile(code, "README.md", "exec"), scope)
     merged, layer, x = scope["merged"], scope["layer"], scope["x"]
     assert isinstance(merged, torch.nn.Linear)
-    assert torch.allclose(merged(x), layer(x), atol=1e-5)
+    assert_close(merged(x), layer(x), atol=1e-5)

@@ -34,7 +34,7 @@ def test_tree_has_d_minus_1_pairs_in_ceil_log2_stages(d):
     (11008, [5504, 2752, 1376, 688, 344, 172, 86, 43, 21, 11, 5, 3, 1, 1]),
 ])
 def test_stage_sizes_match_the_official_schedule(d, per_stage):
-    # the (stride, #rotations) tables of PAPER-NOTES §1.5
+    # the pairs per stage of the paper's official code (docs/method.md §2)
     assert [len(stage) for stage in schedule(d).stages] == per_stage
 
 

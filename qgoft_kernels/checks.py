@@ -1,0 +1,113 @@
+"""Argument checks shared by every entry point, below everything that uses them.
+
+The functional API, the reference, the modules, the adapter files and the PEFT layer all
+check their options and parameter shapes here, so no module imports back up the stack.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import torch
+
+from .schedule import STRUCTURES, num_pairs
+
+BLOCKS = ("givens", "quasi")
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_float(name: str, t) -> None:
+    """Raise a ``TypeError`` unless ``t`` is a floating-point tensor."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must have a floating-point dtype, got {t.dtype}")
+
+
+def check_options(block: str, structure: str) -> None:
+    """Raise a clear error unless ``block`` and ``structure`` are known."""
+    if not isinstance(block, str) or block not in BLOCKS:
+        raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
+    if not isinstance(structure, str) or structure not in STRUCTURES:
+        raise ValueError(f"structure must be one of {STRUCTURES}, got {structure!r}")
+
+
+def rotation_shape(d: int, block: str, structure: str = "tree") -> tuple[int, ...]:
+    """Shape of the rotation parameters for ``d`` features: ``(P,)`` angles or ``(P, 2, 2)`` blocks."""
+    check_options(block, structure)
+    n = num_pairs(d, structure)
+    return (n,) if block == "givens" else (n, 2, 2)
+
+
+def check_params(d: int, params, block: str, structure: str, scale) -> None:
+    """Raise a clear error unless ``params`` (and ``scale``) fit ``d`` features."""
+    check_options(block, structure)
+    check_float("params", params)
+    expected = rotation_shape(d, block, structure)
+    if tuple(params.shape) != expected:
+        raise ValueError(f"params for block={block!r}, structure={structure!r} and d={d} (x's last dimension) "
+                         f"must have shape {expected}, got {describe(params)}")
+    if scale is not None:
+        check_float("scale", scale)
+        if tuple(scale.shape) != (d,):
+            raise ValueError(f"scale must have shape ({d},) for d={d}, got {describe(scale)}")
+        if scale.device != params.device:
+            raise ValueError(f"scale and params must be on one device: scale is on {scale.device}, "
+                             f"params on {params.device}")
+
+
+def check_features(x, in_features: int) -> None:
+    """Raise a clear error unless ``x`` is a tensor whose last dimension is ``in_features``."""
+    check_float("x", x)
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        width = x.shape[-1] if x.dim() else "no"
+        raise ValueError(f"x has {width} features (its last dimension); this layer takes "
+                         f"in_features={in_features}; got {describe(x)}")
+
+
+# the values triton itself reads as true in TRITON_INTERPRET
+_TRUE = ("1", "true", "yes", "on", "y")
+
+
+def interpreting() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks, now, for Triton's CPU interpreter (parsed as triton does)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
+
+
+def check_triton_mode() -> None:
+    """Raise a clear error when the Triton functions were defined in another mode than
+    ``TRITON_INTERPRET`` asks for now.
+
+    ``triton.jit`` reads the variable when it decorates a function: triton's own library at
+    ``import triton``, this package's kernels at their first use. Set after triton was
+    imported (by peft, transformers or an optimizer step), it makes the kernels interpreted
+    while triton's library helpers are not, and only some launches fail, with triton's
+    ``Cannot call @triton.jit'd outside of the scope of a kernel``.
+    """
+    _check_triton_mode(os.environ.get("TRITON_INTERPRET", ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _check_triton_mode(flag: str) -> None:
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import KernelInterface
+
+    want = interpreting()
+    modules = [("triton", triton.language.standard)]
+    modules += [(name, m) for name, m in sorted(sys.modules.items()) if name.startswith("qgoft_kernels.kernels.")]
+    for name, module in modules:
+        fn = next((v for v in vars(module).values() if isinstance(v, KernelInterface)), None)
+        if fn is not None and isinstance(fn, InterpretedFunction) != want:
+            have = "the interpreter" if not want else "compiled GPU kernels"
+            raise RuntimeError(
+                f"TRITON_INTERPRET={flag!r} asks for {'the interpreter' if want else 'compiled GPU kernels'}, but "
+                f"{name}'s functions were defined for {have}: triton reads TRITON_INTERPRET once, when it defines "
+                f"them (at `import triton`, and when qgoft_kernels first runs its kernels). Set TRITON_INTERPRET=1 "
+                f"before anything imports triton (at the start of the process, `TRITON_INTERPRET=1 python ...`, or "
+                f"before importing peft, transformers or anything else that imports triton), or leave it unset for "
+                f"GPU kernels, in a fresh process.")
