@@ -387,7 +387,7 @@ def time_merge(d: int, plan: Plan, device, ok: dict, timer: Timer, record, preds
                ratio_to="torch.clone(W)", note="next to merge", **clone)
         for unit, layer in layers.items():
             scale = None if layer.scale is None else layer.scale.detach()
-            kernel = (lambda layer=layer, scale=scale: launch_forward(
+            kernel = (lambda layer=layer, scale=scale: launch_forward(  # noqa: E731
                 x=w, params=layer.rotation.detach(), scale=scale, block=layer.block, structure="tree", transpose=True))
             # the static model predicts the kernel alone ("merge" rows), not the end-to-end call
             prediction = predicted(preds, "merge", d, dtype, unit.block, unit.scale)
@@ -450,7 +450,7 @@ def time_layer(d: int, plan: Plan, device, ok: dict, timer: Timer, record) -> No
             if name == LAYER_METHODS[0]:
                 frozen[repeat] = (t["median_ms"], mem)
             base_ms, base_mem = frozen.get(repeat, (None, None))
-            above = (lambda key: None if base_mem is None or mem[key] is None or base_mem[key] is None
+            above = (lambda key: None if base_mem is None or mem[key] is None or base_mem[key] is None  # noqa: E731
                      else mem[key] - base_mem[key])
             record(**common, repeat=repeat, ok=True, trainable=trainable, note=note or None,
                    ratio=None if base_ms is None else t["median_ms"] / base_ms,
