@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import ops
 from .checks import check_float, check_params, describe, interpreting
-from .sweeps import rotate_sweeps
+from .torch_path import linear_torch, rotate_torch
 
 BACKENDS = ("auto", "triton", "torch")
 #: Largest ``d`` the Triton kernels take. Rows longer than a chunk are split (docs/math.md §4);
@@ -90,5 +91,21 @@ def givens_rotate(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
     """
     use = _check_inputs(x, params, block, structure, scale, transpose, backend)
     if use == "torch":
-        return rotate_sweeps(x, params, block=block, structure=structure, scale=scale, transpose=transpose)
+        return rotate_torch(x, params, block=block, structure=structure, scale=scale, transpose=transpose)
     return torch.ops.qgoft.rotate(x, params, scale, block, structure, transpose)
+
+
+def givens_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, params: torch.Tensor, *,
+                  block: str = "givens", structure: str = "tree", scale: torch.Tensor | None = None,
+                  backend: str = "auto") -> torch.Tensor:
+    """``F.linear(givens_rotate(x, params, ...), weight, bias)``: the forward of ``GivensLinear``.
+
+    The same result and gradients as that composition. On the PyTorch path's dense
+    formulation it is one fused op (:func:`qgoft_kernels.dense.linear_dense`), which rotates
+    the rows of ``weight`` instead of those of ``x`` when there are fewer of them; elsewhere
+    it is the composition itself.
+    """
+    use = _check_inputs(x, params, block, structure, scale, False, backend)
+    if use == "torch":
+        return linear_torch(x, weight, bias, params, block=block, structure=structure, scale=scale)
+    return F.linear(torch.ops.qgoft.rotate(x, params, scale, block, structure, False), weight, bias)

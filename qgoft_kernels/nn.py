@@ -7,10 +7,9 @@ import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .checks import check_features, check_options, rotation_shape
-from .function import givens_rotate
+from .function import givens_linear, givens_rotate
 
 
 class GivensLinear(nn.Module):
@@ -91,7 +90,9 @@ class GivensLinear(nn.Module):
                              scale=self.scale, transpose=transpose)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.rotate(x), self.weight, self.bias)
+        check_features(x, self.in_features)
+        return givens_linear(x, self.weight, self.bias, self.rotation, block=self.block, structure=self.structure,
+                             scale=self.scale)
 
     @torch.no_grad()
     def merged_linear(self) -> nn.Linear:

@@ -1,13 +1,17 @@
 """The PyTorch paths against the dense oracle, and gradcheck (runs anywhere).
 
 ``rotate_reference`` (one index-copy per stage) is the oracle's stage-wise twin;
-``rotate_sweeps`` (the kernels' compact algorithm in torch ops) is the ``backend="torch"``
-path. Both are held to the dense ``givens_matrix``.
+``rotate_sweeps`` (the kernels' compact algorithm in torch ops) and ``rotate_dense`` (block
+factors and batched matmuls; blocks of 32, and of 2 so that most stages are on the roots)
+are the ``backend="torch"`` formulations. All are held to the dense ``givens_matrix``.
 """
+import functools
+
 import pytest
 import torch
 
 import qgoft_kernels as qk
+from qgoft_kernels.dense import rotate_dense
 from qgoft_kernels.reference import blocks_from_params, rotate_reference
 from qgoft_kernels.schedule import schedule
 from qgoft_kernels.sweeps import rotate_sweeps
@@ -62,10 +66,12 @@ def test_givens_is_a_rotation(d, gen):
     assert_close(torch.linalg.det(R), torch.tensor(1.0, dtype=torch.float64), atol=1e-9)
 
 
-PATHS = [rotate_reference, rotate_sweeps]
+PATHS = [rotate_reference, rotate_sweeps, functools.partial(rotate_dense, block_width=32),
+         functools.partial(rotate_dense, block_width=2)]
+PATH_IDS = ["reference", "sweeps", "dense-b32", "dense-b2"]
 
 
-@pytest.mark.parametrize("rotate", PATHS, ids=["reference", "sweeps"])
+@pytest.mark.parametrize("rotate", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
 @pytest.mark.parametrize("scale", [False, True], ids=["noscale", "scale"])
 @pytest.mark.parametrize("block", ["givens", "quasi"])
@@ -81,7 +87,7 @@ def test_stagewise_matches_dense(d, block, scale, transpose, rotate, gen):
     assert_close(out, ref, rtol=1e-13)
 
 
-@pytest.mark.parametrize("rotate", PATHS, ids=["reference", "sweeps"])
+@pytest.mark.parametrize("rotate", PATHS, ids=PATH_IDS)
 @pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
 @pytest.mark.parametrize("block", ["givens", "quasi"])
 @pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 13])
@@ -93,7 +99,7 @@ def test_gradcheck(d, block, transpose, rotate, gen):
         lambda a, p, sc: rotate(a, p, block=block, scale=sc, transpose=transpose), inputs)
 
 
-@pytest.mark.parametrize("rotate", PATHS, ids=["reference", "sweeps"])
+@pytest.mark.parametrize("rotate", PATHS, ids=PATH_IDS)
 def test_identity_parameters_give_identity(rotate):
     d = 37
     x = torch.randn(5, d, dtype=torch.float64)
@@ -102,7 +108,7 @@ def test_identity_parameters_give_identity(rotate):
         assert torch.equal(rotate(x, params, block=block), x)
 
 
-@pytest.mark.parametrize("rotate", PATHS, ids=["reference", "sweeps"])
+@pytest.mark.parametrize("rotate", PATHS, ids=PATH_IDS)
 def test_shapes_dtype_and_strides(rotate):
     d = 12
     params = torch.randn(d - 1)

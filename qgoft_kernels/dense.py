@@ -1,0 +1,429 @@
+"""The dense formulation of the PyTorch path: ``R`` as dense factors applied with BLAS.
+
+The tree's first ``m`` stages only pair indices inside aligned groups of ``b = 2**m``, so
+their product is block-diagonal with ``nb = ceil(d / b)`` dense ``b x b`` blocks (the
+scale folded into their columns). The later stages only pair the groups' first indices,
+the *roots*, and act on them as a dense ``nb x nb`` matrix ``Q`` (a tree over ``nb``
+indices). So ``x @ R`` is ``Q`` on the roots, then one batched matmul with the blocks
+(docs/math.md §5). With ``b >= 2**L`` there is one block: the dense ``R`` itself.
+
+Both factors come from a closed form, not from products of stage matrices: an entry of a
+tree product is a product of block entries along a path of the tree, so a gather, a
+``cumprod`` and a scatter build them. Autograd differentiates through that construction
+(tensors of ``d (m + 1)`` values); the application is a ``torch.autograd.Function`` whose
+backward is batched matmuls, so nothing per stage is saved and every reduction is a BLAS
+call (deterministic).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .schedule import num_stages, param_offsets, stage_counts
+
+#: Block width when nothing pins it (``QGOFT_DENSE_BLOCK``); measured in docs/benchmarks.md.
+DEFAULT_BLOCK = 32
+
+
+def layout(d: int, block_width: int) -> tuple[int, int, int]:
+    """``(m, b, nb)`` for ``d`` features: ``m`` block stages, blocks of ``b = 2**m`` (at most
+    ``2**L``), and ``nb = ceil(d / b)`` blocks."""
+    m = min(max(block_width, 1).bit_length() - 1, num_stages(d))
+    return m, 1 << m, -(-d // (1 << m))
+
+
+@functools.lru_cache(maxsize=None)
+def _factor_indices(d: int, structure: str, block_width: int, scaled: bool, device: torch.device):
+    """Where every nonzero of the blocks and of ``Q`` comes from and goes to (docs/math.md §5).
+
+    Both factors are tree products: the blocks of stages ``1 .. m`` over the columns
+    ``c < nb * b``, and ``Q`` of stages ``m + 1 .. L`` over the roots ``c * b``. In a tree
+    product of ``k`` stages, column ``c`` has ``k + 1`` nonzeros: row 0 holds
+    ``prod_l C[c, l]`` and the row stage ``t + 1`` pairs with its block's first index holds
+    ``H[c, t] prod_{l <= t} C[c, l]``, where ``C[c, l]`` is entry ``[0, bit]`` and ``H[c, t]``
+    entry ``[1, bit]`` of the block holding ``c`` (``bit``: the side of the pair ``c`` is on).
+    With the scale as a leading factor ``C[c, 0]``, every value is ``H * cumprod(C)``.
+
+    Returns flat indices into ``source = cat(blocks.flatten(), [1, 0, 0, 1], scale)``
+    (absent pairs, padding and the unused factors read the identity's ones) for ``C`` and
+    ``H`` (``[N, K + 1]``, ``N`` columns of both trees, ``K`` their larger stage count), and
+    the position of each value in ``cat(blocks.flatten(), Q.flatten(), spare)``: the values a
+    shorter tree does not have, or that fall past ``nb``, go to spare slots of their own.
+    """
+    L = num_stages(d)
+    m, b, nb = layout(d, block_width)
+    counts, offsets = stage_counts(d, structure), param_offsets(d, structure)
+    one = 4 * offsets[-1]
+    roots = 1 << (L - m) if nb > 1 else 0
+    K = max(m, L - m if nb > 1 else 0)
+
+    def tree(first: int, levels: int, cols: int, width: int, limit: int, base: int, scale_from):
+        c = torch.arange(cols)
+        idx_c, idx_h, pos = [], [], []
+        # the leading factor: the scale of column c (the blocks only), else 1
+        idx_c.append(torch.where(c < d, one + 4 + c, one) if scale_from else torch.full_like(c, one))
+        for level in range(1, K + 1):
+            if level > levels:
+                idx_c.append(torch.full_like(c, one))
+                idx_h.append(torch.full_like(c, one))
+                continue
+            slot, bit = c >> level, (c >> (level - 1)) & 1
+            stage = first + level
+            real = 4 * (offsets[stage - 1] + slot)
+            present = slot < counts[stage - 1]
+            idx_c.append(torch.where(present, real + bit, one + bit))
+            idx_h.append(torch.where(present, real + 2 + bit, one + 2 + bit))
+        idx_h.append(torch.full_like(c, one))
+        local, block = c % width, c // width
+        for t in range(K + 1):
+            if t < levels:
+                row = ((local >> (t + 1)) << (t + 1)) + (1 << t)
+            elif t == levels:
+                row = torch.zeros_like(c)
+            else:
+                pos.append(torch.full_like(c, -1))
+                continue
+            keep = (row < limit) & (local < limit)
+            pos.append(torch.where(keep, base + block * width * width + row * min(width, limit) + local, -1))
+        return torch.stack(idx_c, 1), torch.stack(idx_h, 1), torch.stack(pos, 1)
+
+    parts = [tree(0, m, nb * b, b, b, 0, scaled)]
+    if nb > 1:
+        parts.append(tree(m, L - m, roots, roots, nb, nb * b * b, False))
+    idx_c, idx_h, pos = (torch.cat(t) for t in zip(*parts))
+    pos = pos.reshape(-1)
+    used = nb * b * b + (nb * nb if nb > 1 else 0)
+    # a spare value's slot follows from its own index: no size that depends on data (the
+    # compiler traces this function)
+    pos = torch.where(pos < 0, used + torch.arange(pos.numel()), pos)
+    return idx_c.to(device), idx_h.to(device), pos.to(device), used, used + pos.numel()
+
+
+class FactorValues(torch.autograd.Function):
+    """The nonzeros of both factors, scattered: ``flat[pos] = source[idx_h] * cumprod(source[idx_c])``.
+
+    A hand-written backward: autograd through ``cumprod`` divides by its input, or takes a
+    slow path when an entry is zero (identity blocks have zeros). Here the prefix products'
+    gradient runs as a suffix recurrence over the ``K + 1`` factors, and the entries'
+    gradients are summed into ``source`` with ``index_add_`` (serial on the CPU:
+    deterministic). Under ``create_graph`` it differentiates the plain ops instead.
+    """
+
+    @staticmethod
+    def forward(ctx, source, idx_c, idx_h, pos, size):
+        C, H = source[idx_c], source[idx_h]
+        P = torch.cumprod(C, 1)
+        ctx.save_for_backward(source, C, H, P, idx_c, idx_h, pos)
+        return (H * P).new_zeros(size).index_put_((pos,), (H * P).reshape(-1))
+
+    @staticmethod
+    def backward(ctx, dflat):
+        source, C, H, P, idx_c, idx_h, pos = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                values = source[idx_h] * torch.cumprod(source[idx_c], 1)
+                flat = values.new_zeros(dflat.shape[0]).index_put((pos,), values.reshape(-1))
+                (dsource,) = torch.autograd.grad(flat, source, dflat, create_graph=True)
+            return dsource, None, None, None, None
+        dV = dflat[pos].view(P.shape)
+        dH = dV * P
+        # d/dC[l] of sum_t dP[t] prod_{j<=t} C[j] = P[l-1] * S[l], S[l] = dP[l] + C[l+1] S[l+1]
+        S = dV * H
+        for level in range(S.shape[1] - 2, -1, -1):
+            S[:, level] += C[:, level + 1] * S[:, level + 1]
+        dC = S
+        dC[:, 1:] *= P[:, :-1]
+        dsource = source.new_zeros(source.shape)
+        dsource.index_add_(0, idx_c.reshape(-1), dC.reshape(-1))
+        dsource.index_add_(0, idx_h.reshape(-1), dH.reshape(-1))
+        return dsource, None, None, None, None
+
+
+def dense_factors(d: int, params: torch.Tensor, *, block: str, structure: str, scale: torch.Tensor | None,
+                  block_width: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(blocks, Q)``: ``R = U @ blockdiag(blocks)`` in ``dtype``, differentiable.
+
+    ``blocks`` is ``[nb, b, b]`` (stages ``1 .. m`` times the scale), ``Q`` is ``[nb, nb]``
+    (stages ``m + 1 .. L`` on the roots ``0, b, 2b, ...``; ``None`` when ``nb == 1``). The
+    last block is padded past ``d`` with the identity. One gather per factor kind, one
+    ``cumprod`` and one scatter build both (:func:`_factor_indices`, :class:`FactorValues`).
+    """
+    m, b, nb = layout(d, block_width)
+    if block == "givens":
+        # the entries [cos, -sin, sin, cos] of every block, without the [P, 2, 2] stacks
+        angles = params.to(dtype)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        entries = torch.stack((cos, -sin, sin, cos), 1).reshape(-1)
+    else:
+        entries = params.to(dtype).reshape(-1)
+    pieces = [entries, entries.new_tensor([1.0, 0.0, 0.0, 1.0])]
+    if scale is not None:
+        pieces.append(scale.to(dtype))
+    source = torch.cat(pieces)
+    # the compiler traces the uncached function (it would ignore the cache anyway, with a warning)
+    indices = _factor_indices.__wrapped__ if torch.compiler.is_compiling() else _factor_indices
+    idx_c, idx_h, pos, used, size = indices(d, structure, b, scale is not None, source.device)
+    if torch.compiler.is_compiling():
+        values = source[idx_h] * torch.cumprod(source[idx_c], 1)
+        flat = values.new_zeros(size).index_put((pos,), values.reshape(-1))
+    else:
+        flat = FactorValues.apply(source, idx_c, idx_h, pos, size)
+    blocks = flat[:nb * b * b].view(nb, b, b)
+    return blocks, (flat[nb * b * b:used].view(nb, nb) if nb > 1 else None)
+
+
+def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
+    """The view ``[nb, T, b]`` of rows ``[T, nb * b]``: block ``n`` of every row, in place."""
+    return x.view(x.shape[0], nb, x.shape[1] // nb).transpose(0, 1)
+
+
+def _block_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Rows ``[T, nb * b]`` times ``blockdiag(blocks)``, into fresh rows."""
+    nb = blocks.shape[0]
+    if __import__("os").environ.get("QGOFT_EXP_BM") == "1":
+        yt = torch.bmm(_blocks(x, nb), blocks)
+        y = x.new_empty(x.shape)
+        _blocks(y, nb).copy_(yt)
+        return y
+    y = x.new_empty(x.shape)
+    torch.bmm(_blocks(x, nb), blocks, out=_blocks(y, nb))
+    return y
+
+
+def _rows_forward(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None):
+    """``x @ U @ blockdiag(blocks)`` for rows ``[T, nb * b]``; returns ``(y, roots, delta)``.
+
+    One ``bmm`` reads ``x`` in place and writes ``y`` in the rows' layout: no copies of the
+    rows (each would be a pass, and on a CPU a fresh allocation costs about as much again
+    in page faults). ``U`` changes only the roots, ``r = roots @ Q``, so ``y`` is then
+    corrected by ``(r - roots)`` times each block's row 0 (``delta``, ``[nb, T]``).
+    """
+    nb = blocks.shape[0]
+    y = _block_matmul(x, blocks)
+    roots = delta = None
+    if Q is not None:
+        roots = _blocks(x, nb)[:, :, 0].T.contiguous()
+        delta = (roots @ Q - roots).T.contiguous()
+        _blocks(y, nb).addcmul_(delta.unsqueeze(-1), blocks[:, :1, :])
+    return y, roots, delta
+
+
+def _rows_transposed(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None):
+    """``x @ blockdiag(blocks)^T @ U^T`` for rows ``[T, nb * b]``; returns ``(y, roots)``
+    with ``roots`` the ``[T, nb]`` roots before ``Q^T``."""
+    nb = blocks.shape[0]
+    y = _block_matmul(x, blocks.transpose(1, 2))
+    roots = None
+    if Q is not None:
+        roots = _blocks(y, nb)[:, :, 0].T.clone()
+        _blocks(y, nb)[:, :, 0] = (roots @ Q.T).T
+    return y, roots
+
+
+def _rows_forward_backward(g, x, roots, delta, blocks, Q, want_x: bool, want_blocks: bool, want_q: bool):
+    """Gradients of ``y = x @ U @ blockdiag(blocks)`` (:func:`_rows_forward`) for ``dy = g``."""
+    nb = blocks.shape[0]
+    dx = dblocks = dQ = None
+    if want_blocks:
+        # x2 = x with its roots replaced: its blocks' row 0 held r = roots + delta
+        dblocks = torch.bmm(_blocks(x, nb).transpose(1, 2), _blocks(g, nb))
+        if Q is not None:
+            dblocks[:, 0, :] += torch.bmm(delta.unsqueeze(1), _blocks(g, nb)).squeeze(1)
+    if want_x:
+        dx = _block_matmul(g, blocks.transpose(1, 2))
+    if Q is not None and (want_x or want_q):
+        if want_x:
+            droots = _blocks(dx, nb)[:, :, 0].T.contiguous()
+        else:
+            droots = torch.bmm(_blocks(g, nb), blocks[:, :1, :].transpose(1, 2)).squeeze(-1).T
+        if want_q:
+            dQ = roots.T @ droots
+        if want_x:
+            _blocks(dx, nb)[:, :, 0] = (droots @ Q.T).T
+    return dx, dblocks, dQ
+
+
+def _rows_transposed_backward(g, x, roots, blocks, Q, want_x: bool, want_blocks: bool, want_q: bool):
+    """Gradients of ``y = x @ blockdiag(blocks)^T @ U^T`` (:func:`_rows_transposed`) for ``dy = g``."""
+    nb = blocks.shape[0]
+    dx = dblocks = dQ = gdelta = None
+    if Q is not None:
+        # g1, the gradient before U^T, is g with its roots times Q: g + gdelta on the roots
+        groots = _blocks(g, nb)[:, :, 0].T.contiguous()
+        if want_q:
+            dQ = groots.T @ roots
+        gdelta = (groots @ Q - groots).T.contiguous()
+    if want_blocks:
+        dblocks = torch.bmm(_blocks(g, nb).transpose(1, 2), _blocks(x, nb))
+        if gdelta is not None:
+            dblocks[:, 0, :] += torch.bmm(gdelta.unsqueeze(1), _blocks(x, nb)).squeeze(1)
+    if want_x:
+        dx = _block_matmul(g, blocks)
+        if gdelta is not None:
+            _blocks(dx, nb).addcmul_(gdelta.unsqueeze(-1), blocks[:, :1, :])
+    return dx, dblocks, dQ
+
+
+def _composite(x, blocks, Q, transpose):
+    """The same map in differentiable ops, for rows ``[T, nb * b]``: what the compiler traces
+    and what the double backward differentiates."""
+    nb, b, _ = blocks.shape
+    xv = x.view(x.shape[0], nb, b)
+    if not transpose:
+        if Q is not None:
+            xv = torch.cat(((xv[:, :, 0] @ Q).unsqueeze(-1), xv[:, :, 1:]), -1)
+        y = torch.einsum("tnj,njc->tnc", xv, blocks)
+    else:
+        y = torch.einsum("tnc,njc->tnj", xv, blocks)
+        if Q is not None:
+            y = torch.cat(((y[:, :, 0] @ Q.T).unsqueeze(-1), y[:, :, 1:]), -1)
+    return y.reshape(x.shape)
+
+
+def _double_backward(ctx, inputs, wants, output, grad):
+    """The gradients of a Function's inputs by differentiating ``output()`` again (``create_graph``)."""
+    with torch.enable_grad():
+        grads = iter(torch.autograd.grad(output(), [t for t, want in zip(inputs, wants) if want], grad,
+                                         create_graph=True))
+    return tuple(next(grads) if want else None for want in wants)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with unit stride along the features (``bmm`` needs it; a copy only otherwise)."""
+    return x if x.stride(-1) == 1 and x.stride(0) >= x.shape[-1] else x.contiguous()
+
+
+class DenseRotation(torch.autograd.Function):
+    """``x @ U @ blockdiag(blocks)`` (or its transpose) for rows ``x`` of shape ``[T, nb * b]``.
+
+    Saves ``x`` (no copy of it) and ``[T, nb]`` roots; the backward is one ``bmm`` for the
+    blocks' gradient, one for ``dx`` and small matmuls for the roots, only for the gradients
+    asked for. Under ``create_graph`` it differentiates :func:`_composite` instead. Inputs
+    are assumed valid (``x`` in the factors' dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x, blocks, Q, transpose):
+        x = _rows(x)
+        if transpose:
+            y, roots = _rows_transposed(x, blocks, Q)
+            delta = None
+        else:
+            y, roots, delta = _rows_forward(x, blocks, Q)
+        ctx.save_for_backward(x, blocks, Q, roots, delta)
+        ctx.transpose = transpose
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, blocks, Q, roots, delta = ctx.saved_tensors
+        wants = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():
+            return _double_backward(ctx, (x, blocks, Q), wants, lambda: _composite(x, blocks, Q, ctx.transpose),
+                                    dy) + (None,)
+        with torch.autocast(dy.device.type, enabled=False):
+            if ctx.transpose:
+                return _rows_transposed_backward(_rows(dy), x, roots, blocks, Q, *wants) + (None,)
+            return _rows_forward_backward(_rows(dy), x, roots, delta, blocks, Q, *wants) + (None,)
+
+
+class DenseLinear(torch.autograd.Function):
+    """``F.linear(x @ R, weight, bias)`` with ``R = U @ blockdiag(blocks)``, rows ``x`` ``[T, nb * b]``.
+
+    The forward rotates the smaller operand: the ``T`` rows of ``x``, or the ``k`` rows of
+    ``weight`` (``W R^T``, then ``F.linear(x, W R^T, bias)``: no ``[T, d]`` intermediate).
+    The backward is the same either way: ``g = dy @ W`` (the frozen layer's own input
+    gradient), then ``dx = g @ R^T`` and the factors' gradients from ``x`` and ``g``, as
+    :class:`DenseRotation` does. Gradients of ``weight`` and ``bias`` are computed when asked.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, blocks, Q):
+        x = _rows(x)
+        roots = delta = None
+        if weight.shape[0] < x.shape[0]:
+            w_eff, _ = _rows_transposed(_rows(weight), blocks, Q)
+            out = F.linear(x, w_eff, bias)
+        else:
+            y, roots, delta = _rows_forward(x, blocks, Q)
+            out = F.linear(y, weight, bias)
+        ctx.save_for_backward(x, weight, bias, blocks, Q, roots, delta)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, bias, blocks, Q, roots, delta = ctx.saved_tensors
+        wants = ctx.needs_input_grad[:5]
+        if torch.is_grad_enabled():
+            def output():
+                return F.linear(_composite(x, blocks, Q, False), weight, bias)
+            return _double_backward(ctx, (x, weight, bias, blocks, Q), wants, output, dout)
+        want_x, want_w, want_bias, want_blocks, want_q = wants
+        with torch.autocast(dout.device.type, enabled=False):
+            dout = _rows(dout)
+            if Q is not None and roots is None and (want_blocks or want_q):
+                nb = blocks.shape[0]
+                roots = _blocks(x, nb)[:, :, 0].T.contiguous()
+                delta = (roots @ Q - roots).T.contiguous()
+            dx = dblocks = dQ = dw = dbias = None
+            if want_x or want_blocks or want_q:
+                dx, dblocks, dQ = _rows_forward_backward(dout @ weight, x, roots, delta, blocks, Q, want_x,
+                                                         want_blocks, want_q)
+            if want_w:
+                dw = dout.T @ _rows_forward(x, blocks, Q)[0]
+            if want_bias:
+                dbias = dout.sum(0)
+        return dx, dw, dbias, dblocks, dQ
+
+
+def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
+    return F.pad(x, (0, n - x.shape[-1])) if n > x.shape[-1] else x
+
+
+def rotate_dense(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens", structure: str = "tree",
+                 scale: torch.Tensor | None = None, transpose: bool = False,
+                 block_width: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """``x @ R`` (or ``x @ R^T``) through the dense factors; float32 compute (float64 for float64 ``x``).
+
+    Same contract as :func:`qgoft_kernels.sweeps.rotate_sweeps`; ``block_width`` is the
+    block width ``b`` (a power of two; ``>= 2**L`` applies the dense ``R`` in one matmul).
+    Inputs are assumed valid; :func:`qgoft_kernels.givens_rotate` checks them.
+    """
+    d = x.shape[-1]
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    # the matmuls compute in `compute`, also under autocast (which would run them in bf16)
+    with torch.autocast(x.device.type, enabled=False):
+        blocks, Q = dense_factors(d, params, block=block, structure=structure, scale=scale,
+                                  block_width=block_width, dtype=compute)
+        rows = _padded(x.reshape(-1, d).to(compute), blocks.shape[0] * blocks.shape[1])
+        if torch.compiler.is_compiling():
+            y = _composite(rows, blocks, Q, transpose)
+        else:
+            y = DenseRotation.apply(rows, blocks, Q, transpose)
+    return y[:, :d].reshape(x.shape).to(x.dtype).contiguous()
+
+
+def linear_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, params: torch.Tensor, *,
+                 block: str, structure: str, scale: torch.Tensor | None,
+                 block_width: int = DEFAULT_BLOCK) -> torch.Tensor:
+    """``F.linear(x @ R, weight, bias)`` in one :class:`DenseLinear` (inputs assumed valid).
+
+    For ``x`` and ``weight`` of one dtype, float32 or float64, with ``d`` a multiple of the
+    block width (:func:`fused_linear_applies`).
+    """
+    d = x.shape[-1]
+    blocks, Q = dense_factors(d, params, block=block, structure=structure, scale=scale,
+                              block_width=block_width, dtype=x.dtype)
+    out = DenseLinear.apply(x.reshape(-1, d), weight, bias, blocks, Q)
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, block_width: int) -> bool:
+    """Whether :func:`linear_dense` takes this call: one float32/float64 dtype, no autocast, no
+    compiler, and ``d`` a multiple of the block width (else the rows would be padded)."""
+    d = x.shape[-1]
+    _, b, nb = layout(d, block_width)
+    return (x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64) and nb * b == d
+            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())

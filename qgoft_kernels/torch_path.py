@@ -1,0 +1,79 @@
+"""The ``backend="torch"`` path: stage sweeps or dense factors, whichever is faster.
+
+Two formulations compute the same ``x @ R`` (or ``x @ R^T``) with the same contract:
+
+- ``"sweeps"`` (:mod:`qgoft_kernels.sweeps`): the kernels' algorithm in torch ops, a few
+  ops per stage over the activations. Least work (``O(rows d)``), but about ten ops per
+  stage, each a pass over a strided slice, and autograd keeps every stage's intermediates.
+- ``"dense"`` (:mod:`qgoft_kernels.dense`): ``R``'s dense factors built once per call from
+  the parameters, applied with a batched matmul; ``O(rows d b)`` flops in a few BLAS calls.
+
+``"auto"`` takes the rule of :func:`choose`, measured on a 2-core x86_64 CPU with
+``python -m benchmarks.crossover`` (docs/benchmarks.md, "The PyTorch path's formulations").
+``QGOFT_TORCH_PATH`` forces one formulation and ``QGOFT_DENSE_BLOCK`` pins the dense block
+width (docs/environment.md).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .dense import DEFAULT_BLOCK, fused_linear_applies, linear_dense, rotate_dense
+from .sweeps import rotate_sweeps
+
+FORMULATIONS = ("auto", "sweeps", "dense")
+
+
+def formulation() -> str:
+    """``QGOFT_TORCH_PATH`` (``auto`` when unset), checked."""
+    value = os.environ.get("QGOFT_TORCH_PATH", "auto").strip().lower() or "auto"
+    if value not in FORMULATIONS:
+        raise ValueError(f"QGOFT_TORCH_PATH must be one of {FORMULATIONS}, got {value!r}")
+    return value
+
+
+def dense_block() -> int:
+    """``QGOFT_DENSE_BLOCK`` (a power of two >= 1), else :data:`DEFAULT_BLOCK`."""
+    value = os.environ.get("QGOFT_DENSE_BLOCK", "").strip()
+    if not value:
+        return DEFAULT_BLOCK
+    if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
+        raise ValueError(f"QGOFT_DENSE_BLOCK must be a power of two >= 1, got {value!r}")
+    return int(value)
+
+
+def choose(d: int, rows: int) -> str:
+    """The faster formulation for ``rows`` rows of ``d`` features on a CPU (measured)."""
+    return "dense"
+
+
+def rotate_torch(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens", structure: str = "tree",
+                 scale: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
+    """``x @ R`` (or ``x @ R^T``) on the PyTorch path, by the formulation asked for or chosen.
+
+    Inputs are assumed valid; :func:`qgoft_kernels.givens_rotate` checks them.
+    """
+    use = formulation()
+    d = x.shape[-1]
+    if use == "auto":
+        use = choose(d, x.numel() // d)
+    if use == "sweeps":
+        return rotate_sweeps(x, params, block=block, structure=structure, scale=scale, transpose=transpose)
+    return rotate_dense(x, params, block=block, structure=structure, scale=scale, transpose=transpose,
+                        block_width=dense_block())
+
+
+def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, params: torch.Tensor, *,
+                 block: str, structure: str, scale: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x @ R, weight, bias)`` on the PyTorch path: fused on the dense formulation
+    where :func:`qgoft_kernels.dense.fused_linear_applies`, else the composition."""
+    use = formulation()
+    d = x.shape[-1]
+    if use == "auto":
+        use = choose(d, x.numel() // d)
+    width = dense_block()
+    if use == "dense" and fused_linear_applies(x, weight, width):
+        return linear_dense(x, weight, bias, params, block=block, structure=structure, scale=scale, block_width=width)
+    return F.linear(rotate_torch(x, params, block=block, structure=structure, scale=scale), weight, bias)

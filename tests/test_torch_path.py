@@ -1,0 +1,286 @@
+"""The PyTorch path's formulations (sweeps, dense factors at several block widths): each
+against the float64 oracle, gradcheck and gradgradcheck, determinism, and the switch.
+
+Runs anywhere: ``backend="torch"`` takes CPU and CUDA tensors alike; the formulation is
+forced with ``QGOFT_TORCH_PATH`` / ``QGOFT_DENSE_BLOCK`` as a user would.
+"""
+import pytest
+import torch
+
+import qgoft_kernels as qk
+from qgoft_kernels.dense import DenseRotation, dense_factors, layout
+from qgoft_kernels.torch_path import choose, dense_block, formulation
+from qgoft_kernels.verify import Case, assert_close, check_case, random_inputs
+
+# (QGOFT_TORCH_PATH, QGOFT_DENSE_BLOCK): block widths 1 (every stage on the roots), 2, 4, the
+# default 32, and one past every d here (the whole dense R)
+FORMULATIONS = [("sweeps", ""), ("dense", "1"), ("dense", "2"), ("dense", "4"), ("dense", "32"),
+                ("dense", "4096")]
+FORMULATION_IDS = ["sweeps", "dense-b1", "dense-b2", "dense-b4", "dense-b32", "dense-R"]
+COMBOS = [(b, s, t) for b in ("givens", "quasi") for s in (False, True) for t in (False, True)]
+
+
+@pytest.fixture(params=FORMULATIONS, ids=FORMULATION_IDS)
+def forced(request, monkeypatch):
+    path, width = request.param
+    monkeypatch.setenv("QGOFT_TORCH_PATH", path)
+    monkeypatch.setenv("QGOFT_DENSE_BLOCK", width)
+    # GivensLinear on CPU tensors takes the PyTorch path (not the interpreter conftest sets)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    return request.param
+
+
+def _ids(combo):
+    block, scale, transpose = combo
+    return f"{block}{'-scale' if scale else ''}{'-T' if transpose else ''}"
+
+
+# many widths for the default dense blocks, fewer for the sweeps (tests/test_reference.py holds
+# them to float64 too) and the other block widths
+ORACLE_DIMS = {"sweeps": (1, 3, 17, 100, 768), "dense-b32": (1, 2, 3, 17, 64, 100, 257, 768)}
+ORACLE_CASES = [pytest.param(path, width, d, id=f"{name}-d{d}")
+                for (path, width), name in zip(FORMULATIONS, FORMULATION_IDS)
+                for d in ORACLE_DIMS.get(name, (3, 100))]
+# the formulations whose code paths differ: sweeps, roots of one column each, the default, R
+FEW = [pytest.param(FORMULATIONS[i], id=FORMULATION_IDS[i]) for i in (0, 1, 4, 5)]
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=_ids)
+@pytest.mark.parametrize("path, width, d", ORACLE_CASES)
+def test_fp32_against_the_oracle(path, width, d, combo, device, gen, monkeypatch):
+    """Output and every gradient within the fp32 bound of the float64 oracle (docs/method.md §4)."""
+    monkeypatch.setenv("QGOFT_TORCH_PATH", path)
+    monkeypatch.setenv("QGOFT_DENSE_BLOCK", width)
+    result = check_case(Case(d, 37, *combo, torch.float32), device, backend="torch", generator=gen)
+    bad = {n: r for n, r in result.items() if not r[2]}
+    assert not bad, "; ".join(f"{n}: error {e:.3e} > bound {b:.3e} ({detail})" for n, (e, b, _, detail) in bad.items())
+
+
+@pytest.mark.parametrize("formulation", FEW)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "fp64"])
+@pytest.mark.parametrize("d", [33, 384])
+def test_other_dtypes(d, dtype, formulation, device, gen, monkeypatch):
+    monkeypatch.setenv("QGOFT_TORCH_PATH", formulation[0])
+    monkeypatch.setenv("QGOFT_DENSE_BLOCK", formulation[1])
+    for combo in (("quasi", True, False), ("givens", False, True)):
+        result = check_case(Case(d, 29, *combo, dtype), device, backend="torch", generator=gen)
+        assert all(r[2] for r in result.values()), result
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
+@pytest.mark.parametrize("block", ["givens", "quasi"])
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 13])
+def test_gradcheck_and_gradgradcheck(d, block, transpose, forced, gen):
+    case = Case(d, 4, block, True, transpose, torch.float64)
+    x, params, scale, _ = random_inputs(case, "cpu", gen)
+    inputs = (x.requires_grad_(), params.double().requires_grad_(), scale.double().requires_grad_())
+
+    def rotate(a, p, s):
+        return qk.givens_rotate(a, p, block=block, scale=s, transpose=transpose, backend="torch")
+
+    assert torch.autograd.gradcheck(rotate, inputs)
+    # second derivatives: slow, so at two widths (one with roots at every small block width)
+    if d in (2, 5):
+        assert torch.autograd.gradgradcheck(rotate, inputs)
+
+
+@pytest.mark.parametrize("which", ["x", "params", "scale", "params+scale", "x+scale"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
+def test_only_the_requested_gradients(which, transpose, forced, gen):
+    """The backward computes only what autograd asks for; each subset must still be right."""
+    case = Case(70, 20, "quasi", True, transpose, torch.float32)
+    x, params, scale, dy = random_inputs(case, "cpu", gen)
+    ref_in = [t.double().requires_grad_() for t in (x, params, scale)]
+    ref = torch.autograd.grad(qk.givens_rotate(ref_in[0], ref_in[1], block="quasi", scale=ref_in[2],
+                                               transpose=transpose, backend="torch"), ref_in, dy.double())
+    names = which.split("+")
+    leaves = [t.requires_grad_() for n, t in (("x", x), ("params", params), ("scale", scale)) if n in names]
+    got = torch.autograd.grad(qk.givens_rotate(x, params, block="quasi", scale=scale, transpose=transpose,
+                                               backend="torch"), leaves, dy)
+    expected = [r for n, r in zip(("x", "params", "scale"), ref) if n in names]
+    for g, r in zip(got, expected):
+        assert_close(g, r)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
+def test_bit_identical_repeats(transpose, forced, gen):
+    """Same inputs, same output and gradients to the bit (many rows: the parameter reductions run long)."""
+    case = Case(300, 1500, "quasi", True, transpose, torch.float32)
+    x, params, scale, dy = random_inputs(case, "cpu", gen)
+    leaves = [x.requires_grad_(), params.requires_grad_(), scale.requires_grad_()]
+
+    def run():
+        y = qk.givens_rotate(x, params, block="quasi", scale=scale, transpose=transpose, backend="torch")
+        return (y, *torch.autograd.grad(y, leaves, dy))
+
+    first = run()
+    for _ in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(first, run()))
+
+
+def test_zero_rows_and_leading_dimensions(forced):
+    d = 40
+    params = (torch.eye(2) + 0.1 * torch.randn(d - 1, 2, 2)).requires_grad_()
+    scale = torch.randn(d, requires_grad=True)
+    x = torch.randn(0, 3, d, requires_grad=True)
+    y = qk.givens_rotate(x, params, block="quasi", scale=scale, backend="torch")
+    assert y.shape == (0, 3, d)
+    dx, dp, ds = torch.autograd.grad(y.sum(), (x, params, scale))
+    assert dx.shape == x.shape
+    assert torch.equal(dp, torch.zeros_like(params)) and torch.equal(ds, torch.zeros_like(scale))
+    x = torch.randn(3, 4, 2 * d, dtype=torch.float64)[..., ::2]  # 3-D, non-contiguous
+    ref = x @ qk.givens_matrix(d, params.double(), block="quasi", scale=scale.double())
+    assert_close(qk.givens_rotate(x, params, block="quasi", scale=scale, backend="torch"), ref, rtol=1e-6)
+
+
+def test_identity_parameters_give_identity(forced):
+    d = 37
+    x = torch.randn(5, d)
+    for block, params in (("givens", torch.zeros(d - 1)), ("quasi", torch.eye(2).repeat(d - 1, 1, 1))):
+        assert torch.equal(qk.givens_rotate(x, params, block=block, backend="torch"), x)
+
+
+@pytest.mark.parametrize("d, width", [(1, 32), (8, 32), (100, 32), (100, 1), (257, 16), (1024, 32)])
+def test_dense_factors_multiply_to_R(d, width, gen):
+    """``U @ blockdiag(blocks)`` is ``givens_matrix`` (float64, to rounding)."""
+    _, params, scale, _ = random_inputs(Case(d, 1, "quasi", True, False, torch.float64), "cpu", gen)
+    blocks, Q = dense_factors(d, params.double(), block="quasi", structure="tree", scale=scale.double(),
+                              block_width=width, dtype=torch.float64)
+    m, b, nb = layout(d, width)
+    assert blocks.shape == (nb, b, b) and (Q is None) == (nb == 1)
+    n = nb * b
+    U = torch.eye(n, dtype=torch.float64)
+    if Q is not None:
+        U[::b, ::b] = Q
+    R = (U @ torch.block_diag(*blocks))[:d, :d]
+    assert_close(R, qk.givens_matrix(d, params.double(), block="quasi", scale=scale.double()), rtol=1e-13)
+
+
+def test_double_backward_through_the_dense_function(gen):
+    x = torch.randn(6, 20, dtype=torch.float64, generator=gen, requires_grad=True)
+    blocks = torch.randn(5, 4, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    Q = torch.randn(5, 5, dtype=torch.float64, generator=gen, requires_grad=True)
+    for transpose in (False, True):
+        assert torch.autograd.gradgradcheck(lambda a, b, q: DenseRotation.apply(a, b, q, transpose), (x, blocks, Q))
+
+
+def test_the_switch(monkeypatch):
+    monkeypatch.delenv("QGOFT_TORCH_PATH", raising=False)
+    monkeypatch.delenv("QGOFT_DENSE_BLOCK", raising=False)
+    assert formulation() == "auto" and dense_block() == 32
+    monkeypatch.setenv("QGOFT_TORCH_PATH", " Sweeps ")
+    assert formulation() == "sweeps"
+    monkeypatch.setenv("QGOFT_TORCH_PATH", "fast")
+    with pytest.raises(ValueError, match="QGOFT_TORCH_PATH must be one of .*'fast'"):
+        qk.givens_rotate(torch.randn(2, 8), torch.zeros(7), backend="torch")
+    monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
+    for bad in ("0", "12", "x", "-4"):
+        monkeypatch.setenv("QGOFT_DENSE_BLOCK", bad)
+        with pytest.raises(ValueError, match="QGOFT_DENSE_BLOCK must be a power of two"):
+            qk.givens_rotate(torch.randn(2, 8), torch.zeros(7), backend="torch")
+
+
+def test_compiled_sweeps_match_eager(gen, monkeypatch):
+    """torch.compile(fullgraph=True) of the sweeps (tests/test_torch_compile.py compiles the
+    default, the dense formulation, with roots at d = 40 and one block at d = 24)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("QGOFT_TORCH_PATH", "sweeps")
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(qk.GivensLinear(40, 24, block="quasi", scale=True), torch.nn.GELU(),
+                                qk.GivensLinear(24, 16, block="givens"))
+    with torch.no_grad():
+        for p in qk.trainable_parameters(model):
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+    x = torch.randn(2, 5, 40, generator=gen, requires_grad=True)
+    leaves = [x] + qk.trainable_parameters(model)
+    eager = model(x)
+    eager_grads = torch.autograd.grad(eager.square().sum(), leaves)
+    compiled = torch.compile(model, fullgraph=True)(x)
+    grads = torch.autograd.grad(compiled.square().sum(), leaves)
+    torch._dynamo.reset()
+    assert_close(compiled, eager)
+    for g, e in zip(grads, eager_grads):
+        assert_close(g, e)
+
+
+def test_choose_is_one_of_the_formulations():
+    for d in (1, 16, 384, 4096, 65536):
+        for rows in (0, 1, 64, 1280, 100000):
+            assert choose(d, rows) in ("sweeps", "dense")
+
+
+# GivensLinear's fused forward (qgoft_kernels.function.givens_linear): the weight's rows are
+# rotated when there are fewer of them than rows of x (k < T), else x's rows
+@pytest.mark.parametrize("k, rows", [(16, 40), (100, 40), (24, 1), (24, 0)], ids=["W-side", "x-side", "T1", "T0"])
+@pytest.mark.parametrize("d", [64, 100, 192])
+def test_layer_against_the_oracle(d, k, rows, forced, gen):
+    """Output and the gradients of x, rotation and scale, and of an unfrozen weight and bias."""
+    for block, scale, dtype in (("quasi", True, torch.float32), ("givens", False, torch.float64)):
+        layer = qk.GivensLinear(d, k, block=block, scale=scale, dtype=dtype)
+        with torch.no_grad():
+            layer.rotation.add_(0.3 * torch.randn(layer.rotation.shape, generator=gen))
+            if scale:
+                layer.scale.add_(0.2 * torch.randn(d, generator=gen))
+        layer.weight.requires_grad_(dtype == torch.float64)
+        layer.bias.requires_grad_(dtype == torch.float64)
+        x = torch.randn(rows, d, generator=gen, dtype=dtype).requires_grad_()
+        dy = torch.randn(rows, k, generator=gen, dtype=dtype)
+        leaves = [x] + [p for p in layer.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(layer(x), leaves, dy)
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        named = dict(zip([id(t) for t in leaves], ref_leaves))
+        R = qk.givens_matrix(d, named[id(layer.rotation)], block=block,
+                             scale=named[id(layer.scale)] if scale else None)
+        weight = named.get(id(layer.weight), layer.weight.double())
+        bias = named.get(id(layer.bias), layer.bias.double())
+        ref = torch.nn.functional.linear(ref_leaves[0] @ R, weight, bias)
+        assert_close(layer(x), ref, name="output")
+        for g, r, t in zip(grads, torch.autograd.grad(ref, ref_leaves, dy.double()), leaves):
+            assert_close(g, r, name=f"gradient of a {tuple(t.shape)} tensor")
+
+
+def test_layer_low_precision_and_padding_take_the_composition(gen, monkeypatch):
+    """bf16 layers and widths that are not a multiple of the block width are the plain composition."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    for d, dtype in ((64, torch.bfloat16), (70, torch.float32)):
+        layer = qk.GivensLinear(d, 12, block="quasi", scale=True, dtype=dtype)
+        with torch.no_grad():
+            layer.rotation.add_(0.2 * torch.randn(layer.rotation.shape, generator=gen))
+        x = torch.randn(30, d, generator=gen).to(dtype)
+        expected = torch.nn.functional.linear(layer.rotate(x), layer.weight, layer.bias)
+        assert torch.equal(layer(x), expected)
+
+
+@pytest.mark.parametrize("k, rows", [(3, 6), (9, 4)], ids=["W-side", "x-side"])
+def test_layer_gradgradcheck(k, rows, forced, gen):
+    d = 8
+    layer = qk.GivensLinear(d, k, block="quasi", scale=True, dtype=torch.float64)
+    with torch.no_grad():
+        layer.rotation.add_(0.3 * torch.randn(layer.rotation.shape, generator=gen, dtype=torch.float64))
+    x = torch.randn(rows, d, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = layer.weight.detach().requires_grad_()
+
+    def run(a, p, s, w):
+        return qk.function.givens_linear(a, w, layer.bias, p, block="quasi", scale=s, backend="torch")
+
+    # the module's rotation is float32 whatever its dtype: gradcheck needs float64 leaves
+    inputs = (x, layer.rotation.detach().double().requires_grad_(), layer.scale.detach().double().requires_grad_(),
+              weight)
+    assert torch.autograd.gradcheck(run, inputs)
+    assert torch.autograd.gradgradcheck(run, inputs)
+
+
+@pytest.mark.parametrize("k", [64, 2000], ids=["W-side", "x-side"])
+def test_layer_bit_identical_repeats(k, forced, gen):
+    layer = qk.GivensLinear(384, k, block="quasi", scale=True)
+    with torch.no_grad():
+        layer.rotation.add_(0.2 * torch.randn(layer.rotation.shape, generator=gen))
+    x = torch.randn(1000, 384, generator=gen, requires_grad=True)
+    dy = torch.randn(1000, k, generator=gen)
+
+    def run():
+        out = layer(x)
+        return (out, *torch.autograd.grad(out, (x, layer.rotation, layer.scale), dy))
+
+    first = run()
+    assert all(torch.equal(a, b) for a, b in zip(first, run()))
