@@ -1,5 +1,7 @@
 # make test   set up .venv from nothing and run the test suite (CPU: Triton interpreter)
 # make bench  the main job: verification of every kernel path, then the benchmark tables and plots
+# make crossover  where each formulation of the PyTorch path wins on this CPU (benchmarks/crossover.py;
+#                about 15 min on 2 cores); the rule in qgoft_kernels/torch_path.py encodes its result
 # make finetune  the fine-tuning benchmark (MiniLM on TREC and movie reviews); SETTING=quick takes
 #                about 20 min on 2 CPU cores, the default (cpu on a CPU, gpu with CUDA) longer
 # make gpu    on a CUDA machine with time: gpu tier + verify + timings (STEPS=tests,verify,bench: a part
@@ -32,7 +34,7 @@ ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
 endif
 
-.PHONY: test bench lint finetune gpu gpu-quick gpu-quick-dry clean
+.PHONY: test bench lint crossover finetune gpu gpu-quick gpu-quick-dry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -55,6 +57,9 @@ bench: $(VENV)/.installed
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.plot
 	$(PY) -m benchmarks.report
+
+crossover: $(VENV)/.installed
+	$(PY) -m benchmarks.crossover
 
 finetune: $(VENV)/.installed
 	$(PY) -m benchmarks.finetune $(if $(SETTING),--setting $(SETTING))

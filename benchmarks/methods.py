@@ -84,10 +84,43 @@ def _ours(cls, **options):
     return build
 
 
+class SweepsLinear(nn.Module):
+    """A ``GivensLinear`` run as before the dense formulation: the stage sweeps, then the frozen
+    layer (``F.linear(rotate_sweeps(x), W, b)``); the "before" of the CPU peers table."""
+
+    def __init__(self, layer: GivensLinear):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        from qgoft_kernels.sweeps import rotate_sweeps
+
+        m = self.layer
+        return nn.functional.linear(rotate_sweeps(x, m.rotation, block=m.block, structure=m.structure,
+                                                  scale=m.scale), m.weight, m.bias)
+
+
+def _sweeps(**options):
+    def build(linear: nn.Linear):
+        return SweepsLinear(GivensLinear.from_linear(copy.deepcopy(linear), **options)), ""
+    return build
+
+
 def _frozen(linear: nn.Linear):
     layer = copy.deepcopy(linear)
     layer.requires_grad_(False)
     return layer, ""
+
+
+#: The methods of the CPU peers table (benchmarks/run.py): every variant of ours, two of them
+#: also on the stage sweeps alone (the PyTorch path before the dense formulation), and the
+#: two peers issue 14 holds them to.
+PEER_METHODS = ("frozen nn.Linear", "qGOFT quasi", "qGOFT quasi+scale", "GOFT givens", "GOFT givens+scale",
+                "qGOFT quasi+scale (sweeps)", "GOFT givens (sweeps)", "PEFT OFT b=32", "PEFT LoRA r=8")
+SWEEPS_METHODS = (
+    Method("qGOFT quasi+scale (sweeps)", "sweeps", _sweeps(block="quasi", scale=True)),
+    Method("GOFT givens (sweeps)", "sweeps", _sweeps(block="givens")),
+)
 
 
 def lora_rank_for_budget(d: int, k: int) -> int:

@@ -94,7 +94,9 @@ def plot_finetune(path: str) -> list[str]:
 
 def main() -> int:
     os.makedirs(PLOTS, exist_ok=True)
-    paths = sorted(glob.glob(os.path.join(RESULTS, "*.json")))
+    # the crossover and epoch-timing results are tables only
+    paths = sorted(p for p in glob.glob(os.path.join(RESULTS, "*.json"))
+                   if not os.path.basename(p).startswith(("crossover-", "finetune-timing-")))
     if not paths:
         print(f"no results in {RESULTS}; run python -m benchmarks.run first")
         return 0

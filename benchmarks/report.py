@@ -1,9 +1,10 @@
 """Write the committed results into the docs: ``python -m benchmarks.report``.
 
 ``docs/benchmarks.md`` gets every table of every ``benchmarks/results/*.json`` between its
-``results`` markers; the README gets a short training-step table between its ``bench``
-markers. Numbers only ever come from those files; ``benchmarks/test_bench.py`` checks that
-the docs are current.
+``results`` markers (the fine-tuning results between ``finetune``, the PyTorch path's
+formulations between ``crossover``); the README gets a short training-step table between its
+``bench`` markers. Numbers only ever come from those files; ``benchmarks/test_bench.py``
+checks that the docs are current.
 """
 from __future__ import annotations
 
@@ -22,11 +23,19 @@ SHORT = ("frozen nn.Linear", "qGOFT quasi", "GOFT givens", "paper dense qGOFT", 
          "PEFT LoRA r=16", "PEFT OFT b=32", "PEFT BOFT b=4 m=2")
 
 
+#: File name prefixes of the result kinds, most specific first; a speed result
+#: (benchmarks.run) has none of them.
+KINDS = {"finetune-timing": "finetune-timing-", "finetune": "finetune-", "crossover": "crossover-"}
+
+
 def load_results(kind: str = "speed") -> list[tuple[str, dict]]:
-    """Committed result files: ``"speed"`` (benchmarks.run) or ``"finetune"`` (benchmarks.finetune)."""
+    """Committed result files: ``"speed"`` (benchmarks.run), ``"finetune"`` (benchmarks.finetune)
+    or ``"crossover"`` (benchmarks.crossover)."""
     out = []
     for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
-        if os.path.basename(path).startswith("finetune-") != (kind == "finetune"):
+        name = os.path.basename(path)
+        found = next((k for k, prefix in KINDS.items() if name.startswith(prefix)), "speed")
+        if found != kind:
             continue
         with open(path) as fh:
             out.append((os.path.relpath(path, ROOT), json.load(fh)))
@@ -43,6 +52,22 @@ def docs_section(results) -> str:
 
 def finetune_section(results) -> str:
     from .finetune import table
+
+    parts = [f"From `{path}` ({result['meta']['date']}, {result['meta']['wall_seconds']} s).\n\n{table(result)}\n"
+             for path, result in results]
+    return "\n".join(parts) if parts else "No results yet.\n"
+
+
+def timing_section(results) -> str:
+    from .finetune import timing_table
+
+    parts = [f"From `{path}` ({result['meta']['date']}, {result['meta']['wall_seconds']} s).\n\n"
+             f"{timing_table(result)}\n" for path, result in results]
+    return "\n".join(parts) if parts else "No results yet.\n"
+
+
+def crossover_section(results) -> str:
+    from .crossover import table
 
     parts = [f"From `{path}` ({result['meta']['date']}, {result['meta']['wall_seconds']} s).\n\n{table(result)}\n"
              for path, result in results]
@@ -107,7 +132,9 @@ def render() -> dict[str, str]:
     out = {}
     with open(DOCS) as fh:
         text = _replace(fh.read(), "results", docs_section(results))
-        out[DOCS] = _replace(text, "finetune", finetune_section(load_results("finetune")))
+        text = _replace(text, "finetune", finetune_section(load_results("finetune")))
+        text = _replace(text, "finetune-timing", timing_section(load_results("finetune-timing")))
+        out[DOCS] = _replace(text, "crossover", crossover_section(load_results("crossover")))
     with open(README) as fh:
         text = _replace(fh.read(), "bench", readme_table(results))
         out[README] = _replace(text, "finetune", readme_finetune(load_results("finetune")))

@@ -1,13 +1,17 @@
 """The benchmark run: ``python -m benchmarks.run`` (``make bench`` calls it after ``verify``).
 
-Three tables, measured on whatever device is present:
+Four tables, measured on whatever device is present:
 
 1. kernel: ``givens_rotate`` forward, backward and both, against ``torch.clone`` of the same
    tensor (the floor);
 2. layer: one training step (forward + backward, no optimizer) and one inference forward of
    a single adapted layer, against the frozen ``nn.Linear``, with the peers (PEFT LoRA,
    OFT, BOFT) and the paper's dense method;
-3. merge: producing the merged weight, ours against building the dense ``R``.
+3. merge: producing the merged weight, ours against building the dense ``R``;
+4. peers (CPU): the training step and the unmerged inference forward of every GOFT/qGOFT
+   variant against PEFT's OFT (block 32) and LoRA (r = 8) on the same layer, at the widths of
+   small models, all timed in the same interleaved rounds, so the ratios hold under a
+   changing load.
 
 Every configuration of ours is first checked against the float64 oracle; one that fails
 gets no timing. Results go to ``benchmarks/results/<device>.json`` and CSV files beside it,
@@ -31,10 +35,18 @@ import torch
 import qgoft_kernels as qk
 from qgoft_kernels.verify import Case, check_case, rel_error
 
-from .methods import make_linear, methods, peft_version, trainable_parameters
+from .methods import (
+    PEER_METHODS,
+    SWEEPS_METHODS,
+    SweepsLinear,
+    make_linear,
+    methods,
+    peft_version,
+    trainable_parameters,
+)
 from .paper_dense import PaperDenseGivensLinear
 from .provenance import commit_id
-from .timing import peak_bytes, saved_bytes, time_ms
+from .timing import interleaved_ms, peak_bytes, saved_bytes, time_ms
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -48,13 +60,20 @@ class Plan:
     tokens: int
     merge_dims: tuple[int, ...]
     min_run_time: float = 0.2
+    # the peers table: (d, k) shapes and tokens (empty: no such table)
+    peer_shapes: tuple[tuple[int, int], ...] = ()
+    peer_tokens: int = 1280
+    peer_budget_s: float = 30.0
 
 
 GPU_PLAN = Plan(torch.bfloat16, (768, 1024, 2048, 3072, 4096, 8192, 11008, 16384), (4096, 16384, 65536),
                 ((1024, 1024), (1024, 4096), (4096, 4096), (4096, 16384)), 16384, (1024, 4096))
+#: The widths of small models, d -> d and d -> 4d, and a down-projection (issue 14's shapes).
+PEER_SHAPES = tuple((d, k) for d in (256, 384, 768, 1024, 1536, 4096) for k in (d, 4 * d)) + ((1536, 384),)
 CPU_PLAN = Plan(torch.float32, (256, 1024), (1024, 4096), ((256, 256), (256, 1024), (1024, 1024), (1024, 4096)),
-                1024, (256, 1024), min_run_time=0.5)
-QUICK_PLAN = Plan(torch.float32, (64,), (256,), ((64, 64),), 128, (64,), min_run_time=0.02)
+                1024, (256, 1024), min_run_time=0.5, peer_shapes=PEER_SHAPES)
+QUICK_PLAN = Plan(torch.float32, (64,), (256,), ((64, 64),), 128, (64,), min_run_time=0.02,
+                  peer_shapes=((64, 64),), peer_tokens=128, peer_budget_s=1.0)
 
 KERNEL_VARIANTS = (("quasi", True), ("givens", False))
 
@@ -91,7 +110,10 @@ def _qgoft_path(device: torch.device) -> str:
         return "Triton kernels"
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return "Triton interpreter (timings meaningless)"
-    return "PyTorch sweeps (CPU)"
+    forced = os.environ.get("QGOFT_TORCH_PATH", "auto").strip().lower() or "auto"
+    if forced != "auto":
+        return f"PyTorch path, {forced} formulation (CPU)"
+    return "PyTorch path, auto formulation (CPU)"
 
 
 # --- 1. kernel level --------------------------------------------------------------------------
@@ -146,13 +168,17 @@ def _random_params(d, block, device):
 
 def check_layer(module, base, x) -> bool:
     """Our layers and the paper's: the output equals the frozen layer on ``x @ R`` (float64)."""
+    if isinstance(module, SweepsLinear):
+        module, layer = module.layer, module
+    else:
+        layer = module
     if not isinstance(module, qk.GivensLinear):
         return True
     with torch.no_grad():
         R = qk.givens_matrix(module.in_features, module.rotation.double(), block=module.block,
                              scale=None if module.scale is None else module.scale.double())
         ref = (x.double() @ R) @ base.weight.double().T + base.bias.double()
-        got = module(x)
+        got = layer(x)
     bound = 1e-5 if x.dtype == torch.float32 else 2e-2
     return rel_error(got, ref) <= bound
 
@@ -207,6 +233,76 @@ def layer_rows(device: torch.device, plan: Plan) -> list[dict]:
             # drop the layer before building the next (the closures above hold the name, not a copy)
             module = None
     return rows
+
+
+# --- 4. peers (CPU) ----------------------------------------------------------------------------
+
+#: The goal on a CPU (issue 14): a step no slower than OFT's, within this factor of LoRA's.
+LORA_FACTOR = 1.2
+
+
+def peer_rows(device: torch.device, plan: Plan) -> list[dict]:
+    """Training step and inference forward of our variants beside PEFT OFT b=32 and LoRA r=8.
+
+    For each shape every method is built around the same frozen layer and checked (ours,
+    against the float64 ``x @ R``); then all of them, training and inference, run in the
+    same interleaved rounds (:func:`benchmarks.timing.interleaved_ms`), and each ratio is a
+    ratio of medians from those rounds.
+    """
+    rows = []
+    if peft_version() is None:
+        return rows
+    for d, k in plan.peer_shapes:
+        base = make_linear(d, k, device, plan.dtype)
+        x = torch.randn(plan.peer_tokens, d, device=device, dtype=plan.dtype)
+        dy = torch.randn(plan.peer_tokens, k, device=device, dtype=plan.dtype)
+        fns, built = {}, []
+        for method in [m for m in [*methods(d, k, True), *SWEEPS_METHODS] if m.name in PEER_METHODS]:
+            module, note = method.build(base)
+            perturb(module)
+            row = {"d": d, "k": k, "tokens": plan.peer_tokens, "method": method.name, "family": method.family,
+                   "trainable": trainable_parameters(module), "note": note,
+                   "correct": check_layer(module, base, x[:64])}
+            built.append((row, module))
+            if row["correct"]:
+                xg = x.detach().clone().requires_grad_()
+
+                def step(module=module, xg=xg):
+                    torch.autograd.backward(module(xg), dy)
+                    xg.grad = None
+                    for p in module.parameters():
+                        p.grad = None
+
+                def infer(module=module):
+                    with torch.no_grad():
+                        module(x)
+
+                fns[(method.name, "train")] = step
+                fns[(method.name, "infer")] = infer
+        timed = interleaved_ms({f"{name}|{kind}": fn for (name, kind), fn in fns.items()},
+                               budget_s=plan.peer_budget_s)
+        times = timed["times"]
+        for row, _ in built:
+            for kind in ("train", "infer"):
+                t = times.get(f"{row['method']}|{kind}")
+                row[f"{kind}_ms"] = None if t is None else {key: v for key, v in t.items() if key != "samples"}
+            row["load"] = timed["load"]
+        peers = {row["method"]: row for row, _ in built}
+        for row, _ in built:
+            for kind in ("train", "infer"):
+                for peer, key in (("PEFT OFT b=32", "oft"), ("PEFT LoRA r=8", "lora")):
+                    other = peers.get(peer)
+                    if row.get(f"{kind}_ms") and other and other.get(f"{kind}_ms"):
+                        row[f"{kind}_vs_{key}"] = row[f"{kind}_ms"]["median"] / other[f"{kind}_ms"]["median"]
+            rows.append(row)
+        print(f"peers {d} -> {k}: done (load {timed['load']})", flush=True)
+        built = fns = None
+    return rows
+
+
+def meets_goal(row: dict, kind: str) -> bool:
+    """No slower than OFT and within ``LORA_FACTOR`` of LoRA (for ``kind`` "train" or "infer")."""
+    return row.get(f"{kind}_vs_oft", 2.0) <= 1.0 and row.get(f"{kind}_vs_lora", 2.0) <= LORA_FACTOR
 
 
 # --- 3. merge ---------------------------------------------------------------------------------
@@ -278,6 +374,25 @@ def tables(result: dict) -> str:
                      f"| {r['trainable']:,} | {_fmt_ms(r['train_ms'])} | {ratio('train_vs_frozen')} "
                      f"| {_fmt_ms(r['infer_ms'])} | {ratio('infer_vs_frozen')} | {mb('saved_above_frozen')} "
                      f"| {mb('peak_above_frozen')} |")
+    peers = result.get("peers", [])
+    if peers:
+        lines += ["", f"Peers on the CPU (d -> k on {peers[0]['tokens']} tokens, fp32; training step = forward + "
+                  f"backward incl. dx; inference = unmerged forward; median ms of interleaved rounds; goal: at most "
+                  f"OFT's time and {LORA_FACTOR}x LoRA's):", "",
+                  "| d -> k | method | train ms | train / OFT | train / LoRA | infer ms | infer / OFT | infer / LoRA "
+                  "| goal met (train, infer) | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in peers:
+            if not r["correct"]:
+                lines.append(f"| {r['d']} -> {r['k']} | {r['method']} | FAILED CHECK | | | | | | | |")
+                continue
+            ratio = lambda key: f"{r[key]:.2f}" if key in r else "-"  # noqa: E731
+            ours = r["family"] == "qgoft"  # the sweeps rows are the "before", held to no goal
+            goal = (f"{'yes' if meets_goal(r, 'train') else 'NO'}, {'yes' if meets_goal(r, 'infer') else 'NO'}"
+                    if ours else "")
+            lines.append(f"| {r['d']} -> {r['k']} | {r['method']} | {_fmt_ms(r['train_ms'])} | {ratio('train_vs_oft')} "
+                         f"| {ratio('train_vs_lora')} | {_fmt_ms(r['infer_ms'])} | {ratio('infer_vs_oft')} "
+                         f"| {ratio('infer_vs_lora')} | {goal} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
     lines += ["", "Merge (W R^T for a d x d weight):", "",
               "| d | ours ms | ours / clone(W) | dense R ms | dense / ours | rel. err ours vs dense |",
               "|---|---|---|---|---|---|"]
@@ -295,8 +410,8 @@ def write(result: dict, out_dir: str, name: str) -> list[str]:
     paths = [os.path.join(out_dir, f"{name}.json")]
     with open(paths[0], "w") as fh:
         json.dump(result, fh, indent=1)
-    for table in ("kernel", "layer", "merge"):
-        flat = [_flatten(r) for r in result[table]]
+    for table in ("kernel", "layer", "merge", "peers"):
+        flat = [_flatten(r) for r in result.get(table, [])]
         keys = sorted({k for r in flat for k in r})
         path = os.path.join(out_dir, f"{name}-{table}.csv")
         with open(path, "w", newline="") as fh:
@@ -332,13 +447,14 @@ def main(argv=None) -> int:
     result["kernel"] = kernel_rows(device, plan)
     result["layer"] = layer_rows(device, plan)
     result["merge"] = merge_rows(device, plan)
+    result["peers"] = peer_rows(device, plan) if device.type == "cpu" else []
     result["meta"]["wall_seconds"] = round(time.time() - start, 1)
     print(tables(result))
     if not args.quick or args.out:
         for path in write(result, args.out or RESULTS, slug(device)):
             print("wrote", os.path.relpath(path))
     print(f"benchmarks took {result['meta']['wall_seconds']} s")
-    failed = [r for t in ("kernel", "layer", "merge") for r in result[t] if not r["correct"]]
+    failed = [r for t in ("kernel", "layer", "merge", "peers") for r in result[t] if not r["correct"]]
     return 1 if failed else 0
 
 

@@ -2,9 +2,16 @@
 
 GPU: ``triton.testing.do_bench`` (CUDA events; median and 20/80% quantiles). CPU:
 ``torch.utils.benchmark.Timer.blocked_autorange`` (repeated blocks; median and the 20/80%
-quantiles of the per-block times). Both return milliseconds.
+quantiles of the per-block times). Both return milliseconds. :func:`interleaved_ms` times
+several functions against each other on a shared CPU: round after round, each function
+once per round in a shuffled order, so a change of load hits them all alike.
 """
 from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
 
 import torch
 
@@ -24,6 +31,46 @@ def time_ms(fn, device: torch.device, min_run_time: float = 0.2) -> dict:
     times = sorted(t * 1e3 for t in m.times)
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
     return {"median": m.median * 1e3, "q20": pick(0.2), "q80": pick(0.8), "runs": m.number_per_run * len(m.times)}
+
+
+def interleaved_ms(fns: dict, rounds: int = 15, budget_s: float = 30.0, sample_s: float = 0.02,
+                   seed: int = 0) -> dict:
+    """Time every ``fns[name]()`` in the same rounds; milliseconds per call.
+
+    Each function is first called twice (warm-up) and gets a repeat count that makes one
+    sample last about ``sample_s``. Then up to ``rounds`` rounds (at least 3, fewer past
+    ``budget_s``) run every function's sample once, in an order shuffled per round. Returns
+    ``{"times": {name: {"median", "q20", "q80", "runs", "samples"}}, "load": [before, after]}``
+    with the 1-minute load average before and after (other work on the machine shows there).
+    """
+    load_before = os.getloadavg()[0]
+    repeats = {}
+    for name, fn in fns.items():
+        fn()
+        start = time.perf_counter()
+        fn()
+        repeats[name] = max(1, round(sample_s / max(time.perf_counter() - start, 1e-9)))
+    samples = {name: [] for name in fns}
+    order = list(fns)
+    shuffle = random.Random(seed)
+    start = time.perf_counter()
+    for i in range(rounds):
+        if i >= 3 and time.perf_counter() - start > budget_s:
+            break
+        shuffle.shuffle(order)
+        for name in order:
+            fn, n = fns[name], repeats[name]
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples[name].append((time.perf_counter() - t) / n * 1e3)
+    out = {}
+    for name, times in samples.items():
+        ranked = sorted(times)
+        pick = lambda q: ranked[min(len(ranked) - 1, int(q * len(ranked)))]  # noqa: E731
+        out[name] = {"median": statistics.median(times), "q20": pick(0.2), "q80": pick(0.8),
+                     "runs": repeats[name] * len(times), "samples": times}
+    return {"times": out, "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
 def saved_bytes(fn) -> int:
