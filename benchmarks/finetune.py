@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -208,6 +209,18 @@ class Run:
     peak_mb: float | None = None
 
 
+def train_step(model, opt, sched, batch, labels, penalty: float) -> torch.Tensor:
+    """One optimizer step on one batch; returns the loss."""
+    loss = nn.functional.cross_entropy(model(batch), labels)
+    if penalty:
+        loss = loss + penalty * qk.orthogonality_penalty(model).to(loss.device)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    return loss
+
+
 def run_one(dataset: str, data, classes: int, method: Method, lr: float, penalty: float, seed: int,
             setting: Setting, device: torch.device, tokenizer, base, progress: bool) -> Run:
     from tqdm import tqdm
@@ -241,14 +254,7 @@ def run_one(dataset: str, data, classes: int, method: Method, lr: float, penalty
                    disable=not progress, leave=False, file=sys.stdout)
         for b in bar:
             idx = order[b:b + setting.batch]
-            batch = encode([train_x[i] for i in idx])
-            loss = nn.functional.cross_entropy(model(batch), train_y[idx].to(device))
-            if penalty:
-                loss = loss + penalty * qk.orthogonality_penalty(model).to(loss.device)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            loss = train_step(model, opt, sched, encode([train_x[i] for i in idx]), train_y[idx].to(device), penalty)
             run.losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}")
         if device.type == "cuda":
@@ -272,6 +278,90 @@ def accuracy(model, encode, texts, labels, setting: Setting) -> float:
         logits = model(encode(texts[b:b + 2 * setting.batch]))
         right += (logits.argmax(-1).cpu() == labels[b:b + 2 * setting.batch]).sum().item()
     return right / max(1, len(texts))
+
+
+# --- seconds per epoch, interleaved ------------------------------------------------------------
+
+def epoch_timing(setting: Setting, device: torch.device, datasets, methods, rounds: int = 3,
+                 progress: bool = True) -> dict:
+    """Seconds per training epoch of every method, all in one process, epochs interleaved.
+
+    The accuracy runs (:func:`benchmark`) time each method in its own process, minutes apart,
+    so on a shared machine their seconds per epoch also measure whatever else ran then. Here
+    every method gets its model and optimizer (its first learning rate and penalty weight),
+    then each round trains one epoch of every method, in an order shuffled per round, on the
+    same batches. A first round warms up and is not counted; each method's figure is the
+    median of the ``rounds`` timed epochs. The epoch is :func:`run_one`'s: tokenization,
+    forward, loss (and penalty), backward, optimizer and scheduler steps.
+    """
+    tokenizer, base = load_encoder(setting.layers)
+    encode = lambda texts: {k: v.to(device) for k, v in tokenizer(  # noqa: E731
+        texts, padding=True, truncation=True, max_length=setting.max_len, return_tensors="pt").items()}
+    rows = []
+    for dataset in datasets:
+        texts, labels, classes = DATASETS[dataset]()
+        (train_x, train_y), _, _ = splits(texts, labels, setting)
+        order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(0)).tolist()
+        batches = [order[b:b + setting.batch] for b in range(0, len(order), setting.batch)]
+        runs = {}
+        for method in methods:
+            torch.manual_seed(0)
+            encoder = copy.deepcopy(base).to(device)
+            params = adapt(encoder, method)
+            model = Classifier(encoder, len(classes)).to(device)
+            groups = [{"params": list(model.head.parameters()), "lr": HEAD_LR}]
+            if params:
+                groups.append({"params": params, "lr": method.lrs[0]})
+            opt = torch.optim.AdamW(groups, weight_decay=0.0)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+            runs[method.name] = (model, opt, sched, method.penalties[0])
+        seconds = {name: [] for name in runs}
+        shuffle = random.Random(0)
+        load = [os.getloadavg()[0]]
+        for r in range(rounds + 1):
+            names = list(runs)
+            shuffle.shuffle(names)
+            for name in names:
+                model, opt, sched, penalty = runs[name]
+                model.train()
+                start = time.time()
+                for idx in batches:
+                    train_step(model, opt, sched, encode([train_x[i] for i in idx]), train_y[idx].to(device), penalty)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if r:
+                    seconds[name].append(time.time() - start)
+            if progress:
+                print(f"{dataset}: round {r + 1}/{rounds + 1} (the first is a warm-up)", flush=True)
+        load.append(os.getloadavg()[0])
+        for name, times in seconds.items():
+            rows.append({"dataset": dataset, "method": name, "epoch_seconds": times,
+                         "median_seconds": statistics.median(times), "load": [round(v, 2) for v in load]})
+        runs = None
+    return {"rows": rows, "rounds": rounds}
+
+
+def timing_table(result: dict) -> str:
+    """Median seconds per epoch per method and dataset, and each one over OFT's."""
+    meta, setting = result["meta"], result["setting"]
+    datasets = sorted({r["dataset"] for r in result["rows"]})
+    by = {(r["dataset"], r["method"]): r for r in result["rows"]}
+    methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
+    loads = [v for r in result["rows"] for v in r["load"]]
+    lines = [f"Setting `{setting['name']}` ({setting['train']} training examples, batch {setting['batch']}, "
+             f"sequences cut at {setting['max_len']} tokens); {meta['device']}; commit {meta['commit']}; median of "
+             f"{result['rounds']} epochs per method, every method's epochs interleaved in one process after a warm-up "
+             f"round; 1-minute load average {min(loads):.2f} to {max(loads):.2f}.", "",
+             "| method | " + " | ".join(f"{d} s / epoch | {d} / OFT" for d in datasets) + " |",
+             "|---|" + "---|---|" * len(datasets)]
+    for method in methods:
+        cells = []
+        for d in datasets:
+            r, oft = by.get((d, method)), by.get((d, "OFT b=32 all linear"))
+            cells.append("-" if r is None else f"{r['median_seconds']:.2f}")
+            cells.append("-" if r is None or oft is None else f"{r['median_seconds'] / oft['median_seconds']:.2f}")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # --- the benchmark ----------------------------------------------------------------------------
@@ -367,12 +457,28 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--timing", action="store_true",
+                        help="only seconds per epoch, every method interleaved in one process (epoch_timing)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed epochs per method with --timing")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("note: TRITON_INTERPRET is set: qGOFT runs in the Triton interpreter (slow)")
     setting = SETTINGS[args.setting or ("gpu" if device.type == "cuda" else "cpu")]
     start = time.time()
+    if args.timing:
+        result = epoch_timing(setting, device, args.datasets, METHODS, args.rounds, progress=not args.no_progress)
+        result["meta"] = _meta(device)
+        result["setting"] = asdict(setting)
+        result["meta"]["wall_seconds"] = round(time.time() - start, 1)
+        print(timing_table(result))
+        if setting.name != "smoke":
+            os.makedirs(args.out, exist_ok=True)
+            path = os.path.join(args.out, f"finetune-timing-{setting.name}-{slug(device)}.json")
+            with open(path, "w") as fh:
+                json.dump(result, fh, indent=1)
+            print("wrote", os.path.relpath(path))
+        return 0
     result = benchmark(setting, device, args.datasets, METHODS, progress=not args.no_progress,
                        isolate=setting.name != "smoke")
     result["meta"] = _meta(device)
