@@ -30,7 +30,7 @@ from qgoft_kernels.torch_path import choose
 from qgoft_kernels.verify import Case, check_case
 
 from .run import CPU_PLAN, RESULTS, metadata, slug
-from .timing import interleaved_ms
+from .timing import interleaved_ms, wait_for_quiet
 
 DIMS = (16, 64, 256, 384, 1024, 4096, 16384)
 ROWS = (1, 16, 128, 1280, 8192)
@@ -66,7 +66,7 @@ def forced(path: str, width: str):
                 os.environ[k] = v
 
 
-def measure(d: int, rows: int, widths, budget_s: float) -> list[dict]:
+def measure(d: int, rows: int, widths, budget_s: float, quiet: float | None = None) -> list[dict]:
     gen = torch.Generator().manual_seed(d * 7919 + rows)
     n = qk.num_pairs(d)
     params = (torch.eye(2).expand(n, 2, 2) + 0.1 * torch.randn(n, 2, 2, generator=gen)).requires_grad_()
@@ -94,6 +94,8 @@ def measure(d: int, rows: int, widths, budget_s: float) -> list[dict]:
 
         fns[(name, "train")] = train
         fns[(name, "infer")] = infer
+    if quiet is not None:
+        wait_for_quiet(quiet)
     timed = interleaved_ms({f"{k[0]}|{k[1]}": f for k, f in fns.items()}, budget_s=budget_s)
     out = []
     for name, ok in correct.items():
@@ -101,7 +103,7 @@ def measure(d: int, rows: int, widths, budget_s: float) -> list[dict]:
             t = timed["times"].get(f"{name}|{pass_name}")
             out.append({"d": d, "rows": rows, "formulation": name, "pass": pass_name, "correct": ok,
                         "ms": None if t is None else {k: v for k, v in t.items() if k != "samples"},
-                        "load": timed["load"]})
+                        "load": timed["load"], "others_busy": timed["others_busy"]})
     return out
 
 
@@ -110,9 +112,11 @@ def table(result: dict) -> str:
     lines = [f"Formulations of the PyTorch path ({result['meta']['device']}; torch {result['meta']['torch']}; "
              f"commit {result['meta']['commit']}): fp32, quasi blocks + scale, median ms of the training pass "
              f"(forward + backward: dx, blocks, scale) and of the inference forward, every candidate in the same "
-             f"interleaved rounds; 1-minute load average {result['meta']['load']}.", "",
-             "| d | rows | pass | sweeps ms | best dense | dense ms | sweeps / best dense | rule picks |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"interleaved rounds; 1-minute load average {result['meta']['load']}, CPUs busy with other work "
+             f"while timing {result['meta'].get('others_busy', 'unknown')}.", "",
+             "| d | rows | pass | sweeps ms | best dense | dense ms | sweeps / best dense | rule picks "
+             "| other CPUs busy |",
+             "|---|---|---|---|---|---|---|---|---|"]
     points = sorted({(r["d"], r["rows"]) for r in result["rows"]})
     for d, rows in points:
         for pass_name in ("train", "infer"):
@@ -120,12 +124,13 @@ def table(result: dict) -> str:
             sweeps = next((r for r in sub if r["formulation"] == "sweeps" and r["ms"]), None)
             dense = [r for r in sub if r["formulation"] != "sweeps" and r["ms"]]
             if not sweeps or not dense or not all(r["correct"] for r in sub):
-                lines.append(f"| {d} | {rows} | {pass_name} | FAILED CHECK | | | | |")
+                lines.append(f"| {d} | {rows} | {pass_name} | FAILED CHECK | | | | | |")
                 continue
             best = min(dense, key=lambda r: r["ms"]["median"])
             s, b = sweeps["ms"]["median"], best["ms"]["median"]
+            busy = sweeps.get("others_busy")
             lines.append(f"| {d} | {rows} | {pass_name} | {s:.3f} | {best['formulation']} | {b:.3f} | {s / b:.2f} "
-                         f"| {choose(d, rows)} |")
+                         f"| {choose(d, rows)} | {'-' if busy is None else f'{busy:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -136,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=None)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per (d, rows) point at most")
     parser.add_argument("--out", default=None, help=f"folder for the result (default {RESULTS})")
+    parser.add_argument("--quiet", type=float, default=None, metavar="CPUS",
+                        help="before each point, wait (up to 10 min) until other processes use at most CPUS cores")
     args = parser.parse_args(argv)
     device = torch.device("cpu")
     dims, rows_list, widths = QUICK if args.quick else (DIMS, ROWS, WIDTHS)
@@ -146,10 +153,12 @@ def main(argv=None) -> int:
         for rows in rows_list:
             if rows * d > MAX_ELEMENTS:
                 continue
-            result["rows"] += measure(d, rows, widths, 2.0 if args.quick else args.budget)
+            result["rows"] += measure(d, rows, widths, 2.0 if args.quick else args.budget, args.quiet)
             print(f"d={d} rows={rows} done ({time.time() - start:.0f} s)", flush=True)
     loads = [v for r in result["rows"] for v in r["load"]]
+    busy = [r["others_busy"] for r in result["rows"] if r.get("others_busy") is not None]
     result["meta"]["load"] = f"{min(loads):.2f} to {max(loads):.2f}"
+    result["meta"]["others_busy"] = f"{min(busy):.2f} to {max(busy):.2f}" if busy else "unknown"
     result["meta"]["wall_seconds"] = round(time.time() - start, 1)
     print(table(result))
     if not args.quick or args.out:

@@ -46,7 +46,7 @@ from .methods import (
 )
 from .paper_dense import PaperDenseGivensLinear
 from .provenance import commit_id
-from .timing import interleaved_ms, peak_bytes, saved_bytes, time_ms
+from .timing import interleaved_ms, peak_bytes, saved_bytes, time_ms, wait_for_quiet
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -241,7 +241,7 @@ def layer_rows(device: torch.device, plan: Plan) -> list[dict]:
 LORA_FACTOR = 1.2
 
 
-def peer_rows(device: torch.device, plan: Plan) -> list[dict]:
+def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> list[dict]:
     """Training step and inference forward of our variants beside PEFT OFT b=32 and LoRA r=8.
 
     For each shape every method is built around the same frozen layer and checked (ours,
@@ -279,6 +279,8 @@ def peer_rows(device: torch.device, plan: Plan) -> list[dict]:
 
                 fns[(method.name, "train")] = step
                 fns[(method.name, "infer")] = infer
+        if quiet is not None:
+            wait_for_quiet(quiet)
         timed = interleaved_ms({f"{name}|{kind}": fn for (name, kind), fn in fns.items()},
                                budget_s=plan.peer_budget_s)
         times = timed["times"]
@@ -287,6 +289,7 @@ def peer_rows(device: torch.device, plan: Plan) -> list[dict]:
                 t = times.get(f"{row['method']}|{kind}")
                 row[f"{kind}_ms"] = None if t is None else {key: v for key, v in t.items() if key != "samples"}
             row["load"] = timed["load"]
+            row["others_busy"] = timed["others_busy"]
         peers = {row["method"]: row for row, _ in built}
         for row, _ in built:
             for kind in ("train", "infer"):
@@ -295,7 +298,7 @@ def peer_rows(device: torch.device, plan: Plan) -> list[dict]:
                     if row.get(f"{kind}_ms") and other and other.get(f"{kind}_ms"):
                         row[f"{kind}_vs_{key}"] = row[f"{kind}_ms"]["median"] / other[f"{kind}_ms"]["median"]
             rows.append(row)
-        print(f"peers {d} -> {k}: done (load {timed['load']})", flush=True)
+        print(f"peers {d} -> {k}: done (load {timed['load']}, other CPUs busy {timed['others_busy']})", flush=True)
         built = fns = None
     return rows
 
@@ -380,19 +383,20 @@ def tables(result: dict) -> str:
                   f"backward incl. dx; inference = unmerged forward; median ms of interleaved rounds; goal: at most "
                   f"OFT's time and {LORA_FACTOR}x LoRA's):", "",
                   "| d -> k | method | train ms | train / OFT | train / LoRA | infer ms | infer / OFT | infer / LoRA "
-                  "| goal met (train, infer) | load |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| goal met (train, infer) | load before / after | other CPUs busy |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in peers:
             if not r["correct"]:
-                lines.append(f"| {r['d']} -> {r['k']} | {r['method']} | FAILED CHECK | | | | | | | |")
+                lines.append(f"| {r['d']} -> {r['k']} | {r['method']} | FAILED CHECK | | | | | | | | |")
                 continue
             ratio = lambda key: f"{r[key]:.2f}" if key in r else "-"  # noqa: E731
             ours = r["family"] == "qgoft"  # the sweeps rows are the "before", held to no goal
+            busy = "-" if r.get("others_busy") is None else f"{r['others_busy']:.2f}"
             goal = (f"{'yes' if meets_goal(r, 'train') else 'NO'}, {'yes' if meets_goal(r, 'infer') else 'NO'}"
                     if ours else "")
             lines.append(f"| {r['d']} -> {r['k']} | {r['method']} | {_fmt_ms(r['train_ms'])} | {ratio('train_vs_oft')} "
                          f"| {ratio('train_vs_lora')} | {_fmt_ms(r['infer_ms'])} | {ratio('infer_vs_oft')} "
-                         f"| {ratio('infer_vs_lora')} | {goal} | {r['load'][0]:.1f} / {r['load'][1]:.1f} |")
+                         f"| {ratio('infer_vs_lora')} | {goal} | {r['load'][0]:.1f} / {r['load'][1]:.1f} | {busy} |")
     lines += ["", "Merge (W R^T for a d x d weight):", "",
               "| d | ours ms | ours / clone(W) | dense R ms | dense / ours | rel. err ours vs dense |",
               "|---|---|---|---|---|---|"]
@@ -436,6 +440,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run (writes nothing unless --out)")
     parser.add_argument("--out", default=None, help=f"folder for the results (default {RESULTS})")
+    parser.add_argument("--quiet", type=float, default=None, metavar="CPUS",
+                        help="before each peers shape, wait (up to 10 min) until other processes use at most CPUS "
+                             "cores")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     plan = QUICK_PLAN if args.quick else GPU_PLAN if device.type == "cuda" else CPU_PLAN
@@ -447,7 +454,7 @@ def main(argv=None) -> int:
     result["kernel"] = kernel_rows(device, plan)
     result["layer"] = layer_rows(device, plan)
     result["merge"] = merge_rows(device, plan)
-    result["peers"] = peer_rows(device, plan) if device.type == "cpu" else []
+    result["peers"] = peer_rows(device, plan, args.quiet) if device.type == "cpu" else []
     result["meta"]["wall_seconds"] = round(time.time() - start, 1)
     print(tables(result))
     if not args.quick or args.out:

@@ -40,10 +40,12 @@ def interleaved_ms(fns: dict, rounds: int = 15, budget_s: float = 30.0, sample_s
     Each function is first called twice (warm-up) and gets a repeat count that makes one
     sample last about ``sample_s``. Then up to ``rounds`` rounds (at least 3, fewer past
     ``budget_s``) run every function's sample once, in an order shuffled per round. Returns
-    ``{"times": {name: {"median", "q20", "q80", "runs", "samples"}}, "load": [before, after]}``
-    with the 1-minute load average before and after (other work on the machine shows there).
+    ``{"times": {name: {"median", "q20", "q80", "runs", "samples"}}, "load": [before, after],
+    "others_busy": cpus}``: the 1-minute load average before and after, and the CPUs other
+    processes kept busy on average while the rounds ran (``None`` without /proc).
     """
     load_before = os.getloadavg()[0]
+    ticks = _try_ticks()
     repeats = {}
     for name, fn in fns.items():
         fn()
@@ -70,7 +72,59 @@ def interleaved_ms(fns: dict, rounds: int = 15, budget_s: float = 30.0, sample_s
         pick = lambda q: ranked[min(len(ranked) - 1, int(q * len(ranked)))]  # noqa: E731
         out[name] = {"median": statistics.median(times), "q20": pick(0.2), "q80": pick(0.8),
                      "runs": repeats[name] * len(times), "samples": times}
-    return {"times": out, "load": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    return {"times": out, "load": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+            "others_busy": _others_since(ticks)}
+
+
+def _cpu_ticks() -> tuple[int, int, int]:
+    """``(busy, total, ours)``: the machine's busy and total CPU ticks, and this process's."""
+    with open("/proc/stat") as fh:
+        fields = [int(v) for v in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    with open("/proc/self/stat") as fh:
+        ours = fh.read().rsplit(")", 1)[1].split()
+    return sum(fields) - idle, sum(fields), int(ours[11]) + int(ours[12])
+
+
+def _try_ticks():
+    try:
+        return _cpu_ticks()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _others_since(ticks) -> float | None:
+    """CPUs other processes kept busy, on average, since ``ticks`` (:func:`_cpu_ticks`)."""
+    now = _try_ticks()
+    if ticks is None or now is None:
+        return None
+    busy = (now[0] - ticks[0]) - (now[2] - ticks[2])
+    return round(max(0.0, busy / max(1, now[1] - ticks[1]) * (os.cpu_count() or 1)), 2)
+
+
+def others_busy(window_s: float = 1.0) -> float | None:
+    """CPUs kept busy by other processes over ``window_s`` seconds (``None`` without /proc)."""
+    ticks = _try_ticks()
+    time.sleep(window_s)
+    return _others_since(ticks)
+
+
+def wait_for_quiet(max_busy: float = 0.25, max_wait_s: float = 600.0, quiet_s: float = 3.0) -> float | None:
+    """Wait until other processes use at most ``max_busy`` CPUs for ``quiet_s`` seconds in a row
+    (at most ``max_wait_s``); returns the last reading. A shared machine's timings are only
+    comparable when nothing else runs, and the load average lags by a minute."""
+    start, quiet_since, busy = time.time(), None, None
+    while time.time() - start < max_wait_s:
+        busy = others_busy(0.5)
+        if busy is None:
+            return None
+        if busy <= max_busy:
+            quiet_since = quiet_since or time.time()
+            if time.time() - quiet_since >= quiet_s:
+                return busy
+        else:
+            quiet_since = None
+    return busy
 
 
 def saved_bytes(fn) -> int:
