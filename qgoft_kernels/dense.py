@@ -9,10 +9,12 @@ indices). So ``x @ R`` is ``Q`` on the roots, then one batched matmul with the b
 
 Both factors come from a closed form, not from products of stage matrices: an entry of a
 tree product is a product of block entries along a path of the tree, so a gather, a
-``cumprod`` and a scatter build them. Autograd differentiates through that construction
-(tensors of ``d (m + 1)`` values); the application is a ``torch.autograd.Function`` whose
-backward is batched matmuls, so nothing per stage is saved and every reduction is a BLAS
-call (deterministic).
+``cumprod`` and a scatter build them (:class:`FactorValues`, ``d (m + 1)`` values). The
+application works on the rows' own layout, with no copy of the activations
+(:class:`DenseRotation`); ``GivensLinear`` fuses it with its frozen layer and rotates the
+rows of ``W`` instead when there are fewer of them (:class:`DenseLinear`). Both backwards
+are batched matmuls: nothing per stage is saved, and every reduction is a BLAS call or a
+serial ``index_add_`` (deterministic).
 """
 from __future__ import annotations
 
@@ -59,11 +61,11 @@ def _factor_indices(d: int, structure: str, block_width: int, scaled: bool, devi
     roots = 1 << (L - m) if nb > 1 else 0
     K = max(m, L - m if nb > 1 else 0)
 
-    def tree(first: int, levels: int, cols: int, width: int, limit: int, base: int, scale_from):
+    def tree(first: int, levels: int, cols: int, width: int, limit: int, base: int, with_scale: bool):
         c = torch.arange(cols)
         idx_c, idx_h, pos = [], [], []
         # the leading factor: the scale of column c (the blocks only), else 1
-        idx_c.append(torch.where(c < d, one + 4 + c, one) if scale_from else torch.full_like(c, one))
+        idx_c.append(torch.where(c < d, one + 4 + c, one) if with_scale else torch.full_like(c, one))
         for level in range(1, K + 1):
             if level > levels:
                 idx_c.append(torch.full_like(c, one))
@@ -116,7 +118,8 @@ class FactorValues(torch.autograd.Function):
         C, H = source[idx_c], source[idx_h]
         P = torch.cumprod(C, 1)
         ctx.save_for_backward(source, C, H, P, idx_c, idx_h, pos)
-        return (H * P).new_zeros(size).index_put_((pos,), (H * P).reshape(-1))
+        values = H * P
+        return values.new_zeros(size).index_put_((pos,), values.reshape(-1))
 
     @staticmethod
     def backward(ctx, dflat):
@@ -180,13 +183,14 @@ def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
 
 
 def _block_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Rows ``[T, nb * b]`` times ``blockdiag(blocks)``, into fresh rows."""
+    """Rows ``[T, nb * b]`` times ``blockdiag(blocks)``, into fresh rows.
+
+    The ``bmm`` reads and writes the rows' layout (leading dimension ``d``). Its output is
+    not contiguous, so ATen runs one BLAS call per block; a block-major copy would make it
+    one batched call, but the copies and their allocation cost more (measured at d = 384 to
+    1536 on 1280 rows; docs/math.md §5).
+    """
     nb = blocks.shape[0]
-    if __import__("os").environ.get("QGOFT_EXP_BM") == "1":
-        yt = torch.bmm(_blocks(x, nb), blocks)
-        y = x.new_empty(x.shape)
-        _blocks(y, nb).copy_(yt)
-        return y
     y = x.new_empty(x.shape)
     torch.bmm(_blocks(x, nb), blocks, out=_blocks(y, nb))
     return y
@@ -282,7 +286,7 @@ def _composite(x, blocks, Q, transpose):
     return y.reshape(x.shape)
 
 
-def _double_backward(ctx, inputs, wants, output, grad):
+def _double_backward(inputs, wants, output, grad):
     """The gradients of a Function's inputs by differentiating ``output()`` again (``create_graph``)."""
     with torch.enable_grad():
         grads = iter(torch.autograd.grad(output(), [t for t, want in zip(inputs, wants) if want], grad,
@@ -321,7 +325,7 @@ class DenseRotation(torch.autograd.Function):
         x, blocks, Q, roots, delta = ctx.saved_tensors
         wants = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():
-            return _double_backward(ctx, (x, blocks, Q), wants, lambda: _composite(x, blocks, Q, ctx.transpose),
+            return _double_backward((x, blocks, Q), wants, lambda: _composite(x, blocks, Q, ctx.transpose),
                                     dy) + (None,)
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.transpose:
@@ -359,7 +363,7 @@ class DenseLinear(torch.autograd.Function):
         if torch.is_grad_enabled():
             def output():
                 return F.linear(_composite(x, blocks, Q, False), weight, bias)
-            return _double_backward(ctx, (x, weight, bias, blocks, Q), wants, output, dout)
+            return _double_backward((x, weight, bias, blocks, Q), wants, output, dout)
         want_x, want_w, want_bias, want_blocks, want_q = wants
         with torch.autocast(dout.device.type, enabled=False):
             dout = _rows(dout)
