@@ -51,12 +51,15 @@ import triton
 import triton.language as tl
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# the JIT default of the triton versions in use (3.6 on the GPU machine, 3.9 here); said once, not per compile
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from qgoft_kernels import ops  # noqa: E402
-from qgoft_kernels.kernels import launch as launch_mod  # noqa: E402
+from qgoft_kernels.planning import planning  # noqa: E402
 from qgoft_kernels.schedule import num_pairs  # noqa: E402
 
 # --- the machine (H200 SXM; measured on the lent machine where stated, docs/tuning.md) ---
@@ -101,6 +104,11 @@ _VIEWS = {"view", "_unsafe_view", "reshape", "as_strided", "t", "transpose", "se
           "_to_copy_noop", "lift_fresh", "_reshape_alias", "view_as_real", "split_with_sizes", "narrow"}
 
 
+#: the package's custom ops and the functions that implement them (same arguments)
+_CUSTOM_OPS = {torch.ops.qgoft.rotate.default: ops.launch_forward,
+               torch.ops.qgoft.rotate_backward.default: ops.launch_backward}
+
+
 class _Recorder(TorchDispatchMode):
     """Records every PyTorch op that would launch a kernel, with the bytes it reads and writes."""
 
@@ -109,6 +117,10 @@ class _Recorder(TorchDispatchMode):
         self.launches = launches
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in _CUSTOM_OPS:
+            # the package's own ops: run their implementation, whose launches get recorded
+            # (on meta tensors the dispatcher would pick their shape-only fake)
+            return _CUSTOM_OPS[func](*args, **(kwargs or {}))
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         if name not in _VIEWS and not (name == "_to_copy" and _same_dtype(args, out)):
@@ -134,7 +146,7 @@ def capture(launches):
 
     jit.run = run
     try:
-        with launch_mod.planning(SMS), _Recorder(launches):
+        with planning(SMS), _Recorder(launches):
             yield
     finally:
         jit.run = original
@@ -333,10 +345,12 @@ def _hbm_bytes(launch: Launch) -> tuple[int, int]:
     name = launch.name
     if name == "_copy_kernel":
         return _nbytes(a["x"]), _nbytes(a["y"])
+    if name == "_givens_angles_kernel":
+        return _nbytes(a["theta"]), _nbytes(a["coefs"])
     if name == "_givens_grad_sum_kernel":
         return _nbytes(a["partials"]), (_nbytes(a["dparams"]) if a["HAS_DPARAMS"] else 0) + _nbytes(a["dscale"])
     rows, d = a["n_rows"], a["d"]
-    elem = a["x"].element_size() if "x" in a else a["y"].element_size()
+    elem = (a["x"] if "x" in a else a["y"]).element_size()
     if name in ("_givens_fwd_kernel",):
         T, K = a["TRANSPOSE"], 1 << (a["L"] - a["LE"] - a["LG"])
         roots = rows * K * 4 if T and K > 1 else 0
@@ -411,6 +425,10 @@ def kernel_row(launch: Launch, rows: int, cache: dict) -> dict:
     }
 
 
+def name_is(launch: Launch, name: str) -> bool:
+    return launch.name == name
+
+
 def _trips(launch: Launch, sass: Sass) -> list:
     """Trip counts of the kernel's runtime loops, in code order.
 
@@ -420,13 +438,12 @@ def _trips(launch: Launch, sass: Sass) -> list:
     a = launch.kwargs
     n_loops = len(sass.loops)
     if "n_parts" in a:
-        # the reduction's loop over the partial rows, which LLVM unrolls (one load per row)
-        if n_loops == 0:
-            return []
-        loads = [sum(_opcode(t).startswith("LDG") for addr, t in sass.instrs if start <= addr <= end)
-                 for start, end in sass.loops]
-        unroll = max(1, loads[0])
-        return [a["n_parts"] // unroll] + [a["n_parts"] % unroll] * (n_loops - 1)
+        # the reduction's loop over the partial rows, BLOCK_P at a time
+        loops = [(-(-a["n_parts"] // a["BLOCK_P"]), True)] + [(1, True)] * (n_loops - 1)
+        return [n for n, _ in loops]
+    if name_is(launch, "_givens_angles_kernel"):
+        # libdevice's slow path for huge angles (a loop per reduction step): assumed not taken
+        return [0] * n_loops
     if "n_full" in a:
         # the whole blocks, then the masked tail
         loops = [(a["n_full"], a["n_full"] != 1), (a["n_iters"] - a["n_full"], a["n_full"] != 1 or a["n_iters"] != 1)]
@@ -468,11 +485,14 @@ def evaluate(op, d, rows, dtype, block, scale, launches, cache, **extra) -> dict
     parts = [kernel_row(launch, rows, cache) if launch.fn is not None else torch_row(launch) for launch in launches]
     total = sum(p["time"] for p in parts)
     clone = clone_time(rows, d, elem)
-    main = next((launch for launch in launches if launch.fn is not None), None)
+    # the configuration reported is the longest Triton launch's
+    timed = [(p["time"], launch) for p, launch in zip(parts, launches) if launch.fn is not None]
+    main = max(timed, key=lambda t: t[0])[1] if timed else None
     cfg = {k: v for k, v in (main.kwargs if main else {}).items()
-           if k in ("LE", "LG", "BLOCK_N", "num_warps", "LC", "n_iters")}
+           if k in ("LE", "LG", "BLOCK_N", "num_warps", "STAGES", "LC", "n_iters")}
     if main is not None:
         cfg["programs"] = main.grid[0]
+        cfg["main_launch"] = main.name
     return {"kernel": op, "d": d, "rows": rows, "dtype": str(dtype).removeprefix("torch."), "block": block,
             "scale": scale, "config": cfg, "launches": parts, "predicted_seconds": total,
             "clone_seconds": clone, "predicted_over_clone": total / clone,
@@ -536,7 +556,8 @@ def v2_launches(op, d, rows, dtype, block):
         out.append(Launch("_givens_bwd_roots_kernel_v2", mod["backward"]._givens_bwd_roots_kernel, (groups,),
                           dict(common, BLOCK_N=rcfg.block_n, num_warps=rcfg.num_warps), info=dict(K=K)))
     # the two partial sums
-    out += [Launch("torch.sum", torch_bytes=_nbytes(dparams) + n * 16), Launch("torch.sum", torch_bytes=_nbytes(dscale))]
+    out += [Launch("torch.sum", torch_bytes=_nbytes(dparams) + n * 16),
+            Launch("torch.sum", torch_bytes=_nbytes(dscale))]
     return out
 
 
@@ -604,7 +625,7 @@ class Task:
         return row
 
 
-def matrix(dims, ops_, blocks, rows, references=True, sweep=True):
+def matrix(dims, ops_, blocks, rows, references=("copy", "v2"), sweep=True):
     tasks = []
     for d in dims:
         for op in ops_:
@@ -618,8 +639,9 @@ def matrix(dims, ops_, blocks, rows, references=True, sweep=True):
             for bn in (1, 4):
                 tasks.append(Task(op, 4096, rows, "bfloat16", "quasi", True, (("QGOFT_BLOCK_N", bn),)))
             tasks.append(Task(op, 4096, rows, "bfloat16", "quasi", True, (("QGOFT_CHUNK", 1024),)))
-    if references:
+    if "copy" in references:
         tasks.append(Task("copy", 4096, rows, "bfloat16", "-", False, reference="copy"))
+    if "v2" in references:
         for op, d in (("forward", 1024), ("forward", 4096), ("forward_t", 4096), ("backward", 4096)):
             tasks.append(Task(op, d, rows, "bfloat16", "quasi", True, reference="v2"))
     return tasks
@@ -648,9 +670,10 @@ def table(rows) -> str:
     for r in rows:
         if not (r.get("default") or r.get("reference")):
             continue
-        main = next((p for p in r["launches"] if "regs" in p), None)
-        if main is None:
+        kernels = [p for p in r["launches"] if "regs" in p]
+        if not kernels:
             continue
+        main = max(kernels, key=lambda p: p["time"])
         c = r["config"]
         tile = (f"{1 << c['LE']} x {1 << c['LG']}, {c['BLOCK_N']}, {c['num_warps']}" if "LE" in c
                 else f"{c.get('BLOCK_N', '-')} rows, {c.get('num_warps', '-')} warps")
@@ -682,14 +705,15 @@ def main(argv=None) -> int:
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
     parser.add_argument("--blocks", nargs="+", default=[b for b, _ in BLOCKS], choices=[b for b, _ in BLOCKS])
     parser.add_argument("--rows", type=int, default=16384)
-    parser.add_argument("--no-references", action="store_true", help="skip the copy and v2 reference points")
+    parser.add_argument("--references", nargs="*", default=["copy", "v2"], choices=["copy", "v2"],
+                        help="the reference points to add (none: --references)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the non-default configurations")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--out", default=DEFAULT_OUT, help="the JSON file to write")
     parser.add_argument("--table", default=None, help="a markdown file whose sass markers get the table")
     args = parser.parse_args(argv)
     blocks = [(b, s) for b, s in BLOCKS if b in args.blocks]
-    tasks = matrix(args.dims, args.ops, blocks, args.rows, not args.no_references, not args.no_sweep)
+    tasks = matrix(args.dims, args.ops, blocks, args.rows, args.references, not args.no_sweep)
     print(f"{len(tasks)} ops to compile for sm_90 with triton {triton.__version__} ({args.jobs} processes)",
           flush=True)
     if args.jobs > 1:
