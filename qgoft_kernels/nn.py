@@ -100,15 +100,11 @@ class GivensLinear(nn.Module):
         The rotation is applied to the rows of ``W`` by the same kernel (``transpose=True``),
         computed in float32 and rounded once; no ``d x d`` matrix is formed.
         """
-        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        merged.weight.copy_(self.rotate(self.weight, transpose=True))
-        # as frozen as the weights it replaces (a fresh nn.Linear would require grad)
-        merged.weight.requires_grad_(self.weight.requires_grad)
-        if self.bias is not None:
-            merged.bias.copy_(self.bias)
-            merged.bias.requires_grad_(self.bias.requires_grad)
-        return merged
+        # the rotation's output (a new tensor) becomes the weight as it is, with nothing
+        # initialised first; as frozen as the weights it replaces
+        weight = nn.Parameter(self.rotate(self.weight, transpose=True), self.weight.requires_grad)
+        bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(), self.bias.requires_grad)
+        return _linear(weight, bias)
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``sum_p <alpha_p, beta_p>^2`` over the quasi blocks' columns; 0 for strict rotations."""
@@ -118,6 +114,16 @@ class GivensLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, block={self.block!r}, structure={self.structure!r}, "
                 f"scale={self.scale is not None}")
+
+
+def _linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+    """An ``nn.Linear`` holding these parameters, built without running its initialisation."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.out_features, linear.in_features = weight.shape
+    linear.weight = weight
+    linear.register_parameter("bias", bias)
+    return linear
 
 
 @torch.no_grad()
