@@ -290,22 +290,16 @@ def throughput(t: dict, nbytes: int | None) -> dict:
 
 
 def launcher_config(path: str, d: int, rows: int, device: torch.device) -> dict | None:
-    """The config the launcher picks (rows per program, warps, chunk; the backward's groups).
+    """The config the launcher picks (vector and chunk widths, rows per block, warps, programs).
 
     Read from the launcher's heuristics, which may change: ``None`` when that fails.
     """
     try:
         from qgoft_kernels.kernels import launch
 
-        L = qk.num_stages(d)
-        if path != "backward":
-            return asdict(launch.forward_config(1 << L, rows, device))
-        cfg = launch.backward_config(1 << L, rows, device)
-        chunks = (1 << L) // cfg.chunk
-        out = {**asdict(cfg), "groups": launch.backward_groups(-(-rows // cfg.block_n), chunks, device)}
-        if chunks > 1:
-            out["roots"] = asdict(launch.tile_config(chunks, rows, device, tile=2048))
-        return out
+        D = 1 << qk.num_stages(d)
+        cfg = launch.config("bwd" if path == "backward" else "fwd", D, rows, 2, device)
+        return {**asdict(cfg), "chunk": cfg.chunk, "chunks": D // cfg.chunk}
     except Exception:
         return None
 
@@ -386,15 +380,19 @@ def time_merge(d: int, plan: Plan, device, ok: dict, timer: Timer, record, preds
         record(kind="clone", method="torch.clone(W)", d=d, rows=d, dtype=dtype, repeat=repeat, ok=True, ratio=1.0,
                ratio_to="torch.clone(W)", note="next to merge", **clone)
         for unit, layer in layers.items():
-            scale = None if layer.scale is None else layer.scale.detach()
-            kernel = (lambda layer=layer, scale=scale: launch_forward(
-                x=w, params=layer.rotation.detach(), scale=scale, block=layer.block, structure="tree", transpose=True))
-            # the static model predicts the kernel alone ("merge" rows), not the end-to-end call
-            prediction = predicted(preds, "merge", d, dtype, unit.block, unit.scale)
+            def kernel(layer=layer):
+                scale = None if layer.scale is None else layer.scale.detach()
+                return launch_forward(x=w, params=layer.rotation.detach(), scale=scale, block=layer.block,
+                                      structure="tree", transpose=True)
+
+            # the static model's "merge" rows are merged_linear() end to end; the kernel alone
+            # is its "forward_t" at d rows
+            predictions = {"merge": predicted(preds, "merge", d, dtype, unit.block, unit.scale),
+                           "merge_kernel": None}
             for kind, fn in (("merge", layer.merged_linear), ("merge_kernel", kernel)):
                 common = dict(kind=kind, method=variant_name(unit.block, unit.scale), d=d, rows=d, dtype=dtype,
                               block=unit.block, scale=unit.scale, repeat=repeat, ratio_to="torch.clone(W)",
-                              target=target(kind, d), predicted_ratio=prediction if kind == "merge_kernel" else None)
+                              target=target(kind, d), predicted_ratio=predictions[kind])
                 if not (ok.get(unit) and good.get(unit)):
                     record(**common, ok=False, note="failed check (kernel or merged layer): no timing")
                     continue
@@ -450,8 +448,12 @@ def time_layer(d: int, plan: Plan, device, ok: dict, timer: Timer, record) -> No
             if name == LAYER_METHODS[0]:
                 frozen[repeat] = (t["median_ms"], mem)
             base_ms, base_mem = frozen.get(repeat, (None, None))
-            above = (lambda key: None if base_mem is None or mem[key] is None or base_mem[key] is None
-                     else mem[key] - base_mem[key])
+
+            def above(key, mem=mem, base_mem=base_mem):
+                if base_mem is None or mem[key] is None or base_mem[key] is None:
+                    return None
+                return mem[key] - base_mem[key]
+
             record(**common, repeat=repeat, ok=True, trainable=trainable, note=note or None,
                    ratio=None if base_ms is None else t["median_ms"] / base_ms,
                    saved_bytes_above=above("saved"), peak_bytes_above=above("peak"), **throughput(t, None))
