@@ -26,20 +26,15 @@ import torch
 import torch.nn as nn
 
 from . import bases
-from ._version import __version__
+from ._version import ADAPTER_FORMAT, PACKAGE, __version__
 from .checks import check_options, rotation_shape
-from .nn import ADAPTED, adapt, module_uses, replace_modules, saved_modules
+from .nn import ADAPTED, adapt, adapter_options, module_uses, record_on_config, replace_modules, saved_modules
 
-FORMAT, VERSION = "qgoft-adapter", "2"
+FORMAT, VERSION = "qgoft-adapter", ADAPTER_FORMAT
 #: Every format version this package reads, oldest first.
 READS = ("1", "2")
-PACKAGE = "qgoft-kernels"
 OPTION_KEYS = ("in_features", "out_features", "block", "structure", "scale")
-
-
-def _options(m: nn.Module) -> dict:
-    return {"in_features": m.in_features, "out_features": m.out_features, "block": m.block,
-            "structure": m.structure, "scale": m.scale is not None}
+_options = adapter_options
 
 
 def adapter_state(model: nn.Module, with_saved: bool = False):
@@ -233,6 +228,7 @@ def load_adapter_state(model: nn.Module, tensors: dict, modules: dict, *, strict
             for k in keys:
                 state[k].copy_(tensors[f"{name}.{k}"])
             module.requires_grad_(True)
+    record_on_config(model)
     return model
 
 
@@ -266,7 +262,8 @@ def _check_entry(name: str, target: nn.Module, opts, tensors: dict, source: str)
     if not isinstance(opts, dict) or set(opts) != set(OPTION_KEYS):
         raise ValueError(f"{source}: module {name!r} has malformed options {opts!r}; expected the keys {OPTION_KEYS}")
     for key, low in (("in_features", 1), ("out_features", 0)):
-        if type(opts[key]) is not int or opts[key] < low:
+        # out_features may be unknown (null): a file converted from PEFT, which does not record it
+        if (type(opts[key]) is not int or opts[key] < low) and not (key == "out_features" and opts[key] is None):
             raise ValueError(f"{source}: module {name!r}: {key} must be an int >= {low}, got {opts[key]!r}")
     if type(opts["scale"]) is not bool:
         raise ValueError(f"{source}: module {name!r}: scale must be true or false, got {opts['scale']!r}")
@@ -275,12 +272,13 @@ def _check_entry(name: str, target: nn.Module, opts, tensors: dict, source: str)
     except ValueError as e:
         raise ValueError(f"{source}: module {name!r}: {e}") from None
     if isinstance(target, ADAPTED):
-        if _options(target) != opts:
+        if _options(target) != {**opts, "out_features": opts["out_features"] if opts["out_features"] is not None
+                                 else target.out_features}:
             raise ValueError(f"{source}: module {name!r} is a {type(target).__name__} with options "
                              f"{_options(target)}, the file has {opts}")
     else:
         have = dict(zip(("in_features", "out_features"), bases.features(target)))
-        if have != {k: opts[k] for k in have}:
+        if have != {k: have[k] if opts[k] is None else opts[k] for k in have}:
             what = "an nn.Linear" if bases.kind(target) == "linear" else f"a {type(target).__name__}"
             raise ValueError(f"{source}: module {name!r} is {what} {have}, the file has {opts}")
     shapes = {"rotation": rotation_shape(opts["in_features"], opts["block"], opts["structure"])}

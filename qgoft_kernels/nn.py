@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import bases
+from ._version import ADAPTER_FORMAT, PACKAGE, __version__
 from .checks import check_features, check_options, rotation_shape
 from .function import givens_rotate
 from .select import excluded, layer_selected, matches, pattern_value, under
@@ -330,6 +331,7 @@ def inject(model: nn.Module, target_modules, *, block: str = "quasi", structure:
     for module in saved:
         module._qgoft_save = True
     replace_modules(model, replacements)
+    record_on_config(model)
     return model
 
 
@@ -362,6 +364,9 @@ def merge(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
             merged = module.merged(dequantize=dequantize)
             for name in names:
                 _set_module(model, name, merged)
+        if getattr(module, "_qgoft_save", False):
+            del module._qgoft_save
+    record_on_config(model)
     return model
 
 
@@ -376,6 +381,34 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 def saved_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The ``modules_to_save`` of ``model`` (see :func:`inject`) by their first name."""
     return {name: m for name, m in model.named_modules() if getattr(m, "_qgoft_save", False)}
+
+
+def adapter_options(m: nn.Module) -> dict:
+    """The options an adapted layer is rebuilt from (what adapter files record per module)."""
+    return {"in_features": m.in_features, "out_features": m.out_features, "block": m.block,
+            "structure": m.structure, "scale": m.scale is not None}
+
+
+#: The attribute of a transformers config where :func:`inject` describes the adapters.
+CONFIG_KEY = "qgoft_adapter"
+
+
+def record_on_config(model: nn.Module) -> None:
+    """Describe ``model``'s adapters in ``model.config.qgoft_adapter`` (a transformers model; any
+    other model is left alone), or remove the entry when there are none, so that the
+    ``config.json`` of a checkpoint says what it holds and what loads it
+    (``qgoft_kernels.hf.from_pretrained``)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    modules = {name: adapter_options(m) for name, m in model.named_modules() if isinstance(m, ADAPTED)}
+    if not modules:
+        if hasattr(config, CONFIG_KEY):
+            delattr(config, CONFIG_KEY)
+        return
+    setattr(config, CONFIG_KEY, {"package": PACKAGE, "version": __version__, "format": ADAPTER_FORMAT,
+                                 "load_with": "qgoft_kernels.hf.from_pretrained(ModelClass, path)",
+                                 "modules": modules, "modules_to_save": sorted(saved_modules(model))})
 def module_uses(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
     """Every module of ``model`` once, with all the names it is used under.
 
