@@ -387,8 +387,9 @@ def time_merge(d: int, plan: Plan, device, ok: dict, timer: Timer, record, preds
                ratio_to="torch.clone(W)", note="next to merge", **clone)
         for unit, layer in layers.items():
             scale = None if layer.scale is None else layer.scale.detach()
-            kernel = (lambda layer=layer, scale=scale: launch_forward(
-                x=w, params=layer.rotation.detach(), scale=scale, block=layer.block, structure="tree", transpose=True))
+            def kernel(layer=layer, scale=scale):
+                return launch_forward(x=w, params=layer.rotation.detach(), scale=scale, block=layer.block,
+                                      structure="tree", transpose=True)
             # the static model predicts the kernel alone ("merge" rows), not the end-to-end call
             prediction = predicted(preds, "merge", d, dtype, unit.block, unit.scale)
             for kind, fn in (("merge", layer.merged_linear), ("merge_kernel", kernel)):
@@ -450,8 +451,9 @@ def time_layer(d: int, plan: Plan, device, ok: dict, timer: Timer, record) -> No
             if name == LAYER_METHODS[0]:
                 frozen[repeat] = (t["median_ms"], mem)
             base_ms, base_mem = frozen.get(repeat, (None, None))
-            above = (lambda key: None if base_mem is None or mem[key] is None or base_mem[key] is None
-                     else mem[key] - base_mem[key])
+            def above(key, mem=mem, base_mem=base_mem):
+                return None if base_mem is None or mem[key] is None or base_mem[key] is None \
+                    else mem[key] - base_mem[key]
             record(**common, repeat=repeat, ok=True, trainable=trainable, note=note or None,
                    ratio=None if base_ms is None else t["median_ms"] / base_ms,
                    saved_bytes_above=above("saved"), peak_bytes_above=above("peak"), **throughput(t, None))

@@ -324,7 +324,8 @@ def _flatten(row: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run (writes nothing unless --out)")
-    parser.add_argument("--out", default=None, help=f"folder for the results (default {os.path.relpath(LATEST)}, ignored by git)")
+    parser.add_argument("--out", default=None,
+                        help=f"folder for the results (default {os.path.relpath(LATEST)}, ignored by git)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     plan = QUICK_PLAN if args.quick else GPU_PLAN if device.type == "cuda" else CPU_PLAN
