@@ -237,7 +237,12 @@ def block_penalty(rotation: torch.Tensor, block: str) -> torch.Tensor:
     """The soft-orthogonality penalty of one rotation: ``sum_p <alpha_p, beta_p>^2`` over the
     columns of its quasi blocks; 0 for strict rotations."""
     if block == "givens":
-        return rotation.new_zeros(())
+        # a plain zero, also for a DTensor rotation (FSDP2), so that it adds to any loss
+        return torch.zeros((), dtype=rotation.dtype, device=rotation.device)
+    if hasattr(rotation, "full_tensor"):
+        # a DTensor (FSDP2 shards parameters outside the forward): the whole penalty on every
+        # rank, whose gradient reaches each rank's shard through the all-gather's backward
+        rotation = rotation.full_tensor()
     inner = rotation[:, 0, 0] * rotation[:, 0, 1] + rotation[:, 1, 0] * rotation[:, 1, 1]
     return (inner * inner).sum()
 
