@@ -618,6 +618,13 @@ def read_last_run(path: str) -> list[dict]:
     return [r for r in rows if r["run_id"] == last]
 
 
+def among_results(path: str) -> bool:
+    """Whether ``path`` lies among the committed results (``benchmarks/results/``, not its ignored ``latest/``)."""
+    out, results = os.path.realpath(path), os.path.realpath(RESULTS)
+    latest = os.path.join(results, "latest")
+    return out.startswith(results + os.sep) and not (out == latest or out.startswith(latest + os.sep))
+
+
 def run_metadata(device: torch.device, dry_run: bool, timer_label: str) -> dict:
     import numpy
     import triton
@@ -660,9 +667,7 @@ def main(argv=None) -> int:
     if set(only) - set(KINDS):
         parser.error(f"--only takes kinds from {','.join(KINDS)}, got {args.only!r}")
     if args.dry_run:
-        out = os.path.realpath(args.out)
-        if out.startswith(os.path.realpath(RESULTS) + os.sep) and not out.startswith(
-                os.path.join(os.path.realpath(RESULTS), "latest")):
+        if among_results(args.out):
             parser.error("a dry run is not GPU data: write it outside benchmarks/results/ (or to its ignored latest/)")
         # the interpreter runs the kernels on the CPU; it must be set before they are defined
         os.environ["TRITON_INTERPRET"] = "1"
