@@ -78,7 +78,7 @@ LR = 1e-4
 SLOW_STEP_MS = 1000.0
 #: Every line has exactly these keys (``None`` where one does not apply).
 FIELDS = ("schema", "run_id", "dry_run", "tiny", "device", "device_type", "driver", "cuda", "torch", "triton",
-          "transformers", "peft", "python", "numpy", "commit", "commit_source", "timer", "env_pins",
+          "transformers", "peft", "python", "numpy", "commit", "commit_source", "timer", "fp32_matmul", "env_pins",
           "kind", "model", "layers", "batch", "seq", "tokens", "dtype", "attention", "method", "method_key",
           "paper_row", "paper_ratio", "d", "rows", "block", "scale", "penalty_weight", "ok", "trainable",
           "adapter_params", "warmup", "steps", "times_ms", "median_ms", "q20_ms", "q80_ms", "wall_ms_per_step",
@@ -685,7 +685,9 @@ def main(argv=None) -> int:
     import transformers
 
     meta = {**gpu_quick.run_metadata(device, dry, timer), "schema": SCHEMA, "tiny": tiny,
-            "transformers": transformers.__version__}
+            "transformers": transformers.__version__,
+            # "highest": fp32 matmuls (the paper's dense x @ R) run in fp32, not TF32
+            "fp32_matmul": torch.get_float32_matmul_precision()}
     record = gpu_quick.Recorder(os.path.join(args.out, OUT_NAME), meta, FIELDS)
     ctx = Context(device, torch.bfloat16, start + args.deadline, args.steps, args.warmup, record)
     units = sorted({u for s in specs for u in units_for(s, methods)}, key=gpu_quick.unit_cost)
