@@ -3,16 +3,13 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
 import qgoft_kernels as qk
-from benchmarks import gpu_quick, models
-from benchmarks.provenance import REPO, interpreter_problem
+from benchmarks import gpu_quick, models, rehearsal
 
 METHODS = {m.key: m for m in models.METHODS}
 
@@ -152,19 +149,8 @@ def test_table_judges_the_targets():
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     """A short dry run in a subprocess, as ``make models-dry`` runs it: its stdout and JSON lines."""
-    problem = interpreter_problem()
-    if problem:
-        pytest.skip(problem)
-    tmp = tmp_path_factory.mktemp("models")
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "QGOFT_POISON")}
-    env.update(PYTHONPATH=REPO, TRITON_CACHE_DIR=str(tmp / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.models", "--dry-run", "--model", "llama",
-                           "--methods", "qgoft,paper", "--steps", "2", "--warmup", "1", "--out", str(tmp / "out")],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(tmp / "out" / models.OUT_NAME) as fh:
-        rows = [json.loads(line) for line in fh]
-    return proc.stdout, rows
+    return rehearsal.run("benchmarks.models", ["--model", "llama", "--methods", "qgoft,paper", "--steps", "2",
+                                               "--warmup", "1"], tmp_path_factory.mktemp("models"), models.OUT_NAME)
 
 
 @pytest.mark.slow
