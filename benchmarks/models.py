@@ -352,7 +352,6 @@ class Context:
     kernels_ok: dict = field(default_factory=dict)  # {Unit: bool}
     boft: tuple[bool, str] = (False, "not probed")
     lora_ms: dict = field(default_factory=dict)  # {model key: LoRA's median}
-    qgoft_ms: dict = field(default_factory=dict)
 
 
 def _sync(device: torch.device) -> None:
@@ -496,8 +495,6 @@ def measure(spec: ModelSpec, method: Method, ctx: Context) -> dict | None:
     short = len(times) < ctx.steps
     if method.key == "lora":
         ctx.lora_ms[spec.key] = median
-    if method.key == "qgoft":
-        ctx.qgoft_ms[spec.key] = median
     lora = ctx.lora_ms.get(spec.key)
     if short:
         note = "; ".join(filter(None, [note, f"only {len(times)} of {ctx.steps} steps before the deadline"]))
