@@ -180,7 +180,7 @@ def torch_path(case: Case, x, params, scale, dy) -> dict:
 
 
 def errors_vs_float64(case: Case, x, params, scale, dy, got: dict) -> dict:
-    """``{name: [error, bound]}`` for each result in ``got`` (SPEC §5, as in ``verify``)."""
+    """``{name: [error, bound]}`` for each result in ``got`` (docs/method.md §4, as in ``verify``)."""
     ref = oracle(x, params, scale, dy, case)
     mag = magnitudes(x, params, scale, dy, case)
     low = None if x.dtype in RTOL else torch_path(case, x, params, scale, dy)
