@@ -14,6 +14,15 @@ from benchmarks import gpu_quick, models, rehearsal
 METHODS = {m.key: m for m in models.METHODS}
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is many times faster than two on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def context(tmp_path, spec):
     meta = {**{k: None for k in models.FIELDS}, "dry_run": True, "tiny": True, "device": "cpu", "device_type": "cpu"}
     record = gpu_quick.Recorder(str(tmp_path / models.OUT_NAME), meta, models.FIELDS)
