@@ -12,7 +12,12 @@
 #             kernels and the layer in one call of at most 7 minutes (benchmarks/gpu_quick.py);
 #             ARGS= passes options (--only, --dims, --deadline)
 # make gpu-quick-dry  its rehearsal on the CPU (Triton interpreter, tiny shapes): not GPU data
-# Both GPU targets stop at once without CUDA, write nothing in the tree but the ignored
+# make models OUT=<folder> COMMIT=<sha>  on a lent GPU: the paper's training-time table (Table 10)
+#             redone on whole models (DeBERTaV3-base and LLaMA-2-7B shapes, random weights), one call
+#             of at most 7 minutes (benchmarks/models.py); ARGS= passes options (--model, --methods,
+#             --deadline, --layers)
+# make models-dry  its rehearsal on the CPU (tiny configs, Triton interpreter): not GPU data
+# The GPU targets stop at once without CUDA, write nothing in the tree but the ignored
 # compile cache $(TRITON_CACHE_DIR), and take the commit id from COMMIT where git is missing.
 # make lint   ruff over the whole repository (rules in pyproject.toml)
 #
@@ -36,7 +41,7 @@ ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
 endif
 
-.PHONY: test bench bench-publish lint finetune gpu gpu-quick gpu-quick-dry clean
+.PHONY: test bench bench-publish lint finetune gpu gpu-quick gpu-quick-dry models models-dry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -78,6 +83,12 @@ gpu-quick:
 
 gpu-quick-dry: $(VENV)/.installed
 	$(GPU_ENV) $(PY) -m benchmarks.gpu_quick --dry-run --out $(OUT)/dry-run $(ARGS)
+
+models:
+	$(GPU_ENV) $(PYTHON) -m benchmarks.models --out $(OUT) $(ARGS)
+
+models-dry: $(VENV)/.installed
+	$(GPU_ENV) $(PY) -m benchmarks.models --dry-run --out $(OUT)/models-dry $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks .triton-cache
