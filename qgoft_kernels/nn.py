@@ -197,14 +197,9 @@ class GivensWrapper(nn.Module):
         w = self.rotate(bases.dense_weight(self.base_layer), transpose=True)
         if dequantize and self.kind in bases.QUANTIZED:
             bias = self.base_layer.bias
-            linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=w.device,
-                               dtype=w.dtype)
-            linear.weight.copy_(w)
-            linear.weight.requires_grad_(False)
             if bias is not None:
-                linear.bias.copy_(bias)
-                linear.bias.requires_grad_(False)
-            return linear
+                bias = nn.Parameter(bias.detach().to(w.dtype, copy=True), requires_grad=False)
+            return _linear(nn.Parameter(w, requires_grad=False), bias)
         return bases.merged_copy(self.base_layer, w)
 
     def orthogonality_penalty(self) -> torch.Tensor:
