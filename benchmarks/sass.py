@@ -449,7 +449,9 @@ def _trips(launch: Launch, sass: Sass) -> list:
         loops = [(a["n_full"], a["n_full"] != 1), (a["n_iters"] - a["n_full"], a["n_full"] != 1 or a["n_iters"] != 1)]
     elif "n_iters" in a:
         loops = [(a["n_iters"], a["n_iters"] != 1)]
-    elif "BLOCK_N" in a and "n_rows" in a:  # v2: range(program_id, cdiv(n_rows, BLOCK_N), num_programs)
+    elif launch.name == "_givens_fwd_kernel_v2":  # v2 x @ R^T walks its K chunks (a constant loop)
+        loops = [(1 << (a["L"] - a["LC"]), True)] * n_loops
+    elif launch.name.endswith("_v2"):  # v2 backward: range(program_id, cdiv(n_rows, BLOCK_N), num_programs)
         loops = [(-(-(-(-a["n_rows"] // a["BLOCK_N"])) // launch.grid[0]), True)]
     else:
         loops = []

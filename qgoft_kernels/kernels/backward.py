@@ -14,8 +14,8 @@ stages by the ``b`` side's ancestor chain and the ``a`` side's lane exchanges. W
 than one chunk per row, ``_givens_bwd_roots_kernel`` runs the coarse stages on the chunk
 roots, from the ``a`` carries the first launch left in a small buffer. Each program walks a
 strided set of row blocks, sums its share of the gradients in registers and writes one
-partial row; one ``sum`` over programs finishes them in a fixed order, so the result is
-bit-identical from run to run (no atomics).
+partial row; ``_givens_grad_sum_kernel`` adds the rows up in a fixed order, so the result
+is bit-identical from run to run (no atomics).
 """
 import torch
 import triton
