@@ -31,7 +31,9 @@ def load_results(kind: str = "speed", folder: str = RESULTS) -> list[tuple[str, 
     ``"finetune"`` (benchmarks.finetune)."""
     out = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-        if os.path.basename(path).startswith("finetune-") != (kind == "finetune"):
+        name = os.path.basename(path)
+        # the static model's predictions (sass-*.json) are no measurement: docs/tuning.md shows them
+        if name.startswith("sass-") or name.startswith("finetune-") != (kind == "finetune"):
             continue
         with open(path) as fh:
             out.append((os.path.relpath(path, ROOT), json.load(fh)))
