@@ -129,12 +129,12 @@ def config(kind: str, d_pad: int, n_rows: int, elem_size: int, device: torch.dev
 def roots_config(n_rows: int, K: int, device: torch.device):
     """``(block_n, programs, n_iters, num_warps)`` for a kernel on the ``[rows, K]`` chunk roots.
 
-    On a GPU its tile holds about 4096 roots over 8 warps (16 per thread: each root carries
-    its chain, and more would spill), so that the few programs it gets keep enough loads in
-    flight.
+    On a GPU its tile holds up to 2048 roots over 8 warps (8 per thread: each root carries
+    its chain, and more spill with triton 3.6), so that the few programs it gets keep
+    enough loads in flight.
     """
     gpu = on_gpu(device)
-    block_n = max(1, min(256, 4096 // K)) if gpu else max(1, min(64, 1024 // K))
+    block_n = max(1, min(256, 2048 // K)) if gpu else max(1, min(64, 1024 // K))
     n_blocks = -(-n_rows // block_n)
     programs = max(1, min(n_blocks, 4 * sm_count(device) if gpu else 4))
     return block_n, programs, -(-n_blocks // programs), 8 if gpu else 1
