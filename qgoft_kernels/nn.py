@@ -15,7 +15,35 @@ from .function import givens_rotate
 from .select import excluded, layer_selected, matches, pattern_value, under
 
 
-class GivensLinear(nn.Module):
+class _RotationAdapter(nn.Module):
+    """What every adapted layer of this package shares: ``rotation`` (and ``scale``) on the
+    input's ``in_features``, the rotation itself, the identity reset and the penalty."""
+
+    def _add_adapter(self, device, scale: bool) -> None:
+        shape = rotation_shape(self.in_features, self.block, self.structure)
+        self.rotation = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
+        if scale:
+            self.scale = nn.Parameter(torch.empty(self.in_features, device=device, dtype=torch.float32))
+        else:
+            self.register_parameter("scale", None)
+        self.reset_adapter()
+
+    def reset_adapter(self) -> None:
+        """Back to the identity: zero angles or identity blocks, unit scale."""
+        reset_identity(self.rotation, self.scale, self.block)
+
+    def rotate(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+        """``x @ R`` (or ``x @ R^T``) with this layer's rotation."""
+        check_features(x, self.in_features)
+        return givens_rotate(x, self.rotation, block=self.block, structure=self.structure,
+                             scale=self.scale, transpose=transpose)
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """``sum_p <alpha_p, beta_p>^2`` over the quasi blocks' columns; 0 for strict rotations."""
+        return block_penalty(self.rotation, self.block)
+
+
+class GivensLinear(_RotationAdapter):
     """``y = F.linear(x @ R, W, b)`` with ``W``, ``b`` frozen and only ``R`` trained.
 
     ``R`` is the product of ``ceil(log2 in_features)`` stages of disjoint 2x2 blocks
@@ -73,25 +101,6 @@ class GivensLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.block, self.structure = block, structure
 
-    def _add_adapter(self, device, scale: bool) -> None:
-        shape = rotation_shape(self.in_features, self.block, self.structure)
-        self.rotation = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
-        if scale:
-            self.scale = nn.Parameter(torch.empty(self.in_features, device=device, dtype=torch.float32))
-        else:
-            self.register_parameter("scale", None)
-        self.reset_adapter()
-
-    def reset_adapter(self) -> None:
-        """Back to the identity: zero angles or identity blocks, unit scale."""
-        reset_identity(self.rotation, self.scale, self.block)
-
-    def rotate(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
-        """``x @ R`` (or ``x @ R^T``) with this layer's rotation."""
-        check_features(x, self.in_features)
-        return givens_rotate(x, self.rotation, block=self.block, structure=self.structure,
-                             scale=self.scale, transpose=transpose)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(self.rotate(x), self.weight, self.bias)
 
@@ -112,10 +121,6 @@ class GivensLinear(nn.Module):
         """:meth:`merged_linear` (the name every adapted layer shares with :class:`GivensWrapper`)."""
         return self.merged_linear()
 
-    def orthogonality_penalty(self) -> torch.Tensor:
-        """``sum_p <alpha_p, beta_p>^2`` over the quasi blocks' columns; 0 for strict rotations."""
-        return block_penalty(self.rotation, self.block)
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, block={self.block!r}, structure={self.structure!r}, "
@@ -132,7 +137,7 @@ def _linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
     return linear
 
 
-class GivensWrapper(nn.Module):
+class GivensWrapper(_RotationAdapter):
     """``base_layer(x @ R)``: the adapter on a base layer other than ``nn.Linear``.
 
     ``R`` acts on the input, so it composes with any layer; this class holds the frozen
@@ -156,29 +161,12 @@ class GivensWrapper(nn.Module):
         self.block, self.structure = block, structure
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
-        device = next((t.device for t in base_layer.parameters()), None)
-        shape = rotation_shape(self.in_features, block, structure)
-        self.rotation = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
-        if scale:
-            self.scale = nn.Parameter(torch.empty(self.in_features, device=device, dtype=torch.float32))
-        else:
-            self.register_parameter("scale", None)
-        self.reset_adapter()
+        self._add_adapter(next((t.device for t in base_layer.parameters()), None), scale)
 
     @property
     def kind(self) -> str:
         """The base layer's kind: ``"conv1d"``, ``"bnb-8bit"``, ``"bnb-4bit"`` (or ``"linear"``)."""
         return bases.kind(self.base_layer)
-
-    def reset_adapter(self) -> None:
-        """Back to the identity: zero angles or identity blocks, unit scale."""
-        reset_identity(self.rotation, self.scale, self.block)
-
-    def rotate(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
-        """``x @ R`` (or ``x @ R^T``) with this layer's rotation."""
-        check_features(x, self.in_features)
-        return givens_rotate(x, self.rotation, block=self.block, structure=self.structure,
-                             scale=self.scale, transpose=transpose)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base_layer(self.rotate(x))
@@ -201,10 +189,6 @@ class GivensWrapper(nn.Module):
                 bias = nn.Parameter(bias.detach().to(w.dtype, copy=True), requires_grad=False)
             return _linear(nn.Parameter(w, requires_grad=False), bias)
         return bases.merged_copy(self.base_layer, w)
-
-    def orthogonality_penalty(self) -> torch.Tensor:
-        """``sum_p <alpha_p, beta_p>^2`` over the quasi blocks' columns; 0 for strict rotations."""
-        return block_penalty(self.rotation, self.block)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind!r}, "
