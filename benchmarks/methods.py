@@ -38,42 +38,59 @@ class _Wrap(nn.Module):
         return self.layer(x)
 
 
-def _peft(config_factory: Callable[[nn.Linear], object]):
-    def build(linear: nn.Linear):
-        import peft
+def peft_wrap(model: nn.Module, config) -> tuple[nn.Module, str]:
+    """``peft.get_peft_model(model, config)`` and a note when PEFT fell back from its BOFT CUDA extension."""
+    import peft
 
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = peft.get_peft_model(_Wrap(copy.deepcopy(linear)), config_factory(linear))
-        # say so when PEFT falls back from its BOFT CUDA extension
-        fallback = any("CUDA extension" in str(w.message) for w in caught)
-        return model, "PEFT's CUDA extension did not load" if fallback else ""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = peft.get_peft_model(model, config)
+    fallback = any("CUDA extension" in str(w.message) for w in caught)
+    return wrapped, "PEFT's CUDA extension did not load" if fallback else ""
+
+
+def lora_config(r: int, targets):
+    """PEFT LoRA at rank ``r`` (alpha = r, no dropout) on ``targets`` (names or a regular expression)."""
+    import peft
+    return peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=targets)
+
+
+def oft_config(block: int, targets):
+    """PEFT OFT (its input-side Cayley-Neumann form, PEFT's defaults) with blocks of ``block``."""
+    import peft
+    return peft.OFTConfig(r=0, oft_block_size=block, target_modules=targets)
+
+
+def boft_config(block: int, factors: int, targets):
+    """PEFT BOFT with blocks of ``block`` and ``factors`` butterfly factors."""
+    import peft
+    return peft.BOFTConfig(boft_block_size=block, boft_n_butterfly_factor=factors, target_modules=targets)
+
+
+def boft_factors_used(model: nn.Module) -> int:
+    """The butterfly factors PEFT's BOFT layers run with: 1 when its CUDA extension did not load."""
+    return next(m.boft_R["default"].shape[0] for m in model.modules() if hasattr(m, "boft_R"))
+
+
+def _peft(config_factory: Callable[[], object]):
+    def build(linear: nn.Linear):
+        return peft_wrap(_Wrap(copy.deepcopy(linear)), config_factory())
     return build
 
 
 def _lora(r: int):
-    def config(linear):
-        import peft
-        return peft.LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["layer"])
-    return _peft(config)
+    return _peft(lambda: lora_config(r, ["layer"]))
 
 
 def _oft(block: int):
-    def config(linear):
-        import peft
-        return peft.OFTConfig(r=0, oft_block_size=block, target_modules=["layer"])
-    return _peft(config)
+    return _peft(lambda: oft_config(block, ["layer"]))
 
 
 def _boft(block: int, factors: int):
-    def config(linear):
-        import peft
-        return peft.BOFTConfig(boft_block_size=block, boft_n_butterfly_factor=factors, target_modules=["layer"])
-
     def build(linear):
-        model, note = _peft(config)(linear)
+        model, note = _peft(lambda: boft_config(block, factors, ["layer"]))(linear)
         # PEFT drops to one factor (block-diagonal OFT) when its CUDA extension does not load
-        used = model.base_model.model.layer.boft_R["default"].shape[0]
+        used = boft_factors_used(model)
         return model, "; ".join(filter(None, [note, f"ran with m={used}" if used != factors else ""]))
     return build
 

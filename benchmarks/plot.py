@@ -1,10 +1,13 @@
-"""Regenerate the plots from the committed results: ``python -m benchmarks.plot``.
+"""Regenerate the plots from results: ``python -m benchmarks.plot [--results DIR] [--out DIR]``.
 
-Reads every ``benchmarks/results/*.json`` written by :mod:`benchmarks.run` and writes PNGs
-to ``benchmarks/plots/`` (ignored by git: the data is what is kept).
+Reads every ``*.json`` of a results folder written by :mod:`benchmarks.run` or
+:mod:`benchmarks.finetune` (default: the committed ``benchmarks/results/``) and writes PNGs to
+``benchmarks/plots/`` (ignored by git: the data is what is kept). ``make bench`` plots its fresh
+results into ``benchmarks/results/latest/plots/``.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -15,7 +18,7 @@ from .run import RESULTS
 PLOTS = os.path.join(os.path.dirname(RESULTS), "plots")
 
 
-def plot_result(path: str) -> list[str]:
+def plot_result(path: str, plots: str = PLOTS) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,7 +45,7 @@ def plot_result(path: str) -> list[str]:
         ax.set(xscale="log", xlabel="d", ylabel="time / torch.clone", title=f"givens_rotate, {rows_max} rows\n{title}")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        written.append(os.path.join(PLOTS, f"{name}-kernel.png"))
+        written.append(os.path.join(plots, f"{name}-kernel.png"))
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
 
@@ -58,13 +61,13 @@ def plot_result(path: str) -> list[str]:
             ax.set(title=f"{d} -> {k}, {sub[0]['tokens']} tokens", xlabel="train step / frozen nn.Linear")
         fig.suptitle(title, fontsize=9)
         fig.tight_layout()
-        written.append(os.path.join(PLOTS, f"{name}-layer.png"))
+        written.append(os.path.join(plots, f"{name}-layer.png"))
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
     return written
 
 
-def plot_finetune(path: str) -> list[str]:
+def plot_finetune(path: str, plots: str = PLOTS) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,23 +89,27 @@ def plot_finetune(path: str) -> list[str]:
     fig.suptitle(f"all-MiniLM-L6-v2, setting {result['setting']['name']} · {meta['device']} · commit {meta['commit']}",
                  fontsize=9)
     fig.tight_layout()
-    out = os.path.join(PLOTS, os.path.splitext(os.path.basename(path))[0] + ".png")
+    out = os.path.join(plots, os.path.splitext(os.path.basename(path))[0] + ".png")
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return [out]
 
 
-def main() -> int:
-    os.makedirs(PLOTS, exist_ok=True)
-    # the crossover and epoch-timing results are tables only
-    paths = sorted(p for p in glob.glob(os.path.join(RESULTS, "*.json"))
-                   if not os.path.basename(p).startswith(("crossover-", "finetune-timing-")))
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=RESULTS, help="folder of result files (default: the committed ones)")
+    parser.add_argument("--out", default=PLOTS, help="folder for the PNGs (default: the ignored benchmarks/plots/)")
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    # the crossover and epoch-timing results are tables only; the static model's are no measurement
+    paths = sorted(p for p in glob.glob(os.path.join(args.results, "*.json"))
+                   if not os.path.basename(p).startswith(("crossover-", "finetune-timing-", "sass-")))
     if not paths:
-        print(f"no results in {RESULTS}; run python -m benchmarks.run first")
+        print(f"no results in {args.results}; run python -m benchmarks.run first")
         return 0
     for path in paths:
         plot = plot_finetune if os.path.basename(path).startswith("finetune-") else plot_result
-        for out in plot(path):
+        for out in plot(path, args.out):
             print("wrote", os.path.relpath(out))
     return 0
 

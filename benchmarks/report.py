@@ -4,10 +4,14 @@
 ``results`` markers (the fine-tuning results between ``finetune``, the PyTorch path's
 formulations between ``crossover``); the README gets a short training-step table between its
 ``bench`` markers. Numbers only ever come from those files; ``benchmarks/test_bench.py``
-checks that the docs are current.
+checks that the docs are current. This is the explicit step of ``make bench-publish``.
+
+``python -m benchmarks.report --results DIR --out FILE`` (what ``make bench`` runs) writes the
+same tables for the fresh results in ``DIR`` to ``FILE`` instead, and touches no tracked file.
 """
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -28,14 +32,16 @@ SHORT = ("frozen nn.Linear", "qGOFT quasi", "GOFT givens", "paper dense qGOFT", 
 KINDS = {"finetune-timing": "finetune-timing-", "finetune": "finetune-", "crossover": "crossover-"}
 
 
-def load_results(kind: str = "speed") -> list[tuple[str, dict]]:
-    """Committed result files: ``"speed"`` (benchmarks.run), ``"finetune"`` (benchmarks.finetune)
-    or ``"crossover"`` (benchmarks.crossover)."""
+def load_results(kind: str = "speed", folder: str = RESULTS) -> list[tuple[str, dict]]:
+    """Result files of ``folder`` (default: the committed ones): ``"speed"`` (benchmarks.run),
+    ``"finetune"`` (benchmarks.finetune), ``"finetune-timing"`` (its ``--timing``) or
+    ``"crossover"`` (benchmarks.crossover)."""
     out = []
-    for path in sorted(glob.glob(os.path.join(RESULTS, "*.json"))):
+    for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         name = os.path.basename(path)
+        # the static model's predictions (sass-*.json) are no measurement: docs/tuning.md shows them
         found = next((k for k, prefix in KINDS.items() if name.startswith(prefix)), "speed")
-        if found != kind:
+        if name.startswith("sass-") or found != kind:
             continue
         with open(path) as fh:
             out.append((os.path.relpath(path, ROOT), json.load(fh)))
@@ -141,7 +147,35 @@ def render() -> dict[str, str]:
     return out
 
 
-def main() -> int:
+def summary(folder: str) -> str:
+    """The docs' tables for the results in ``folder``, as one Markdown page."""
+    speed, finetune = load_results("speed", folder), load_results("finetune", folder)
+    parts = [f"# Results in {os.path.relpath(folder, ROOT)}", "",
+             "Fresh results of this machine, not committed: `make bench-publish` copies them to",
+             "`benchmarks/results/` and writes them into README.md and docs/benchmarks.md.", "",
+             "## Training step (README table)", "", readme_table(speed), "## All tables", "", docs_section(speed)]
+    if finetune:
+        parts += ["## Fine-tuning", "", finetune_section(finetune)]
+    return "\n".join(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=None,
+                        help="summarise this folder's results into --out instead of updating the docs")
+    parser.add_argument("--out", default=None, help="with --results: the Markdown file to write (default: stdout)")
+    args = parser.parse_args(argv)
+    if args.results is not None:
+        text = summary(args.results)
+        if args.out is None:
+            print(text)
+        else:
+            with open(args.out, "w") as fh:
+                fh.write(text)
+            print("wrote", os.path.relpath(args.out))
+        return 0
+    if args.out is not None:
+        parser.error("--out needs --results (without it, the report updates README.md and docs/benchmarks.md)")
     for path, text in render().items():
         with open(path, "w") as fh:
             fh.write(text)

@@ -14,8 +14,9 @@ Four tables, measured on whatever device is present:
    changing load.
 
 Every configuration of ours is first checked against the float64 oracle; one that fails
-gets no timing. Results go to ``benchmarks/results/<device>.json`` and CSV files beside it,
-with the device, versions, commit, shapes, dtype and raw timings.
+gets no timing. Results go to ``benchmarks/results/latest/<device>.json`` (ignored by git) and
+CSV files beside it, with the device, versions, commit, shapes, dtype and raw timings;
+``make bench-publish`` copies them over the committed ones in ``benchmarks/results/``.
 """
 from __future__ import annotations
 
@@ -48,7 +49,10 @@ from .paper_dense import PaperDenseGivensLinear
 from .provenance import commit_id
 from .timing import interleaved_ms, peak_bytes, saved_bytes, time_ms, wait_for_quiet
 
+#: The committed results (what the docs show); only ``make bench-publish`` writes here.
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+#: Fresh results of this machine (ignored by git): where every run writes by default.
+LATEST = os.path.join(RESULTS, "latest")
 
 
 @dataclass(frozen=True)
@@ -439,7 +443,8 @@ def _flatten(row: dict) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run (writes nothing unless --out)")
-    parser.add_argument("--out", default=None, help=f"folder for the results (default {RESULTS})")
+    parser.add_argument("--out", default=None,
+                        help=f"folder for the results (default {os.path.relpath(LATEST)}, ignored by git)")
     parser.add_argument("--quiet", type=float, default=None, metavar="CPUS",
                         help="before each peers shape, wait (up to 10 min) until other processes use at most CPUS "
                              "cores")
@@ -458,7 +463,7 @@ def main(argv=None) -> int:
     result["meta"]["wall_seconds"] = round(time.time() - start, 1)
     print(tables(result))
     if not args.quick or args.out:
-        for path in write(result, args.out or RESULTS, slug(device)):
+        for path in write(result, args.out or LATEST, slug(device)):
             print("wrote", os.path.relpath(path))
     print(f"benchmarks took {result['meta']['wall_seconds']} s")
     failed = [r for t in ("kernel", "layer", "merge", "peers") for r in result[t] if not r["correct"]]

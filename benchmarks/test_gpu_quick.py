@@ -1,13 +1,10 @@
 """``make gpu-quick`` rehearsed on the CPU: the whole pipeline at tiny shapes, and its output."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from benchmarks import gpu_quick
-from benchmarks.provenance import REPO, interpreter_problem
+from benchmarks import gpu_quick, rehearsal
 
 TIMED = ("clone", "forward", "forward_t", "backward", "merge", "merge_kernel")
 
@@ -15,9 +12,6 @@ TIMED = ("clone", "forward", "forward_t", "backward", "merge", "merge_kernel")
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     """One dry run in a subprocess (as ``make gpu-quick-dry`` runs it): its stdout and JSON lines."""
-    problem = interpreter_problem()
-    if problem:
-        pytest.skip(problem)
     tmp = tmp_path_factory.mktemp("gpu-quick")
     # the static model's rows: one matches the dry run's shapes, so the lookup shows in the output
     preds = tmp / "sass.json"
@@ -26,15 +20,8 @@ def dry_run(tmp_path_factory):
          "predicted_over_clone": 1.07},
         {"kernel": "forward", "d": 16, "dtype": "bfloat16", "block": "quasi", "default": False,
          "predicted_over_clone": 9.0}]}))
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "QGOFT_POISON")}
-    env.update(PYTHONPATH=REPO, TRITON_CACHE_DIR=str(tmp / "cache"), QGOFT_COMMIT="unused-when-git-works")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_quick", "--dry-run", "--out", str(tmp / "out"),
-                           "--predictions", str(preds), "--deadline", "300"],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    with open(tmp / "out" / gpu_quick.OUT_NAME) as fh:
-        rows = [json.loads(line) for line in fh]
-    return proc.stdout, rows
+    return rehearsal.run("benchmarks.gpu_quick", ["--predictions", str(preds), "--deadline", "300"], tmp,
+                         gpu_quick.OUT_NAME)
 
 
 @pytest.mark.slow

@@ -51,7 +51,7 @@ def test_commit_of_this_checkout():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("module", ["benchmarks.gpu_quick", "benchmarks.gpu_check"])
+@pytest.mark.parametrize("module", ["benchmarks.gpu_quick", "benchmarks.gpu_check", "benchmarks.models"])
 def test_gpu_commands_stop_at_once_without_cuda(module, tmp_path):
     out = tmp_path / "out"
     start = time.monotonic()

@@ -4,15 +4,17 @@
 product of ``ceil(log2 d)`` stages of disjoint 2x2 blocks applied to the activations in one
 fused pass; ``givens_rotate`` is the functional form. See README.md and docs/.
 """
+from ._version import __version__
 from .checkpoint import convert_official, load_adapter, load_official, save_adapter
 from .function import MAX_TRITON_DIM, GivensRotationFunction, givens_rotate
-from .nn import GivensLinear, inject, merge, orthogonality_penalty, trainable_parameters
+from .nn import GivensLinear, GivensWrapper, inject, merge, orthogonality_penalty, trainable_parameters
 from .reference import givens_matrix
 from .schedule import num_pairs, num_stages
 
 __all__ = [
     "MAX_TRITON_DIM",
     "GivensLinear",
+    "GivensWrapper",
     "GivensRotationFunction",
     "convert_official",
     "givens_matrix",
@@ -26,5 +28,5 @@ __all__ = [
     "orthogonality_penalty",
     "save_adapter",
     "trainable_parameters",
+    "__version__",
 ]
-__version__ = "0.1.0"

@@ -1,10 +1,19 @@
 """Adapter files: only the rotations (and scales) plus their options, in safetensors.
 
 safetensors holds raw tensors and a string header, so loading an untrusted adapter runs no
-code (no pickle). The header records, per module, the options needed to rebuild it:
-``{"format": "qgoft-adapter", "version": "1", "modules": "<json>"}``. Files are written to
-a temporary file beside the target and renamed over it, so a failed write leaves the old
-file whole.
+code (no pickle). The header records, per module, the options needed to rebuild it, and
+which package wrote the file:
+
+- version 2 (written now): ``{"format": "qgoft-adapter", "version": "2", "package":
+  "qgoft-kernels", "package_version": "<x.y.z>", "modules": "<json>", "modules_to_save":
+  "<json>"}``; the tensors of ``modules_to_save`` are stored as ``"<module>.<parameter>"``
+  beside ``"<module>.rotation"`` and ``"<module>.scale"``;
+- version 1 (qgoft-kernels 0.1.0 before the PEFT work of issue 12): ``format``, ``version``
+  and ``modules`` only. It still loads; ``python -m qgoft_kernels upgrade FILE`` rewrites it.
+
+A file of a newer version raises an error naming the package version that wrote it. Files
+are written to a temporary file beside the target and renamed over it, so a failed write
+leaves the old file whole.
 """
 from __future__ import annotations
 
@@ -16,48 +25,69 @@ import secrets
 import torch
 import torch.nn as nn
 
+from . import bases
+from ._version import ADAPTER_FORMAT, PACKAGE, __version__
 from .checks import check_options, rotation_shape
-from .nn import GivensLinear, module_uses, replace_modules
+from .nn import ADAPTED, adapt, adapter_options, module_uses, record_on_config, replace_modules, saved_modules
 
-FORMAT, VERSION = "qgoft-adapter", "1"
+FORMAT, VERSION = "qgoft-adapter", ADAPTER_FORMAT
+#: Every format version this package reads, oldest first.
+READS = ("1", "2")
 OPTION_KEYS = ("in_features", "out_features", "block", "structure", "scale")
+_options = adapter_options
 
 
-def _options(m: GivensLinear) -> dict:
-    return {"in_features": m.in_features, "out_features": m.out_features, "block": m.block,
-            "structure": m.structure, "scale": m.scale is not None}
-
-
-def adapter_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+def adapter_state(model: nn.Module, with_saved: bool = False):
     """``({"<module>.rotation": t, "<module>.scale": t, ...}, {"<module>": options})``.
 
-    A ``GivensLinear`` used at several places is listed once, under its first name.
+    An adapted layer used at several places is listed once, under its first name. With
+    ``with_saved``, a third item ``{"<module>": [parameter names]}`` lists the
+    ``modules_to_save``, whose tensors are added as ``"<module>.<parameter>"``.
     """
     tensors, modules = {}, {}
     for name, m in model.named_modules():
-        if isinstance(m, GivensLinear):
+        if isinstance(m, ADAPTED):
             modules[name] = _options(m)
             tensors[f"{name}.rotation"] = m.rotation.detach()
             if m.scale is not None:
                 tensors[f"{name}.scale"] = m.scale.detach()
-    return tensors, modules
+    if not with_saved:
+        return tensors, modules
+    saved = {}
+    for name, m in saved_modules(model).items():
+        state = {k: v for k, v in m.state_dict().items() if v.is_floating_point()}
+        saved[name] = sorted(state)
+        tensors.update({f"{name}.{k}": v.detach() for k, v in state.items()})
+    return tensors, modules, saved
+
+
+def header(modules: dict, saved: dict) -> dict[str, str]:
+    """The safetensors header of a version-2 adapter file."""
+    return {"format": FORMAT, "version": VERSION, "package": PACKAGE, "package_version": __version__,
+            "modules": json.dumps(modules, sort_keys=True), "modules_to_save": json.dumps(saved, sort_keys=True)}
 
 
 def save_adapter(model: nn.Module, path) -> None:
-    """Write every ``GivensLinear``'s rotation and scale (and their options) to ``path``.
+    """Write every adapted layer's rotation and scale (and their options), and the parameters of
+    the ``modules_to_save``, to ``path`` (format version 2, which names this package and its
+    version in the header).
 
     Refuses (``ValueError``) an adapter holding NaN or Inf, which no load would accept. The
     write is atomic: a temporary file beside ``path``, renamed over it once complete.
     """
+    tensors, modules, saved = adapter_state(model, with_saved=True)
+    if not modules:
+        raise ValueError("the model has no adapted layer (GivensLinear or GivensWrapper): nothing to save")
+    write_adapter(path, tensors, modules, saved)
+
+
+def write_adapter(path, tensors: dict, modules: dict, saved: dict | None = None) -> None:
+    """Write an adapter file from tensors and options already in memory (see :func:`save_adapter`)."""
     from safetensors.torch import save
 
-    tensors, modules = adapter_state(model)
-    if not modules:
-        raise ValueError("the model has no GivensLinear module: nothing to save")
     for key, t in tensors.items():
         _check_finite(key, t, "the model")
-    data = save({k: v.contiguous().cpu() for k, v in tensors.items()},
-                metadata={"format": FORMAT, "version": VERSION, "modules": json.dumps(modules, sort_keys=True)})
+    data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=header(modules, saved or {}))
     _write_atomic(path, data)
 
 
@@ -81,12 +111,13 @@ def _write_atomic(path, data: bytes) -> None:
         raise
 
 
-def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
-    """The tensors and per-module options of an adapter file, checked for its format.
+def read_adapter(path, with_saved: bool = False):
+    """The tensors and per-module options of an adapter file (of any version in :data:`READS`),
+    checked for its format; with ``with_saved``, also its ``modules_to_save`` (``{}`` in version 1).
 
     Anything but a readable adapter file raises an error naming ``path``: a directory
-    (``IsADirectoryError``), a missing file (``FileNotFoundError``), or a file that is not
-    safetensors or whose header is malformed (``ValueError``).
+    (``IsADirectoryError``), a missing file (``FileNotFoundError``), a file that is not
+    safetensors or whose header is malformed, or a newer format version (``ValueError``).
     """
     from safetensors import SafetensorError, safe_open
 
@@ -100,8 +131,7 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
             meta = fh.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path} is not a {FORMAT} file (format {meta.get('format')!r})")
-            if meta.get("version") != VERSION:
-                raise ValueError(f"{path} has adapter format version {meta.get('version')!r}; this reads {VERSION!r}")
+            check_version(str(path), meta.get("version"), meta.get("package_version"))
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
     except SafetensorError as e:
         raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
@@ -109,28 +139,46 @@ def read_adapter(path) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
         raise ValueError(f"{path}: the header has no 'modules' entry")
     try:
         modules = json.loads(meta["modules"])
+        saved = json.loads(meta.get("modules_to_save", "{}"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: the header's 'modules' entry is not valid JSON ({e})") from None
-    return tensors, modules
+        raise ValueError(f"{path}: the header's 'modules' or 'modules_to_save' entry is not valid JSON ({e})") from None
+    return (tensors, modules, saved) if with_saved else (tensors, modules)
+
+
+def check_version(source: str, version, written_by=None) -> None:
+    """Raise a ``ValueError`` that says what to do unless this package reads adapter format ``version``."""
+    if version in READS:
+        return
+    newer = isinstance(version, str) and version.isdigit() and int(version) > int(VERSION)
+    if newer:
+        by = f"qgoft-kernels {written_by}" if written_by else "a newer qgoft-kernels"
+        raise ValueError(f"{source} has adapter format version {version}, written by {by}; this is qgoft-kernels "
+                         f"{__version__}, which reads versions {', '.join(READS)}: upgrade it "
+                         f"(pip install -U qgoft-kernels, or pull the repository) to load this file")
+    raise ValueError(f"{source} has adapter format version {version!r}, which no qgoft-kernels wrote; this one "
+                     f"reads versions {', '.join(READS)}")
 
 
 def load_adapter(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
     """Load an adapter file into ``model``: all or nothing.
 
-    Modules named in the file must be ``GivensLinear`` with the same options, or plain
-    ``nn.Linear`` of the same shape, which are then injected with the file's options and
+    Modules named in the file must be adapted layers with the same options, or plain base
+    layers (``nn.Linear``, ``Conv1D``, bitsandbytes linears) of the same shape, which are then
+    injected with the file's options and
     the rest of the model frozen, as :func:`~qgoft_kernels.inject` does. Every module,
     option, shape, dtype and value (finite) is checked before anything changes; a mismatch
     raises ``ValueError`` naming the file and the module. ``strict`` also requires every
-    ``GivensLinear`` of the model to be in the file. Returns ``model``.
+    adapted layer of the model to be in the file. The file's ``modules_to_save`` are loaded into
+    the model's modules of those names and left trainable. Returns ``model``.
     """
-    tensors, modules = read_adapter(path)
-    return load_adapter_state(model, tensors, modules, strict=strict, source=str(path))
+    tensors, modules, saved = read_adapter(path, with_saved=True)
+    return load_adapter_state(model, tensors, modules, strict=strict, source=str(path), saved=saved)
 
 
 def load_adapter_state(model: nn.Module, tensors: dict, modules: dict, *, strict: bool = True,
-                       source: str = "the adapter") -> nn.Module:
-    """:func:`load_adapter` from tensors and options already in memory."""
+                       source: str = "the adapter", saved: dict | None = None) -> nn.Module:
+    """:func:`load_adapter` from tensors and options already in memory (``saved``: the
+    ``modules_to_save``, ``{"<module>": [parameter names]}``)."""
     if not isinstance(modules, dict):
         raise ValueError(f"{source}: the header's 'modules' must map module names to options, "
                          f"got {type(modules).__name__}")
@@ -142,45 +190,80 @@ def load_adapter_state(model: nn.Module, tensors: dict, modules: dict, *, strict
         if id(target) in seen:
             raise ValueError(f"{source}: modules {seen[id(target)]!r} and {name!r} are one module of the model")
         seen[id(target)] = name
-        if not isinstance(target, GivensLinear) and "" in uses[id(target)]:
-            raise ValueError(f"{source}: the adapter is for the model itself (module name {name!r}), here an "
-                             f"nn.Linear, which cannot be replaced in place: load it into "
-                             f"qk.GivensLinear.from_linear(model) instead")
+        if not isinstance(target, ADAPTED) and "" in uses[id(target)]:
+            raise ValueError(f"{source}: the adapter is for the model itself (module name {name!r}), here a "
+                             f"{type(target).__name__}, which cannot be replaced in place: load it into "
+                             f"qk.GivensLinear.from_linear(model) (or qk.GivensWrapper(model)) instead")
         plan.append((name, target, opts))
     expected = {f"{n}.{k}" for n, _, o in plan for k in (("rotation", "scale") if o["scale"] else ("rotation",))}
+    to_save = _check_saved(model, saved or {}, tensors, source)
+    expected |= {f"{n}.{k}" for n, _, keys in to_save for k in keys}
     extra = set(tensors) - expected
     if extra:
         raise ValueError(f"{source}: tensors {sorted(extra)} belong to no module in its header")
     if strict:
-        missing = [n for n, m in model.named_modules() if isinstance(m, GivensLinear) and id(m) not in seen]
+        missing = [n for n, m in model.named_modules() if isinstance(m, ADAPTED) and id(m) not in seen]
         if missing:
-            raise ValueError(f"{source}: no entry for the model's GivensLinear modules {missing} (strict=True)")
+            raise ValueError(f"{source}: no entry for the model's GivensLinear/GivensWrapper modules {missing} "
+                                 f"(strict=True)")
     # everything checked: now change the model
     layers, injected = [], []
     for name, target, opts in plan:
-        if not isinstance(target, GivensLinear):
-            new = GivensLinear.from_linear(target, block=opts["block"], structure=opts["structure"],
-                                           scale=opts["scale"])
+        if not isinstance(target, ADAPTED):
+            new = adapt(target, block=opts["block"], structure=opts["structure"], scale=opts["scale"])
             injected.append((uses[id(target)], new))
             target = new
         layers.append((name, target, opts))
+    for _, module, _ in to_save:
+        module._qgoft_save = True
     if injected:
         replace_modules(model, injected)
-    for name, target, opts in layers:
-        with torch.no_grad():
+    with torch.no_grad():
+        for name, target, opts in layers:
             target.rotation.copy_(tensors[f"{name}.rotation"])
             if opts["scale"]:
                 target.scale.copy_(tensors[f"{name}.scale"])
+        for name, module, keys in to_save:
+            state = module.state_dict(keep_vars=True)
+            for k in keys:
+                state[k].copy_(tensors[f"{name}.{k}"])
+            module.requires_grad_(True)
+    record_on_config(model)
     return model
 
 
+def _check_saved(model: nn.Module, saved, tensors: dict, source: str) -> list:
+    """The ``modules_to_save`` of a file as ``[(name, module, keys)]``, every tensor checked."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{source}: the header's 'modules_to_save' must map module names to parameter names")
+    out = []
+    for name, keys in saved.items():
+        module = _submodule(model, name, source)
+        state = module.state_dict()
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise ValueError(f"{source}: modules_to_save entry {name!r} must list parameter names, got {keys!r}")
+        for k in keys:
+            t, have = tensors.get(f"{name}.{k}"), state.get(k)
+            if have is None:
+                raise ValueError(f"{source}: module {name!r} ({type(module).__name__}) has no parameter {k!r}")
+            if t is None or tuple(t.shape) != tuple(have.shape) or not t.is_floating_point():
+                got = "no tensor" if t is None else f"{tuple(t.shape)} {t.dtype}"
+                raise ValueError(f"{source}: modules_to_save {name!r}.{k} must be a float tensor of shape "
+                                 f"{tuple(have.shape)}, got {got}")
+            _check_finite(f"{name}.{k}", t, source)
+        out.append((name, module, keys))
+    return out
+
+
 def _check_entry(name: str, target: nn.Module, opts, tensors: dict, source: str) -> None:
-    if not isinstance(target, GivensLinear) and type(target) is not nn.Linear:
-        raise ValueError(f"{source}: module {name!r} is a {type(target).__name__}, not a GivensLinear or nn.Linear")
+    if not isinstance(target, ADAPTED) and bases.kind(target) is None:
+        raise ValueError(f"{source}: module {name!r} is a {type(target).__name__}, not an adapted layer or a "
+                         f"supported base layer ({', '.join(bases.KINDS)})")
     if not isinstance(opts, dict) or set(opts) != set(OPTION_KEYS):
         raise ValueError(f"{source}: module {name!r} has malformed options {opts!r}; expected the keys {OPTION_KEYS}")
     for key, low in (("in_features", 1), ("out_features", 0)):
-        if type(opts[key]) is not int or opts[key] < low:
+        # out_features may be unknown (null): a file converted from PEFT, which does not record it
+        if (type(opts[key]) is not int or opts[key] < low) and not (key == "out_features" and opts[key] is None):
             raise ValueError(f"{source}: module {name!r}: {key} must be an int >= {low}, got {opts[key]!r}")
     if type(opts["scale"]) is not bool:
         raise ValueError(f"{source}: module {name!r}: scale must be true or false, got {opts['scale']!r}")
@@ -188,14 +271,16 @@ def _check_entry(name: str, target: nn.Module, opts, tensors: dict, source: str)
         check_options(opts["block"], opts["structure"])
     except ValueError as e:
         raise ValueError(f"{source}: module {name!r}: {e}") from None
-    if isinstance(target, GivensLinear):
-        if _options(target) != opts:
-            raise ValueError(f"{source}: module {name!r} is a GivensLinear with options {_options(target)}, "
-                             f"the file has {opts}")
+    if isinstance(target, ADAPTED):
+        if _options(target) != {**opts, "out_features": opts["out_features"] if opts["out_features"] is not None
+                                 else target.out_features}:
+            raise ValueError(f"{source}: module {name!r} is a {type(target).__name__} with options "
+                             f"{_options(target)}, the file has {opts}")
     else:
-        have = {"in_features": target.in_features, "out_features": target.out_features}
-        if have != {k: opts[k] for k in have}:
-            raise ValueError(f"{source}: module {name!r} is an nn.Linear {have}, the file has {opts}")
+        have = dict(zip(("in_features", "out_features"), bases.features(target)))
+        if have != {k: have[k] if opts[k] is None else opts[k] for k in have}:
+            what = "an nn.Linear" if bases.kind(target) == "linear" else f"a {type(target).__name__}"
+            raise ValueError(f"{source}: module {name!r} is {what} {have}, the file has {opts}")
     shapes = {"rotation": rotation_shape(opts["in_features"], opts["block"], opts["structure"])}
     if opts["scale"]:
         shapes["scale"] = (opts["in_features"],)

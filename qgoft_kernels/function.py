@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .checks import check_float, check_params, describe, interpreting
+from .planning import as_gpu
 from .torch_path import linear_torch, rotate_torch
 
 BACKENDS = ("auto", "triton", "torch")
@@ -29,9 +30,10 @@ def _check_inputs(x, params, block, structure, scale, transpose, backend) -> str
         raise TypeError(f"transpose must be a bool, got {type(transpose).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or (backend == "auto" and x.device.type != "cuda" and not interpreting()):
+    gpu = as_gpu(x.device)
+    if backend == "torch" or (backend == "auto" and not gpu and not interpreting()):
         return "torch"
-    if x.device.type != "cuda" and not interpreting():
+    if not gpu and not interpreting():
         raise ValueError(f"backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got x on {x.device}")
     if d > MAX_TRITON_DIM:
         if backend == "auto":

@@ -2,17 +2,47 @@
 from __future__ import annotations
 
 import math
-import re
 import sys
 
 import torch
 import torch.nn as nn
 
+from . import bases
+from ._version import ADAPTER_FORMAT, PACKAGE, __version__
 from .checks import check_features, check_options, rotation_shape
 from .function import givens_linear, givens_rotate
+from .select import excluded, layer_selected, matches, pattern_value, under
 
 
-class GivensLinear(nn.Module):
+class _RotationAdapter(nn.Module):
+    """What every adapted layer of this package shares: ``rotation`` (and ``scale``) on the
+    input's ``in_features``, the rotation itself, the identity reset and the penalty."""
+
+    def _add_adapter(self, device, scale: bool) -> None:
+        shape = rotation_shape(self.in_features, self.block, self.structure)
+        self.rotation = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
+        if scale:
+            self.scale = nn.Parameter(torch.empty(self.in_features, device=device, dtype=torch.float32))
+        else:
+            self.register_parameter("scale", None)
+        self.reset_adapter()
+
+    def reset_adapter(self) -> None:
+        """Back to the identity: zero angles or identity blocks, unit scale."""
+        reset_identity(self.rotation, self.scale, self.block)
+
+    def rotate(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+        """``x @ R`` (or ``x @ R^T``) with this layer's rotation."""
+        check_features(x, self.in_features)
+        return givens_rotate(x, self.rotation, block=self.block, structure=self.structure,
+                             scale=self.scale, transpose=transpose)
+
+    def orthogonality_penalty(self) -> torch.Tensor:
+        """``sum_p <alpha_p, beta_p>^2`` over the quasi blocks' columns; 0 for strict rotations."""
+        return block_penalty(self.rotation, self.block)
+
+
+class GivensLinear(_RotationAdapter):
     """``y = F.linear(x @ R, W, b)`` with ``W``, ``b`` frozen and only ``R`` trained.
 
     ``R`` is the product of ``ceil(log2 in_features)`` stages of disjoint 2x2 blocks
@@ -70,25 +100,6 @@ class GivensLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.block, self.structure = block, structure
 
-    def _add_adapter(self, device, scale: bool) -> None:
-        shape = rotation_shape(self.in_features, self.block, self.structure)
-        self.rotation = nn.Parameter(torch.empty(shape, device=device, dtype=torch.float32))
-        if scale:
-            self.scale = nn.Parameter(torch.empty(self.in_features, device=device, dtype=torch.float32))
-        else:
-            self.register_parameter("scale", None)
-        self.reset_adapter()
-
-    def reset_adapter(self) -> None:
-        """Back to the identity: zero angles or identity blocks, unit scale."""
-        reset_identity(self.rotation, self.scale, self.block)
-
-    def rotate(self, x: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
-        """``x @ R`` (or ``x @ R^T``) with this layer's rotation."""
-        check_features(x, self.in_features)
-        return givens_rotate(x, self.rotation, block=self.block, structure=self.structure,
-                             scale=self.scale, transpose=transpose)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_features(x, self.in_features)
         return givens_linear(x, self.weight, self.bias, self.rotation, block=self.block, structure=self.structure,
@@ -101,24 +112,100 @@ class GivensLinear(nn.Module):
         The rotation is applied to the rows of ``W`` by the same kernel (``transpose=True``),
         computed in float32 and rounded once; no ``d x d`` matrix is formed.
         """
-        merged = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                           device=self.weight.device, dtype=self.weight.dtype)
-        merged.weight.copy_(self.rotate(self.weight, transpose=True))
-        # as frozen as the weights it replaces (a fresh nn.Linear would require grad)
-        merged.weight.requires_grad_(self.weight.requires_grad)
-        if self.bias is not None:
-            merged.bias.copy_(self.bias)
-            merged.bias.requires_grad_(self.bias.requires_grad)
-        return merged
+        # the rotation's output (a new tensor) becomes the weight as it is, with nothing
+        # initialised first; as frozen as the weights it replaces
+        weight = nn.Parameter(self.rotate(self.weight, transpose=True), self.weight.requires_grad)
+        bias = None if self.bias is None else nn.Parameter(self.bias.detach().clone(), self.bias.requires_grad)
+        return _linear(weight, bias)
 
-    def orthogonality_penalty(self) -> torch.Tensor:
-        """``sum_p <alpha_p, beta_p>^2`` over the quasi blocks' columns; 0 for strict rotations."""
-        return block_penalty(self.rotation, self.block)
+    def merged(self, dequantize: bool = False) -> nn.Linear:
+        """:meth:`merged_linear` (the name every adapted layer shares with :class:`GivensWrapper`)."""
+        return self.merged_linear()
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, block={self.block!r}, structure={self.structure!r}, "
                 f"scale={self.scale is not None}")
+
+
+def _linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Linear:
+    """An ``nn.Linear`` holding these parameters, built without running its initialisation."""
+    linear = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(linear)
+    linear.out_features, linear.in_features = weight.shape
+    linear.weight = weight
+    linear.register_parameter("bias", bias)
+    return linear
+
+
+class GivensWrapper(_RotationAdapter):
+    """``base_layer(x @ R)``: the adapter on a base layer other than ``nn.Linear``.
+
+    ``R`` acts on the input, so it composes with any layer; this class holds the frozen
+    ``base_layer`` unchanged (shared, not copied) and the same ``rotation``/``scale`` as
+    :class:`GivensLinear`. :func:`inject` uses it for transformers' ``Conv1D`` (GPT-2) and
+    bitsandbytes' ``Linear8bitLt``/``Linear4bit`` (``qgoft_kernels.bases``), and
+    :class:`GivensLinear` for ``nn.Linear``.
+
+    Example::
+
+        layer = GivensWrapper(gpt2.transformer.h[0].attn.c_attn, block="quasi")
+    """
+
+    def __init__(self, base_layer: nn.Module, *, block: str = "quasi", structure: str = "tree", scale: bool = False):
+        super().__init__()
+        if bases.kind(base_layer) is None:
+            raise TypeError(f"base_layer must be one of the supported kinds ({', '.join(bases.KINDS)}), "
+                            f"got {type(base_layer).__name__}")
+        check_options(block, structure)
+        self.in_features, self.out_features = bases.features(base_layer)
+        self.block, self.structure = block, structure
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self._add_adapter(next((t.device for t in base_layer.parameters()), None), scale)
+
+    @property
+    def kind(self) -> str:
+        """The base layer's kind: ``"conv1d"``, ``"bnb-8bit"``, ``"bnb-4bit"`` (or ``"linear"``)."""
+        return bases.kind(self.base_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_layer(self.rotate(x))
+
+    @torch.no_grad()
+    def merged(self, dequantize: bool = False) -> nn.Module:
+        """A base layer of the same kind whose weight is ``W R^T``: zero overhead.
+
+        ``Conv1D`` gets ``R W`` in its ``[in, out]`` layout, exactly. A bitsandbytes base is
+        dequantised, merged in float32 and quantised again, which rounds ``W R^T`` to the
+        8-bit (per-row absmax) or 4-bit (per-block) grid once more: the merged layer differs
+        from the adapted one by about one quantisation step (docs/ecosystem.md gives measured
+        numbers). ``dequantize=True`` returns a plain ``nn.Linear`` in the dequantised dtype
+        instead, with no second rounding. ``base_layer`` itself is left unchanged.
+        """
+        w = self.rotate(bases.dense_weight(self.base_layer), transpose=True)
+        if dequantize and self.kind in bases.QUANTIZED:
+            bias = self.base_layer.bias
+            if bias is not None:
+                bias = nn.Parameter(bias.detach().to(w.dtype, copy=True), requires_grad=False)
+            return _linear(nn.Parameter(w, requires_grad=False), bias)
+        return bases.merged_copy(self.base_layer, w)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, kind={self.kind!r}, "
+                f"block={self.block!r}, structure={self.structure!r}, scale={self.scale is not None}")
+
+
+#: Every module type that carries a qGOFT adapter of this package (PEFT's layers aside).
+ADAPTED = (GivensLinear, GivensWrapper)
+
+
+def adapt(module: nn.Module, *, block: str = "quasi", structure: str = "tree", scale: bool = False) -> nn.Module:
+    """The adapted version of a supported base layer: :class:`GivensLinear` for ``nn.Linear``,
+    :class:`GivensWrapper` for the other kinds of ``qgoft_kernels.bases``."""
+    if bases.kind(module) == "linear":
+        return GivensLinear.from_linear(module, block=block, structure=structure, scale=scale)
+    return GivensWrapper(module, block=block, structure=structure, scale=scale)
 
 
 @torch.no_grad()
@@ -136,96 +223,183 @@ def block_penalty(rotation: torch.Tensor, block: str) -> torch.Tensor:
     """The soft-orthogonality penalty of one rotation: ``sum_p <alpha_p, beta_p>^2`` over the
     columns of its quasi blocks; 0 for strict rotations."""
     if block == "givens":
-        return rotation.new_zeros(())
+        # a plain zero, also for a DTensor rotation (FSDP2), so that it adds to any loss
+        return torch.zeros((), dtype=rotation.dtype, device=rotation.device)
+    if hasattr(rotation, "full_tensor"):
+        # a DTensor (FSDP2 shards parameters outside the forward): the whole penalty on every
+        # rank, whose gradient reaches each rank's shard through the all-gather's backward
+        rotation = rotation.full_tensor()
     inner = rotation[:, 0, 0] * rotation[:, 0, 1] + rotation[:, 1, 0] * rotation[:, 1, 1]
     return (inner * inner).sum()
 
 
 def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
-    """The qGOFT penalty summed over every ``GivensLinear`` of ``model`` (and every qGOFT layer
-    of a PEFT model: the active adapters).
+    """The qGOFT penalty summed over every adapted layer of ``model`` (``GivensLinear``,
+    ``GivensWrapper``, and the active adapters of every qGOFT layer of a PEFT model).
 
     Add ``lam * orthogonality_penalty(model)`` to the loss; the paper uses ``lam`` in
     ``[1e-3, 5e-2]``. A model without such layers gives a float32 zero.
     """
     # PEFT's layers exist only once qgoft_kernels.peft is imported; no need to import it here
     peft_layer = getattr(sys.modules.get("qgoft_kernels.peft"), "QGOFTLayer", ())
-    terms = [m.orthogonality_penalty() for m in model.modules() if isinstance(m, (GivensLinear, peft_layer))]
+    terms = [m.orthogonality_penalty() for m in model.modules() if isinstance(m, (*ADAPTED, peft_layer))]
     if not terms:
         return torch.zeros(())
     return torch.stack([t.to(terms[0].device) for t in terms]).sum()
 
 
-def _matches(name: str, target_modules) -> bool:
-    if target_modules == "all-linear":
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    return any(name == t or name.endswith("." + t) for t in target_modules)
-
-
 def inject(model: nn.Module, target_modules, *, block: str = "quasi", structure: str = "tree",
-           scale: bool = False) -> nn.Module:
-    """Replace the matching ``nn.Linear`` modules of ``model`` by ``GivensLinear`` and freeze the rest.
+           scale: bool = False, exclude_modules=None, layers_to_transform=None, layers_pattern=None,
+           block_pattern: dict | None = None, scale_pattern: dict | None = None,
+           modules_to_save: list[str] | None = None) -> nn.Module:
+    """Adapt the matching layers of ``model`` and freeze the rest.
 
-    ``target_modules`` follows PEFT: a list of names (a module matches when its full name is
-    one of them or ends with ``"." + name``), a regular expression matched against the full
-    name, or ``"all-linear"``. The replaced layers share their weights (no copy). A module
-    used at several places matches when any of its names does, and one ``GivensLinear``
-    replaces it at every place. Afterwards only the rotations (and scales) of the model's
-    ``GivensLinear`` modules require grad. Returns ``model``, changed in place.
+    ``nn.Linear`` layers become :class:`GivensLinear` (sharing their weights, no copy);
+    transformers' ``Conv1D`` and bitsandbytes' 8-bit and 4-bit linears are wrapped in
+    :class:`GivensWrapper`. The selection follows PEFT (``qgoft_kernels.select``):
+
+    - ``target_modules``: a list of names (a module matches when its full name is one of them
+      or ends with ``"." + name``), a regular expression matched against the full name, or
+      ``"all-linear"`` (every layer of a supported kind).
+    - ``exclude_modules``: names or a regular expression never to adapt.
+    - ``layers_to_transform`` (an int or a list) and ``layers_pattern`` (``"layers"``, ``"h"``...):
+      only those layer numbers, as in PEFT (ignored for a regular expression).
+    - ``block_pattern`` / ``scale_pattern``: per-module options, ``{pattern: value}`` like
+      LoRA's ``rank_pattern``; the first key matching a module's name (fully or as its end)
+      overrides ``block`` / ``scale`` for it.
+    - ``modules_to_save``: modules (a task head, say) left trainable in full; their parameters
+      are in :func:`trainable_parameters` and in the adapter file.
+
+    A module used at several places matches when any of its names does, and one adapted
+    module replaces it at every place. Afterwards only the adapters' rotations (and scales) and
+    the ``modules_to_save`` require grad. Returns ``model``, changed in place.
 
     Example::
 
-        qk.inject(bert, ["query", "value"], block="quasi")
+        qk.inject(bert, ["query", "value"], block="quasi", modules_to_save=["classifier"])
         opt = torch.optim.AdamW(qk.trainable_parameters(bert), lr=1e-3)
     """
     if target_modules is None:
         raise ValueError("target_modules must be a list of names, a regular expression or 'all-linear'")
     check_options(block, structure)
-    found = [(m, names) for m, names in module_uses(model)
-             if any(name and _matches(name, target_modules) for name in names)]
+    for name, pattern_map, check in (("block_pattern", block_pattern, lambda v: check_options(v, structure)),
+                                     ("scale_pattern", scale_pattern, None)):
+        if pattern_map is not None and not isinstance(pattern_map, dict):
+            raise TypeError(f"{name} must be a dict {{pattern: value}}, got {type(pattern_map).__name__}")
+        for key, value in (pattern_map or {}).items():
+            if check is not None:
+                check(value)
+            elif type(value) is not bool:
+                raise TypeError(f"scale_pattern[{key!r}] must be True or False, got {value!r}")
+    saved = _modules_to_save(model, modules_to_save)
+
+    def wanted(name: str) -> bool:
+        return bool(name) and matches(name, target_modules) and not excluded(name, exclude_modules) \
+            and not under(name, modules_to_save) \
+            and layer_selected(name, target_modules, layers_to_transform, layers_pattern)
+
+    found = [(m, names) for m, names in module_uses(model) if any(wanted(n) for n in names)]
     if not found:
-        raise ValueError(f"no module of the model matches target_modules={target_modules!r}{_root_hint(model)}")
+        narrowed = exclude_modules or layers_to_transform is not None or modules_to_save
+        raise ValueError(f"no module of the model matches target_modules={target_modules!r}"
+                         f"{' (after exclude_modules, layers_to_transform, modules_to_save)' if narrowed else ''}"
+                         f"{_root_hint(model)}")
     for module, names in found:
-        if isinstance(module, GivensLinear):
-            raise ValueError(f"module {names[0]!r} is already a GivensLinear")
-        if type(module) is not nn.Linear and target_modules != "all-linear":
+        if isinstance(module, ADAPTED):
+            raise ValueError(f"module {names[0]!r} is already a {type(module).__name__} (adapted)")
+        if bases.kind(module) is None and target_modules != "all-linear":
             raise TypeError(f"module {names[0]!r} matches target_modules but is a {type(module).__name__}, "
-                            f"not an nn.Linear")
-    targets = [(m, names) for m, names in found if type(m) is nn.Linear]
+                            f"not a supported base layer ({', '.join(bases.KINDS)})")
+    targets = [(m, names) for m, names in found if bases.kind(m) is not None]
     if not targets:
-        raise ValueError(f"no nn.Linear module of the model matches target_modules={target_modules!r}: "
-                         f"nothing to adapt{_root_hint(model)}")
-    replace_modules(model, [(names, GivensLinear.from_linear(m, block=block, structure=structure, scale=scale))
-                            for m, names in targets])
+        raise ValueError(f"no nn.Linear or other supported layer ({', '.join(bases.KINDS)}) of the model matches "
+                         f"target_modules={target_modules!r}: nothing to adapt{_root_hint(model)}")
+    replacements = []
+    for m, names in targets:
+        options = {"block": pattern_value(names[0], block_pattern, block),
+                   "scale": pattern_value(names[0], scale_pattern, scale)}
+        replacements.append((names, adapt(m, structure=structure, **options)))
+    for module in saved:
+        module._qgoft_save = True
+    replace_modules(model, replacements)
+    record_on_config(model)
     return model
 
 
-def merge(model: nn.Module) -> nn.Module:
-    """Replace every ``GivensLinear`` in ``model`` by its merged ``nn.Linear`` (``W R^T``).
+def _modules_to_save(model: nn.Module, names) -> list[nn.Module]:
+    if names is None:
+        return []
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"modules_to_save must be a list of module names, got {names!r}")
+    uses = module_uses(model)
+    found = [m for m, places in uses if any(p and matches(p, names) for p in places)]
+    missing = [n for n in names if not any(p and matches(p, [n]) for _, places in uses for p in places)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} name no module of the model")
+    return found
+
+
+def merge(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
+    """Replace every adapted layer in ``model`` by its merged base layer (``W R^T``).
 
     Zero overhead at inference; the rotations are gone afterwards, and the merged weights
-    are as frozen as the ones they replace. A ``GivensLinear`` used at several places is
-    replaced by one merged ``nn.Linear`` at every place. Returns ``model``, changed in place
-    (a bare ``GivensLinear`` is returned merged).
+    are as frozen as the ones they replace. An adapted layer used at several places is
+    replaced by one merged layer at every place. A bitsandbytes base is quantised again
+    (``GivensWrapper.merged``), or becomes a plain ``nn.Linear`` with ``dequantize=True``.
+    Returns ``model``, changed in place (a bare adapted layer is returned merged).
     """
-    if isinstance(model, GivensLinear):
-        return model.merged_linear()
+    if isinstance(model, ADAPTED):
+        return model.merged(dequantize=dequantize)
     for module, names in module_uses(model):
-        if isinstance(module, GivensLinear):
-            merged = module.merged_linear()
+        if isinstance(module, ADAPTED):
+            merged = module.merged(dequantize=dequantize)
             for name in names:
                 _set_module(model, name, merged)
+        if getattr(module, "_qgoft_save", False):
+            del module._qgoft_save
+    record_on_config(model)
     return model
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The rotations and scales of every ``GivensLinear`` in ``model``: what to optimize."""
-    return [p for m in model.modules() if isinstance(m, GivensLinear)
-            for p in (m.rotation, m.scale) if p is not None]
+    """What to optimize: the rotations and scales of every adapted layer in ``model``, then the
+    parameters of its ``modules_to_save`` (see :func:`inject`)."""
+    adapters = [p for m in model.modules() if isinstance(m, ADAPTED) for p in (m.rotation, m.scale) if p is not None]
+    extra = [p for m in saved_modules(model).values() for p in m.parameters()]
+    return adapters + [p for p in dict.fromkeys(extra) if all(p is not q for q in adapters)]
 
 
+def saved_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The ``modules_to_save`` of ``model`` (see :func:`inject`) by their first name."""
+    return {name: m for name, m in model.named_modules() if getattr(m, "_qgoft_save", False)}
+
+
+def adapter_options(m: nn.Module) -> dict:
+    """The options an adapted layer is rebuilt from (what adapter files record per module)."""
+    return {"in_features": m.in_features, "out_features": m.out_features, "block": m.block,
+            "structure": m.structure, "scale": m.scale is not None}
+
+
+#: The attribute of a transformers config where :func:`inject` describes the adapters.
+CONFIG_KEY = "qgoft_adapter"
+
+
+def record_on_config(model: nn.Module) -> None:
+    """Describe ``model``'s adapters in ``model.config.qgoft_adapter`` (a transformers model; any
+    other model is left alone), or remove the entry when there are none, so that the
+    ``config.json`` of a checkpoint says what it holds and what loads it
+    (``qgoft_kernels.hf.from_pretrained``)."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    modules = {name: adapter_options(m) for name, m in model.named_modules() if isinstance(m, ADAPTED)}
+    if not modules:
+        if hasattr(config, CONFIG_KEY):
+            delattr(config, CONFIG_KEY)
+        return
+    setattr(config, CONFIG_KEY, {"package": PACKAGE, "version": __version__, "format": ADAPTER_FORMAT,
+                                 "load_with": "qgoft_kernels.hf.from_pretrained(ModelClass, path)",
+                                 "modules": modules, "modules_to_save": sorted(saved_modules(model))})
 def module_uses(model: nn.Module) -> list[tuple[nn.Module, list[str]]]:
     """Every module of ``model`` once, with all the names it is used under.
 
@@ -244,7 +418,8 @@ def replace_modules(model: nn.Module, replacements) -> None:
     """Put each new module at all of its ``names`` and freeze the rest, as :func:`inject` does.
 
     ``replacements`` is a list of ``(names, new_module)``. Afterwards only the rotations and
-    scales of the model's ``GivensLinear`` modules require grad, the earlier ones included.
+    scales of the model's adapted layers, the earlier ones included, and its ``modules_to_save``
+    require grad.
     """
     model.requires_grad_(False)
     for names, new in replacements:

@@ -11,7 +11,6 @@ from typing import Optional
 import torch
 
 from .checks import check_triton_mode
-from .schedule import stage_offsets
 
 
 def _kernels():
@@ -29,18 +28,17 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _coefs(params: torch.Tensor, block: str, x_dtype: torch.dtype) -> torch.Tensor:
-    """What the kernels read per pair: the blocks ``[P, 2, 2]``, or ``(cos, sin)`` ``[P, 2]``."""
+    """What the kernels read per pair: the blocks ``[P, 2, 2]``, or ``(cos, sin)`` ``[P, 2]``
+    (computed in float32, float64 for float64 ``x``, whatever the angles' dtype)."""
     if block == "quasi":
         return params.contiguous()
-    theta = params.to(torch.float64 if x_dtype == torch.float64 else torch.float32)
-    return torch.stack((torch.cos(theta), torch.sin(theta)), -1)
+    return _kernels().givens_coefs(params, torch.float64 if x_dtype == torch.float64 else torch.float32)
 
 
 def launch_forward(x, params, scale, block: str, structure: str, transpose: bool) -> torch.Tensor:
     """``x @ R`` (or ``x @ R^T``) by the Triton kernels; a new contiguous tensor of ``x``'s shape."""
-    offsets = stage_offsets(x.shape[-1], structure, x.device)
     y = _kernels().givens_fwd(_as_rows(x), _coefs(params, block, x.dtype),
-                              None if scale is None else scale.contiguous(), offsets,
+                              None if scale is None else scale.contiguous(),
                               quasi=block == "quasi", transpose=transpose)
     return y.view(x.shape)
 
@@ -48,10 +46,9 @@ def launch_forward(x, params, scale, block: str, structure: str, transpose: bool
 def launch_backward(x, dy, params, scale, block: str, structure: str, transpose: bool,
                     need_dx: bool, need_dparams: bool, need_dscale: bool):
     """``(dx, dparams, dscale)`` by the Triton kernels, ``None`` where not asked for."""
-    offsets = stage_offsets(x.shape[-1], structure, x.device)
     dx, dparams, dscale = _kernels().givens_bwd(
         _as_rows(x), _as_rows(dy), _coefs(params, block, x.dtype),
-        None if scale is None else scale.contiguous(), offsets, quasi=block == "quasi",
+        None if scale is None else scale.contiguous(), quasi=block == "quasi",
         transpose=transpose, need_dx=need_dx, need_dparams=need_dparams, need_dscale=need_dscale)
     return (None if dx is None else dx.view(x.shape),
             None if dparams is None else dparams.to(params.dtype),

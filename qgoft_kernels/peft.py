@@ -9,10 +9,18 @@ same kernels as :class:`~qgoft_kernels.GivensLinear`.
 The route, and its limit: PEFT's ``register_peft_method`` only accepts names that are
 already members of its ``PeftType`` enum, which an out-of-tree method cannot add. PEFT
 looks methods up in plain dicts keyed by ``PeftType`` members, which are ``str`` enums, so
-this module registers ``"QGOFT"`` in those dicts under a string key. Saved adapters record
-``"peft_type": "QGOFT"``. Loading one needs ``import qgoft_kernels.peft`` first, the same
-as for any PEFT method defined outside PEFT. Mixed-adapter batches and ``PeftMixedModel``
-are not supported.
+this module registers ``"QGOFT"`` in those dicts under a string key. Loading a saved adapter
+needs ``import qgoft_kernels.peft`` first, as for any PEFT method defined outside PEFT. So
+that a user who forgot it is told so, ``adapter_config.json`` (format 2, :data:`FORMAT`)
+records the method as :data:`SAVED_TYPE`, which PEFT's lookup then names in its
+``KeyError``, and the package, its version and the format in ``qgoft_package``,
+``qgoft_version`` and ``qgoft_format``; both names are registered, so format-1 files
+(``"peft_type": "QGOFT"``) load too. Mixed-adapter batches and ``PeftMixedModel`` are not
+supported.
+
+Base layers: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and bitsandbytes' 8-bit and
+4-bit linears (``qgoft_kernels.bases``): the forward is the same for all, the merge writes
+``W R^T`` in each one's layout, quantised again for bitsandbytes.
 
 It needs PEFT >= 0.21 (:data:`MIN_PEFT`): 0.20 and older reject an out-of-tree method when
 saving (``Unknown PEFT type passed: QGOFT``), so importing this module there raises an
@@ -39,13 +47,22 @@ from peft.config import PeftConfig  # noqa: E402
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # noqa: E402
+from peft.utils.other import get_pattern_key  # noqa: E402
 
+from . import bases  # noqa: E402
+from ._version import __version__  # noqa: E402
 from .checks import check_features, check_options, rotation_shape  # noqa: E402
 from .function import givens_rotate  # noqa: E402
 from .nn import block_penalty, module_uses, reset_identity  # noqa: E402
 from .schedule import num_stages  # noqa: E402
 
 PREFIX = "qgoft_"
+#: The adapter_config.json format this module writes, and every one it reads.
+FORMAT, READS = 2, (1, 2)
+#: ``peft_type`` as written in adapter_config.json from format 2 on: PEFT looks it up before any
+#: code of this package can run, and a missing ``import qgoft_kernels.peft`` then fails with
+#: ``KeyError: '<this string>'``, which says what to do.
+SAVED_TYPE = "QGOFT (needs qgoft-kernels: pip install 'qgoft-kernels[peft]', then import qgoft_kernels.peft)"
 
 
 class _MethodName(str):
@@ -76,6 +93,13 @@ class QGOFTConfig(PeftConfig):
         exclude_modules: modules never to adapt, as in PEFT.
         modules_to_save: other modules to train and save (a classifier head, say).
         init_weights: start at the identity (``True``); ``False`` draws random blocks.
+        module_dropout: OFT's multiplicative dropout: in training, each 2x2 block is replaced by
+            the identity with this probability (the scale is kept); 0 turns it off.
+        layers_to_transform, layers_pattern: only these layer numbers, as in PEFT's LoRA.
+        block_pattern, scale_pattern: per-module options, ``{pattern: value}`` like LoRA's
+            ``rank_pattern``: the first key matching a module's name (fully or as its end)
+            overrides ``block`` / ``scale`` there.
+        qgoft_package, qgoft_version, qgoft_format: who wrote the saved config (filled in).
     """
 
     block: str = field(default="quasi", metadata={"help": "'quasi' (qGOFT) or 'givens' (GOFT)"})
@@ -85,22 +109,72 @@ class QGOFTConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "modules to skip"})
     modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "extra modules to train"})
     init_weights: bool = field(default=True, metadata={"help": "identity initialization"})
+    module_dropout: float = field(default=0.0, metadata={"help": "probability of an identity block in training"})
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None, metadata={"help": "layer numbers"})
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "layer list name"})
+    block_pattern: dict = field(default_factory=dict, metadata={"help": "{pattern: block} per module"})
+    scale_pattern: dict = field(default_factory=dict, metadata={"help": "{pattern: scale} per module"})
+    qgoft_package: str = field(default="qgoft-kernels", metadata={"help": "the package that reads this config"})
+    qgoft_version: Optional[str] = field(default=None, metadata={"help": "its version that wrote it (filled in)"})
+    qgoft_format: int = field(default=FORMAT, metadata={"help": "format version of this config"})
 
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = QGOFT
+        if self.qgoft_version is None:
+            self.qgoft_version = __version__
         check_options(self.block, self.structure)
+        if not (isinstance(self.module_dropout, (int, float)) and 0.0 <= self.module_dropout < 1.0):
+            raise ValueError(f"module_dropout must be a probability in [0, 1), got {self.module_dropout!r}")
+        for name, check in (("block_pattern", lambda v: check_options(v, self.structure)),
+                            ("scale_pattern", _check_bool)):
+            value = getattr(self, name)
+            if not isinstance(value, dict):
+                raise TypeError(f"{name} must be a dict {{pattern: value}}, got {type(value).__name__}")
+            for key, v in value.items():
+                try:
+                    check(v)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"{name}[{key!r}]: {e}") from None
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern needs layers_to_transform (as in PEFT)")
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, list):
                 setattr(self, name, set(value))
+
+    def to_dict(self) -> dict:
+        """The config as saved: ``peft_type`` is :data:`SAVED_TYPE`, which names this package."""
+        out = super().to_dict()
+        out["peft_type"] = SAVED_TYPE
+        out["qgoft_format"] = FORMAT
+        return out
+
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """Refuse, saying what to do, a config of a format this package does not read."""
+        fmt = kwargs.get("qgoft_format", 1)
+        if fmt not in READS:
+            by = kwargs.get("qgoft_version") or "?"
+            if isinstance(fmt, int) and fmt > FORMAT:
+                raise ValueError(f"this adapter_config.json has qgoft format {fmt}, written by qgoft-kernels {by}; "
+                                 f"this is qgoft-kernels {__version__}, which reads formats {list(READS)}: "
+                                 f"upgrade it (pip install -U 'qgoft-kernels[peft]') to load the adapter")
+            raise ValueError(f"this adapter_config.json has qgoft_format={fmt!r}, which no qgoft-kernels wrote "
+                             f"(this one reads {list(READS)})")
+        return super().check_kwargs(**kwargs)
+
+
+def _check_bool(value) -> None:
+    if type(value) is not bool:
+        raise TypeError(f"must be True or False, got {value!r}")
 
 
 class QGOFTLayer(BaseTunerLayer):
     """PEFT tuner layer: per adapter a rotation (and scale) applied to the layer's input."""
 
     adapter_layer_names: tuple[str, ...] = ("qgoft_rotation", "qgoft_scale")
-    other_param_names: tuple[str, ...] = ("qgoft_block", "qgoft_structure")
+    other_param_names: tuple[str, ...] = ("qgoft_block", "qgoft_structure", "qgoft_module_dropout")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -108,23 +182,30 @@ class QGOFTLayer(BaseTunerLayer):
         self.qgoft_scale = nn.ParameterDict({})
         self.qgoft_block: dict[str, str] = {}
         self.qgoft_structure: dict[str, str] = {}
+        self.qgoft_module_dropout: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         base = self.get_base_layer()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"qGOFT adapts nn.Linear layers, got {type(base).__name__}")
-        self.in_features, self.out_features = base.in_features, base.out_features
+        if bases.kind(base) is None:
+            raise TypeError(f"qGOFT adapts {', '.join(bases.KINDS)} layers, got {type(base).__name__}")
+        self.in_features, self.out_features = bases.features(base)
 
     @property
     def _available_adapters(self) -> set[str]:
         return set(self.qgoft_rotation)
 
-    def update_layer(self, adapter_name: str, config: QGOFTConfig, inference_mode: bool = False, **kwargs) -> None:
-        self.qgoft_block[adapter_name] = config.block
+    def update_layer(self, adapter_name: str, config: QGOFTConfig, inference_mode: bool = False, *,
+                     block: Optional[str] = None, scale: Optional[bool] = None, **kwargs) -> None:
+        """Add adapter ``adapter_name``; ``block`` and ``scale`` (from the config's patterns)
+        override the config's own."""
+        block = config.block if block is None else block
+        scale = config.scale if scale is None else scale
+        self.qgoft_block[adapter_name] = block
         self.qgoft_structure[adapter_name] = config.structure
-        shape = rotation_shape(self.in_features, config.block, config.structure)
+        self.qgoft_module_dropout[adapter_name] = config.module_dropout
+        shape = rotation_shape(self.in_features, block, config.structure)
         self.qgoft_rotation[adapter_name] = nn.Parameter(torch.empty(shape, dtype=torch.float32))
-        if config.scale:
+        if scale:
             self.qgoft_scale[adapter_name] = nn.Parameter(torch.empty(self.in_features, dtype=torch.float32))
         self.reset_qgoft_parameters(adapter_name, config.init_weights)
         self._move_adapter_to_device_of_base_layer(adapter_name)
@@ -144,21 +225,39 @@ class QGOFTLayer(BaseTunerLayer):
                  for a in self.active_adapters if a in self.qgoft_rotation]
         return torch.stack(terms).sum() if terms else torch.zeros(())
 
-    def _rotate(self, x: torch.Tensor, adapter: str, transpose: bool = False) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, adapter: str, transpose: bool = False, dropout: bool = False) -> torch.Tensor:
         check_features(x, self.in_features)
         scale = self.qgoft_scale[adapter] if adapter in self.qgoft_scale else None
-        return givens_rotate(x, self.qgoft_rotation[adapter], block=self.qgoft_block[adapter],
+        params = self.qgoft_rotation[adapter]
+        p = self.qgoft_module_dropout.get(adapter, 0.0)
+        if dropout and p > 0:
+            params = _drop_blocks(params, self.qgoft_block[adapter], p)
+        return givens_rotate(x, params, block=self.qgoft_block[adapter],
                              structure=self.qgoft_structure[adapter], scale=scale, transpose=transpose)
 
 
+def _drop_blocks(params: torch.Tensor, block: str, p: float) -> torch.Tensor:
+    """``params`` with each block replaced by the identity with probability ``p`` (OFT's
+    multiplicative dropout): a zero angle, or the 2x2 identity."""
+    keep = torch.rand(params.shape[0], device=params.device) >= p
+    if block == "givens":
+        return params * keep.to(params.dtype)
+    eye = torch.eye(2, device=params.device, dtype=params.dtype)
+    return torch.where(keep[:, None, None], params, eye)
+
+
 class Linear(nn.Module, QGOFTLayer):
-    """An ``nn.Linear`` adapted by qGOFT: ``base_layer(x @ R_1 @ R_2 ...)`` over the active adapters."""
+    """A linear layer adapted by qGOFT: ``base_layer(x @ R_1 @ R_2 ...)`` over the active adapters.
+
+    ``base_layer`` is an ``nn.Linear``, a transformers ``Conv1D`` or a bitsandbytes
+    ``Linear8bitLt``/``Linear4bit`` (``qgoft_kernels.bases``).
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: QGOFTConfig, **kwargs) -> None:
         super().__init__()
-        QGOFTLayer.__init__(self, base_layer, **kwargs)
+        QGOFTLayer.__init__(self, base_layer)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config)
+        self.update_layer(adapter_name, config, **kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters:
@@ -167,22 +266,30 @@ class Linear(nn.Module, QGOFTLayer):
         elif not self.merged:
             for adapter in self.active_adapters:
                 if adapter in self._available_adapters:
-                    x = self._rotate(x, adapter)
+                    x = self._rotate(x, adapter, dropout=self.training)
         return self.base_layer(x, *args, **kwargs)
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """``W <- W R^T`` per adapter; in reverse order, so that the merged layer equals the forward."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        """``W <- W R^T`` per adapter; in reverse order, so that the merged layer equals the forward.
+
+        ``W`` is read as ``[out, in]`` whatever the base's layout (``Conv1D`` stores ``W^T``). A
+        bitsandbytes base is dequantised, all adapters are merged in its dequantised dtype, and the
+        result is quantised once: the merged layer then differs from the adapted one by about one
+        quantisation step of ``W R^T`` (docs/ecosystem.md), and :meth:`unmerge` refuses.
+        """
+        adapter_names = [a for a in reversed(check_adapters_to_merge(self, adapter_names))
+                         if a in self._available_adapters]
+        if not adapter_names:
+            return
         base = self.get_base_layer()
-        for adapter in reversed(adapter_names):
-            if adapter not in self._available_adapters:
-                continue
-            merged = self._rotate(base.weight, adapter, transpose=True)
+        merged = bases.dense_weight(base)
+        for adapter in adapter_names:
+            merged = self._rotate(merged, adapter, transpose=True)
             if safe_merge and not torch.isfinite(merged).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-            base.weight.data = merged
-            self.merged_adapters.append(adapter)
+        bases.set_dense_weight(base, merged)
+        self.merged_adapters.extend(adapter_names)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -198,7 +305,11 @@ class Linear(nn.Module, QGOFTLayer):
             warnings.warn("Already unmerged. Nothing to do.")
             return
         base = self.get_base_layer()
-        w = base.weight
+        if bases.kind(base) in bases.QUANTIZED:
+            raise ValueError(f"cannot unmerge the adapters {self.merged_adapters} from a {type(base).__name__}: its "
+                             f"merged weight was quantised again, and undoing the merge would round it a third "
+                             f"time; the layer stays merged (reload the quantised base model to undo the merge)")
+        w = bases.dense_weight(base)
         limit = UNMERGE_RTOL.get(w.dtype, UNMERGE_RTOL[torch.float32])
         inverses = {a: self._inverse_params(a) for a in self.merged_adapters}
         bound = unmerge_error_bound(w.dtype, self.in_features,
@@ -221,7 +332,7 @@ class Linear(nn.Module, QGOFTLayer):
             raise ValueError(f"cannot unmerge the adapters {self.merged_adapters}: merging the result again "
                              f"differs from W by {err:.1e} (relative), more than {limit:.0e}; the layer stays "
                              f"merged")
-        base.weight.data = restored
+        bases.set_dense_weight(base, restored)
         self.merged_adapters.clear()
 
     def _inverse_params(self, adapter: str):
@@ -313,36 +424,40 @@ class QGOFTModel(BaseTuner):
         # PEFT walks named_modules(), which lists a module used at several places once: it
         # would adapt one place of a shared nn.Linear and leave the others plain
         for module, names in module_uses(model):
-            if type(module) is not nn.Linear or len(names) < 2:
+            if bases.kind(module) is None or len(names) < 2:
                 continue
             if peft_config.target_modules == "all-linear" or any(self._check_target_module_exists(peft_config, n)
                                                                  for n in names):
-                raise ValueError(f"nn.Linear module used at several places {names}: qGOFT through PEFT adapts a "
+                raise ValueError(f"{type(module).__name__} module used at several places {names}: qGOFT through "
+                                 f"PEFT adapts a "
                                  f"module at one place only; exclude it (exclude_modules) or use qk.inject, "
                                  f"which adapts every place")
 
     def _create_and_replace(self, config: QGOFTConfig, adapter_name: str, target: nn.Module, target_name: str,
                             parent: nn.Module, current_key=None, **kwargs) -> None:
+        key = current_key if current_key is not None else target_name
+        options = {"block": config.block_pattern.get(get_pattern_key(config.block_pattern.keys(), key), config.block),
+                   "scale": config.scale_pattern.get(get_pattern_key(config.scale_pattern.keys(), key), config.scale)}
         if isinstance(target, QGOFTLayer):
-            target.update_layer(adapter_name, config)
+            target.update_layer(adapter_name, config, **options)
             return
-        if not isinstance(target, nn.Linear):
+        if bases.kind(target) is None:
             raise ValueError(f"Target module {target_name} ({type(target).__name__}) is not supported: qGOFT "
-                             f"adapts torch.nn.Linear only.")
-        new_module = Linear(target, adapter_name, config)
+                             f"adapts torch.nn.Linear, transformers Conv1D and bitsandbytes Linear8bitLt/Linear4bit.")
+        new_module = Linear(target, adapter_name, config, **options)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
 
 def _register() -> None:
-    if QGOFT in PEFT_TYPE_TO_CONFIG_MAPPING:
-        return
-    PEFT_TYPE_TO_CONFIG_MAPPING[QGOFT] = QGOFTConfig
-    PEFT_TYPE_TO_TUNER_MAPPING[QGOFT] = QGOFTModel
-    PEFT_TYPE_TO_PREFIX_MAPPING[QGOFT] = PREFIX
+    # format 1 saved "QGOFT", format 2 saves SAVED_TYPE: both are read as this method
+    for name in (QGOFT, SAVED_TYPE):
+        PEFT_TYPE_TO_CONFIG_MAPPING.setdefault(name, QGOFTConfig)
+        PEFT_TYPE_TO_TUNER_MAPPING.setdefault(name, QGOFTModel)
+        PEFT_TYPE_TO_PREFIX_MAPPING.setdefault(name, PREFIX)
 
 
 _register()
 
-__all__ = ["QGOFTConfig", "QGOFTModel", "QGOFTLayer", "Linear", "QGOFT", "UNMERGE_RTOL"]
+__all__ = ["QGOFTConfig", "QGOFTModel", "QGOFTLayer", "Linear", "QGOFT", "SAVED_TYPE", "UNMERGE_RTOL"]

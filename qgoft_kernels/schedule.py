@@ -8,7 +8,7 @@ parameter ``p``.
 
 Inside a stage the pairs are also addressed by *slots* ``k = 0 .. (2**L >> r) - 1``; the
 valid slots are always a prefix ``k < count[r]``, so a kernel needs only the per-stage
-parameter offsets (:func:`stage_offsets`) to find the parameter of any slot.
+parameter offsets (:func:`param_offsets`, which the kernels compute in closed form) to find the parameter of any slot.
 """
 from __future__ import annotations
 
@@ -99,20 +99,9 @@ def _schedule(d: int, structure: str) -> Schedule:
     return Schedule(d, structure, stages, param_offsets(d, structure))
 
 
-def stage_offsets(d: int, structure: str, device) -> torch.Tensor:
-    """``int32`` tensor ``[L + 1]`` of per-stage parameter offsets on ``device`` (cached)."""
-    return _offsets_tensor(d, structure, torch.device(device))
-
-
 def stage_indices(d: int, structure: str, device) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
     """Per stage, the ``(i, j)`` index tensors of its pairs on ``device`` (cached)."""
     return _index_tensors(d, structure, torch.device(device))
-
-
-# the kernels need only the offsets: they never build the pair lists
-@functools.lru_cache(maxsize=None)
-def _offsets_tensor(d: int, structure: str, device: torch.device) -> torch.Tensor:
-    return torch.tensor(param_offsets(d, structure), dtype=torch.int32, device=device)
 
 
 @functools.lru_cache(maxsize=None)

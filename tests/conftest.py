@@ -7,8 +7,11 @@ import torch
 
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
-    # must precede the first kernel import (qgoft_kernels imports its kernels lazily)
+    # must precede the first kernel import (qgoft_kernels imports its kernels lazily) and
+    # triton's own: import triton now, in this mode, before a test that switches the flag off
+    # (the torch_path fixture) imports a library that imports triton (bitsandbytes does)
     os.environ["TRITON_INTERPRET"] = "1"
+    import triton  # noqa: F401
 # every kernel output starts as NaN, so an element a kernel does not write fails its check
 os.environ["QGOFT_POISON"] = "1"
 

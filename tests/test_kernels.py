@@ -5,8 +5,12 @@ outputs poisoned before each launch (conftest sets QGOFT_POISON).
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import qgoft_kernels as qk
+from qgoft_kernels.kernels.tree import _count, _offset
+from qgoft_kernels.schedule import param_offsets, stage_counts
 from qgoft_kernels.verify import Case, assert_case_ok, assert_close, random_inputs
 
 pytestmark = pytest.mark.kernel
@@ -85,7 +89,7 @@ def test_zero_rows(device):
 def test_parameter_gradients_are_deterministic(block, device, gen, monkeypatch):
     # several programs, each with several row blocks: the reduction order matters
     monkeypatch.setenv("QGOFT_BLOCK_N", "4")
-    monkeypatch.setenv("QGOFT_BWD_PROGRAMS", "3")
+    monkeypatch.setenv("QGOFT_PROGRAMS", "3")
     case = Case(100, 150, block, True, False, torch.float32)
     x, params, scale, dy = random_inputs(case, device, gen)
     params.requires_grad_()
@@ -117,7 +121,7 @@ def test_only_the_requested_gradients(which, device, gen):
 @pytest.mark.parametrize("block_n, programs", [(1, 1), (2, 5), (16, 2), (64, 7)])
 def test_launch_configurations(block_n, programs, device, gen, monkeypatch):
     monkeypatch.setenv("QGOFT_BLOCK_N", str(block_n))
-    monkeypatch.setenv("QGOFT_BWD_PROGRAMS", str(programs))
+    monkeypatch.setenv("QGOFT_PROGRAMS", str(programs))
     assert_case_ok(Case(129, 45, "quasi", True, True, torch.float32), device, gen)
     assert_case_ok(Case(129, 45, "givens", True, False, torch.float32), device, gen)
 
@@ -126,9 +130,9 @@ def test_launch_configurations(block_n, programs, device, gen, monkeypatch):
 @pytest.mark.parametrize("chunk, dims", [(1, (2, 5, 17)), (4, (5, 100)), (32, (33, 257))],
                          ids=["chunk1", "chunk4", "chunk32"])
 def test_chunked_rows(chunk, dims, combo, device, gen, monkeypatch):
-    """Rows split into chunks plus a roots tile (the path for long rows), at small sizes."""
+    """Rows split into chunks whose roots a second launch finishes (the path for long rows), at small sizes."""
     monkeypatch.setenv("QGOFT_CHUNK", str(chunk))
-    monkeypatch.setenv("QGOFT_BWD_PROGRAMS", "3")
+    monkeypatch.setenv("QGOFT_PROGRAMS", "3")
     for d in dims:
         assert_case_ok(Case(d, 19, *combo, torch.float32), device, gen)
 
@@ -164,3 +168,22 @@ def test_double_backward_is_refused_clearly(device, gen):
     # the PyTorch path has second derivatives
     inputs = (x.detach().double().cpu().requires_grad_(), params.detach().double().cpu().requires_grad_())
     assert torch.autograd.gradgradcheck(lambda a, p: qk.givens_rotate(a, p, backend="torch"), inputs)
+
+
+@triton.jit
+def _offsets_probe(offsets, counts, d, L: tl.constexpr):
+    for r in tl.static_range(1, L + 2):
+        tl.store(offsets + r - 1, _offset(d, r))
+    for r in tl.static_range(1, L + 1):
+        tl.store(counts + r - 1, _count(d, r))
+
+
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 17, 100, 257, 1000, 11008])
+def test_kernel_offsets_match_the_schedule(d, device):
+    """The kernels find each stage's parameters from a closed form; it must be the schedule's."""
+    L = qk.num_stages(d)
+    offsets = torch.full((L + 1,), -1, dtype=torch.int32, device=device)
+    counts = torch.full((max(L, 1),), -1, dtype=torch.int32, device=device)
+    _offsets_probe[(1,)](offsets=offsets, counts=counts, d=d, L=L)
+    assert offsets.tolist() == list(param_offsets(d))
+    assert counts[:L].tolist() == list(stage_counts(d))

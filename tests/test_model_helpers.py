@@ -141,7 +141,7 @@ def test_strict_requires_every_givens_module(tmp_path, gen):
     net = qk.inject(Net(), ["query"])
     qk.save_adapter(net, tmp_path / "q.safetensors")
     both = qk.inject(Net(), ["query", "value"])
-    with pytest.raises(ValueError, match="no entry for the model's GivensLinear modules"):
+    with pytest.raises(ValueError, match="no entry for the model's GivensLinear/GivensWrapper modules"):
         qk.load_adapter(both, tmp_path / "q.safetensors")
     qk.load_adapter(both, tmp_path / "q.safetensors", strict=False)
 

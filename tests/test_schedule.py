@@ -3,7 +3,7 @@ import itertools
 import pytest
 
 import qgoft_kernels as qk
-from qgoft_kernels.schedule import schedule, stage_offsets
+from qgoft_kernels.schedule import schedule
 
 
 def test_spec_example_d6():
@@ -44,11 +44,6 @@ def test_paper_parameter_counts():
     assert goft == 82_872
     assert 4 * goft == 331_488
     assert 32 * 4 * qk.num_pairs(4096) == 524_160
-
-
-def test_stage_offsets_tensor():
-    t = stage_offsets(6, "tree", "cpu")
-    assert t.tolist() == [0, 3, 4, 5]
 
 
 @pytest.mark.parametrize("bad, err", [(0, ValueError), (-3, ValueError), (2.0, TypeError), (True, TypeError)])

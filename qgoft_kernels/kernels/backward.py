@@ -1,205 +1,274 @@
 """Fused backward: input gradient and parameter gradients from the saved input alone.
 
-Both directions reduce to the same pair of sweeps (docs/math.md §3): an ``a`` tile swept
-with transposed blocks (fine stage first) and a ``b`` tile swept with plain blocks (coarse
-stage first). At each stage the slots of the two sweeps line up, and the block gradient is
+Both directions reduce to the same pair of sweeps (docs/math.md §3): a ``b`` tile swept
+top-down with plain blocks and an ``a`` tile swept bottom-up with transposed blocks. At
+each stage the pair operands of the two sweeps line up, and the block gradient is
 ``dB[i][j] = sum over rows of b_i * a_j`` with ``(b_0, b_1)`` and ``(a_0, a_1)`` the operands
-each sweep fed that stage.
+each sweep fed that pair.
 
 - ``y = x @ R``:   ``a = dy * scale``, ``b = x``;  ``dx = sweep_a``, ``dscale = sum(sweep_b * dy)``.
 - ``y = x @ R^T``: ``a = x * scale``,  ``b = dy``; ``dx = sweep_b * scale``, ``dscale = sum(x * sweep_b)``.
 
-``_givens_bwd_kernel`` runs this on chunks (the fine stages); with more than one chunk per
-row, ``_givens_bwd_roots_kernel`` then runs it on the chunk roots (the coarse stages),
-from the ``a`` roots the first launch left in a small buffer. Each program walks a strided
-group of row blocks and keeps its share of the parameter gradients in registers, then
-writes one partial row; the launcher sums the partials in a fixed order, so the result is
-bit-identical from run to run (no atomics).
+``_givens_bwd_kernel`` runs both sweeps on a chunk: vector stages in registers, group
+stages by the ``b`` side's ancestor chain and the ``a`` side's lane exchanges. With more
+than one chunk per row, ``_givens_bwd_roots_kernel`` runs the coarse stages on the chunk
+roots, from the ``a`` carries the first launch left in a small buffer. Each program walks a
+strided set of row blocks, sums its share of the gradients in registers and writes one
+partial row; ``_givens_grad_sum_kernel`` adds the rows up in a fixed order, so the result
+is bit-identical from run to run (no atomics).
 """
 import torch
 import triton
 import triton.language as tl
 
 from .forward import givens_fwd
-from .launch import acc_dtype, backward_config, backward_groups, new_output, round_bf16, tile_config
-from .stages import _column, _load_blocks, _merge_levels, _nt_sweep, _t_stage, _to_output
+from .launch import acc_dtype, config, new_output, roots_config, round_bf16
+from .tree import (
+    _chain,
+    _chain_blocks,
+    _chunk,
+    _count,
+    _exchange_blocks,
+    _groups_up,
+    _load_tile,
+    _offset,
+    _owned_pair,
+    _rows,
+    _store_tile,
+    _to_output,
+    _vector_down,
+    _vector_merge,
+    _vector_up,
+)
 
 
 @triton.jit
-def _zero_accumulators(W: tl.constexpr, LT: tl.constexpr, QUASI: tl.constexpr, ACC: tl.constexpr):
-    """Per stage of a chunk: four block-gradient sums (quasi) or one angle gradient (givens)."""
-    b_dps = ()
-    for t in tl.static_range(1, LT + 1):
-        if QUASI:
-            b_dps = b_dps + ((tl.zeros((W >> t,), ACC), tl.zeros((W >> t,), ACC),
-                              tl.zeros((W >> t,), ACC), tl.zeros((W >> t,), ACC)),)
-        else:
-            b_dps = b_dps + (tl.zeros((W >> t,), ACC),)
-    return b_dps
+def _pair_grad(b_b0, b_b1, b_a0, b_a1, c_cos, c_sin, QUASI: tl.constexpr):
+    """One pair's gradient terms: ``dB = [[b0 a0, b0 a1], [b1 a0, b1 a1]]`` (quasi), or the angle's
+    ``cos * (dB10 - dB01) - sin * (dB00 + dB11)`` (givens, as the first of four)."""
+    if QUASI:
+        return b_b0 * b_a0, b_b0 * b_a1, b_b1 * b_a0, b_b1 * b_a1
+    else:
+        g = c_cos * (b_b1 * b_a0 - b_b0 * b_a1) - c_sin * (b_b0 * b_a0 + b_b1 * b_a1)
+        return g, g, g, g
 
 
 @triton.jit
-def _bwd_tile(b_a, b_b, b_root, b_dps, coefs, offsets, i_chunk, BLOCK_N: tl.constexpr, W: tl.constexpr,
-              LT: tl.constexpr, R0: tl.constexpr, HAS_ROOT: tl.constexpr, HAS_DPARAMS: tl.constexpr,
-              QUASI: tl.constexpr, ACC: tl.constexpr):
-    """Both sweeps over one chunk, adding each stage's ``sum b_i a_j`` to ``b_dps``.
+def _add_grad(acc, g):
+    """``acc + g`` summed over the rows (axis 0), entry by entry."""
+    return (acc[0] + tl.sum(g[0], axis=0), acc[1] + tl.sum(g[1], axis=0),
+            acc[2] + tl.sum(g[2], axis=0), acc[3] + tl.sum(g[3], axis=0))
 
-    Returns the transposed sweep of ``a``, the plain sweep of ``b`` and the accumulators.
+
+@triton.jit
+def _store_grad(p_part, o_slot, m_slot, acc, D: tl.constexpr, QUASI: tl.constexpr):
+    """Write a partial gradient at padded slots ``o_slot``: entry ``e`` of a block goes to
+    ``p_part[e * D + o_slot]`` (quasi: four entries; givens: one angle)."""
+    tl.store(p_part + o_slot, acc[0], mask=m_slot)
+    if QUASI:
+        tl.store(p_part + D + o_slot, acc[1], mask=m_slot)
+        tl.store(p_part + 2 * D + o_slot, acc[2], mask=m_slot)
+        tl.store(p_part + 3 * D + o_slot, acc[3], mask=m_slot)
+
+
+@triton.jit
+def _slot_start(r: tl.constexpr, L: tl.constexpr):
+    """First padded slot of stage ``r``: stage ``r`` has ``2**(L - r)`` slots, stage 1 first."""
+    return (1 << L) - (1 << (L - r + 1))
+
+
+@triton.jit
+def _bwd_block(x, dy, dx, roots, i_b, i_c, n_rows, stride_x, stride_dy, stride_dx, b_s, o_g, o_c, m_c,
+               vector_cs, chain_cs, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds,
+               L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr, QUASI: tl.constexpr,
+               HAS_SCALE: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_DX: tl.constexpr, HAS_DPARAMS: tl.constexpr,
+               HAS_DSCALE: tl.constexpr, ACC: tl.constexpr, ROUND_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """One row block of :func:`_givens_bwd_kernel`; returns the updated gradient sums.
+
+    ``MASKED`` rows may run past ``n_rows`` (the last block); the others need no row mask.
     """
-    # the plain sweep of b, keeping each stage's operands ...
-    b_bout, b_blos, b_bhis = _nt_sweep(b_b, b_root, coefs, offsets, i_chunk, BLOCK_N, W, LT, R0, HAS_ROOT,
-                                       QUASI, ACC)
-    # ... then the transposed sweep of a, meeting them stage by stage
-    b_aouts = ()
-    b_new = ()
-    for t in tl.static_range(1, LT + 1):
-        b_a0, b_a1, b_a, b_aout = _t_stage(b_a, coefs, offsets, R0 + t, i_chunk, BLOCK_N, W >> (t - 1), QUASI, ACC)
-        b_aouts = b_aouts + (b_aout,)
-        if HAS_DPARAMS:
-            b_b0 = b_blos[t - 1]
-            b_b1 = b_bhis[t - 1]
-            if QUASI:
-                b_acc = b_dps[t - 1]
-                b_new = b_new + ((b_acc[0] + tl.sum(b_b0 * b_a0, axis=0),
-                                  b_acc[1] + tl.sum(b_b0 * b_a1, axis=0),
-                                  b_acc[2] + tl.sum(b_b1 * b_a0, axis=0),
-                                  b_acc[3] + tl.sum(b_b1 * b_a1, axis=0)),)
-            else:
-                # dtheta = sum(dB * dB/dtheta) with dB/dtheta = [[-sin, -cos], [cos, -sin]]
-                b_cos, _, b_sin, _ = _load_blocks(coefs, offsets, R0 + t, i_chunk, W >> t, QUASI, ACC)
-                b_g = b_cos * (b_b1 * b_a0 - b_b0 * b_a1) - b_sin * (b_b0 * b_a0 + b_b1 * b_a1)
-                b_new = b_new + (b_dps[t - 1] + tl.sum(b_g, axis=0),)
+    E: tl.constexpr = 1 << LE
+    G: tl.constexpr = 1 << LG
+    K: tl.constexpr = 1 << (L - LE - LG)
+    o_n, m_n = _rows(i_b, n_rows, BLOCK_N, MASKED)
+    b_x = _load_tile(x, o_n, stride_x, o_c, m_n, m_c, BLOCK_N, G, E, ACC)
+    b_dy = _load_tile(dy, o_n, stride_dy, o_c, m_n, m_c, BLOCK_N, G, E, ACC)
+    if TRANSPOSE:
+        p_b = dy + o_n[:, None] * stride_dy
+        b_b = b_dy
+        b_a = b_x
+    else:
+        p_b = x + o_n[:, None] * stride_x
+        b_b = b_x
+        b_a = b_dy
+    if HAS_SCALE:
+        b_a = b_a * b_s
+    # the b side top-down: its chain gives each root's value and the operands of the pair it owns
+    b_w, b_wo, b_ho = _chain(p_b, m_n[:, None], chain_cs, L - LE, ACC)
+    b_z, los, his = _vector_down(b_b, b_w, vector_cs, BLOCK_N, G, E, LE)
+    # the a side bottom-up, meeting the b side's operands stage by stage
+    b_c, outs, v0s, v1s = _vector_up(b_a, vector_cs, BLOCK_N, G, E, LE)
+    b_c, b_root, b_al, b_ar = _groups_up(b_c, group_cs, BLOCK_N, G, LG)
     if HAS_DPARAMS:
-        b_dps = b_new
-    return _merge_levels(b_a, b_aouts, BLOCK_N, W, LT), b_bout, b_dps
-
-
-@triton.jit
-def _store_partials(dparams, b_dps, i_g, n_params, offsets, i_chunk, W: tl.constexpr, LT: tl.constexpr,
-                    R0: tl.constexpr, QUASI: tl.constexpr):
-    """Write one group's parameter gradients for the slots of chunk ``i_chunk``."""
-    for t in tl.static_range(1, LT + 1):
-        o_k = i_chunk * (W >> t) + tl.arange(0, W >> t)
-        i_off = tl.load(offsets + (R0 + t - 1))
-        m_k = o_k < tl.load(offsets + R0 + t) - i_off
-        if QUASI:
-            p_dp = dparams + (i_g.to(tl.int64) * n_params + i_off + o_k) * 4
-            b_acc = b_dps[t - 1]
-            tl.store(p_dp, b_acc[0], mask=m_k)
-            tl.store(p_dp + 1, b_acc[1], mask=m_k)
-            tl.store(p_dp + 2, b_acc[2], mask=m_k)
-            tl.store(p_dp + 3, b_acc[3], mask=m_k)
+        new_acc = ()
+        for t in tl.static_range(1, LE + 1):
+            c00, _, c10, _ = vector_cs[t - 1]
+            new_acc = new_acc + (_add_grad(vector_acc[t - 1], _pair_grad(los[t - 1], his[t - 1], v0s[t - 1],
+                                                                          v1s[t - 1], c00, c10, QUASI)),)
+        vector_acc = new_acc
+        group_acc = _add_grad(group_acc, _pair_grad(b_wo, b_ho, b_al, b_ar, own_cos, own_sin, QUASI))
+    if K > 1:
+        # the chunk root's a carry goes on through the coarse stages in the roots kernel
+        tl.store(roots + o_n[:, None] * K + i_c + 0 * o_g[None, :], b_c,
+                 mask=m_n[:, None] & (tl.arange(0, G) == 0)[None, :])
+    if HAS_DX:
+        if TRANSPOSE:
+            b_dx = b_z
+            if HAS_SCALE:
+                b_dx = b_z * b_s
         else:
-            tl.store(dparams + i_g.to(tl.int64) * n_params + i_off + o_k, b_dps[t - 1], mask=m_k)
+            # with several chunks the chunk root is final only after the roots kernel
+            b_dx = _vector_merge(b_root, outs, BLOCK_N, G, E, LE)
+        _store_tile(dx, o_n, stride_dx, o_c, m_n, m_c, _to_output(b_dx, dx.dtype.element_ty, ROUND_BF16), BLOCK_N,
+                    G, E)
+    if HAS_DSCALE:
+        if TRANSPOSE:
+            b_ds += tl.sum(b_x * b_z, axis=0)
+        else:
+            b_ds += tl.sum(b_z * b_dy, axis=0)
+    return vector_acc, group_acc, b_ds
 
 
 @triton.jit
-def _givens_bwd_kernel(x, dy, dx, roots, coefs, scale, offsets, dparams, dscale, n_rows, d,
-                       stride_x, stride_dy, stride_dx, n_params,
-                       L: tl.constexpr, LC: tl.constexpr, BLOCK_N: tl.constexpr, QUASI: tl.constexpr,
-                       HAS_SCALE: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_DX: tl.constexpr,
+def _givens_bwd_kernel(x, dy, dx, roots, coefs, scale, partials, n_rows, d, stride_x, stride_dy, stride_dx,
+                       n_full, n_iters, stride_part, ds_start,
+                       L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr,
+                       QUASI: tl.constexpr, HAS_SCALE: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_DX: tl.constexpr,
                        HAS_DPARAMS: tl.constexpr, HAS_DSCALE: tl.constexpr, ACC: tl.constexpr,
-                       ROUND_BF16: tl.constexpr):
-    CHUNK: tl.constexpr = 1 << LC
-    K: tl.constexpr = 1 << (L - LC)
+                       ROUND_BF16: tl.constexpr, STAGES: tl.constexpr):
+    """Gradients for chunk ``program_id(1)`` over the row blocks of program ``program_id(0)``.
+
+    Tile ``[BLOCK_N, G, E]`` of ``x`` and of ``dy``. The program walks row blocks
+    ``program_id(0) + it * num_programs(0)``: the first ``n_full`` are whole, the rest (up to
+    ``n_iters``) masked. Its gradient sums (``[G, E/2]``, ``[G, E/4]``, ... per vector stage,
+    ``[G]`` for the group-stage pair each group owns, ``[G, E]`` for the scale) go to row
+    ``program_id(0)`` of ``partials``: the block gradients by entry and padded slot (see
+    :func:`_store_grad`), the scale's from column ``ds_start``.
+    """
+    E: tl.constexpr = 1 << LE
+    G: tl.constexpr = 1 << LG
     i_g, i_c = tl.program_id(0), tl.program_id(1)
     n_groups = tl.num_programs(0)
-    o_c = i_c * CHUNK + tl.arange(0, CHUNK)
-    m_c = o_c < d
-    if HAS_SCALE:
-        b_s = tl.load(scale + o_c, mask=m_c, other=0.0).to(ACC)[None, :]
-    b_dps = _zero_accumulators(CHUNK, LC, QUASI, ACC)
-    b_ds = tl.zeros((CHUNK,), ACC)
+    o_g, o_c, m_c, b_s, vector_cs = _chunk(coefs, scale, d, i_c, LE, LG, HAS_SCALE, QUASI, ACC)
+    chain_cs = _chain_blocks(coefs, d, o_g * E, L, LE, LE + LG, QUASI, ACC)
+    group_cs = _exchange_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
+    o_own, own_cos, own_sin = _owned_pair(coefs, d, o_g, L, LG, LE, QUASI, ACC)
+    vector_acc = ()
+    for t in tl.static_range(1, LE + 1):
+        z = tl.zeros((G, E >> t), ACC)
+        vector_acc = vector_acc + ((z, z, z, z),)
+    z = tl.zeros((G,), ACC)
+    group_acc = (z, z, z, z)
+    b_ds = tl.zeros((G, E), ACC)
+    for it in tl.range(0, n_full, num_stages=STAGES):
+        vector_acc, group_acc, b_ds = _bwd_block(
+            x, dy, dx, roots, i_g + it * n_groups, i_c, n_rows, stride_x, stride_dy, stride_dx, b_s, o_g, o_c,
+            m_c, vector_cs, chain_cs, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds, L, LE, LG, BLOCK_N,
+            QUASI, HAS_SCALE, TRANSPOSE, HAS_DX, HAS_DPARAMS, HAS_DSCALE, ACC, ROUND_BF16, False)
+    for it in range(n_full, n_iters):
+        vector_acc, group_acc, b_ds = _bwd_block(
+            x, dy, dx, roots, i_g + it * n_groups, i_c, n_rows, stride_x, stride_dy, stride_dx, b_s, o_g, o_c,
+            m_c, vector_cs, chain_cs, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds, L, LE, LG, BLOCK_N,
+            QUASI, HAS_SCALE, TRANSPOSE, HAS_DX, HAS_DPARAMS, HAS_DSCALE, ACC, ROUND_BF16, True)
 
-    for i_b in range(i_g, tl.cdiv(n_rows, BLOCK_N), n_groups):
-        o_n = (i_b * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-        m_n = o_n < n_rows
-        m_x = m_n[:, None] & m_c[None, :]
-        b_x = tl.load(x + o_n[:, None] * stride_x + o_c[None, :], mask=m_x, other=0.0).to(ACC)
-        b_dy = tl.load(dy + o_n[:, None] * stride_dy + o_c[None, :], mask=m_x, other=0.0).to(ACC)
-        if TRANSPOSE:
-            b_a = b_x
-            if HAS_SCALE:
-                b_a = b_x * b_s
-            b_b = b_dy
-        else:
-            b_a = b_dy
-            if HAS_SCALE:
-                b_a = b_dy * b_s
-            b_b = b_x
-        b_root = b_b
-        if L > LC:
-            # b's value at this chunk's root after the coarse stages, from the row's K roots
-            o_r = tl.arange(0, K) * CHUNK
-            m_r = m_n[:, None] & (o_r < d)[None, :]
-            if TRANSPOSE:
-                b_r = tl.load(dy + o_n[:, None] * stride_dy + o_r[None, :], mask=m_r, other=0.0).to(ACC)
-            else:
-                b_r = tl.load(x + o_n[:, None] * stride_x + o_r[None, :], mask=m_r, other=0.0).to(ACC)
-            b_r, _, _ = _nt_sweep(b_r, b_r, coefs, offsets, 0, BLOCK_N, K, L - LC, LC, False, QUASI, ACC)
-            b_root = _column(b_r, i_c, K)
-        b_aout, b_bout, b_dps = _bwd_tile(b_a, b_b, b_root, b_dps, coefs, offsets, i_c, BLOCK_N, CHUNK, LC, 0,
-                                          L > LC, HAS_DPARAMS, QUASI, ACC)
-        if L > LC:
-            # a's root goes on through the coarse stages in the roots kernel
-            tl.store(roots + o_n[:, None] * K + i_c, _column(b_aout, 0, CHUNK), mask=m_n[:, None])
-        if HAS_DX:
-            if TRANSPOSE:
-                b_dx = b_bout
-                if HAS_SCALE:
-                    b_dx = b_bout * b_s
-            else:
-                # column 0 is final only with one chunk; else the roots kernel overwrites it
-                b_dx = b_aout
-            tl.store(dx + o_n[:, None] * stride_dx + o_c[None, :], _to_output(b_dx, dx.dtype.element_ty, ROUND_BF16),
-                     mask=m_x)
-        if HAS_DSCALE:
-            if TRANSPOSE:
-                b_ds += tl.sum(b_x * b_bout, axis=0)
-            else:
-                b_ds += tl.sum(b_bout * b_dy, axis=0)
-
-    if HAS_DSCALE:
-        tl.store(dscale + i_g.to(tl.int64) * d + o_c, b_ds, mask=m_c)
+    p_part = partials + i_g.to(tl.int64) * stride_part
     if HAS_DPARAMS:
-        _store_partials(dparams, b_dps, i_g, n_params, offsets, i_c, CHUNK, LC, 0, QUASI)
+        # every padded slot of the chunk is written (pairs past d hold zeros): no masks
+        for t in tl.static_range(1, LE + 1):
+            o_k = o_g[:, None] * (E >> t) + tl.arange(0, E >> t)[None, :]
+            _store_grad(p_part, _slot_start(t, L) + o_k, o_k >= 0, vector_acc[t - 1], 1 << L, QUASI)
+        _store_grad(p_part, o_own, o_own >= 0, group_acc, 1 << L, QUASI)
+    if HAS_DSCALE:
+        tl.store(p_part + ds_start + o_c, tl.reshape(b_ds, (G * E,)))
 
 
 @triton.jit
-def _givens_bwd_roots_kernel(x, dy, dx, roots, coefs, offsets, dparams, n_rows, d,
-                             stride_x, stride_dy, stride_dx, n_params,
-                             L: tl.constexpr, LC: tl.constexpr, BLOCK_N: tl.constexpr, QUASI: tl.constexpr,
+def _givens_bwd_roots_kernel(x, dy, dx, roots, coefs, partials, n_rows, d, stride_x, stride_dy, stride_dx,
+                             n_iters, n_chunks, stride_part,
+                             L: tl.constexpr, R0: tl.constexpr, BLOCK_N: tl.constexpr, QUASI: tl.constexpr,
                              TRANSPOSE: tl.constexpr, HAS_DX: tl.constexpr, HAS_DPARAMS: tl.constexpr,
                              ACC: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """The coarse stages on the chunk roots: their parameter gradients, and ``dx`` there."""
-    K: tl.constexpr = 1 << (L - LC)
+    """The coarse stages ``R0 + 1 .. L`` on the chunk roots: tile ``[BLOCK_N, K]``.
+
+    The ``a`` side comes from the roots buffer, the ``b`` side from the roots' chains in ``x``
+    (or ``dy``); writes these stages' partial gradients and, for ``y = x @ R``, ``dx[:, ::2**R0]``.
+    """
+    K: tl.constexpr = 1 << (L - R0)
     i_g = tl.program_id(0)
     n_groups = tl.num_programs(0)
     o_k = tl.arange(0, K)
-    o_r = o_k << LC
-    b_dps = _zero_accumulators(K, L - LC, QUASI, ACC)
-    for i_b in range(i_g, tl.cdiv(n_rows, BLOCK_N), n_groups):
-        o_n = (i_b * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    chain_cs = _chain_blocks(coefs, d, o_k << R0, L, R0, L, QUASI, ACC)
+    group_cs = _exchange_blocks(coefs, d, o_k, L - R0, R0, QUASI, ACC)
+    o_own, own_cos, own_sin = _owned_pair(coefs, d, o_k, L, L - R0, R0, QUASI, ACC)
+    z = tl.zeros((K,), ACC)
+    group_acc = (z, z, z, z)
+    for it in range(n_iters):
+        o_n = ((i_g + it * n_groups) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_n = o_n < n_rows
-        m_r = m_n[:, None] & (o_r < d)[None, :]
-        b_a = tl.load(roots + o_n[:, None] * K + o_k[None, :], mask=m_n[:, None], other=0.0)
+        # chunks past d were not launched: their carries are zeros (identity pairs ignore them)
+        b_c = tl.load(roots + o_n[:, None] * K + o_k[None, :], mask=m_n[:, None] & (o_k < n_chunks)[None, :],
+                      other=0.0)
         if TRANSPOSE:
-            b_b = tl.load(dy + o_n[:, None] * stride_dy + o_r[None, :], mask=m_r, other=0.0).to(ACC)
+            p_b = dy + o_n[:, None] * stride_dy
         else:
-            b_b = tl.load(x + o_n[:, None] * stride_x + o_r[None, :], mask=m_r, other=0.0).to(ACC)
-        b_aout, _, b_dps = _bwd_tile(b_a, b_b, b_b, b_dps, coefs, offsets, 0, BLOCK_N, K, L - LC, LC, False,
-                                     HAS_DPARAMS, QUASI, ACC)
+            p_b = x + o_n[:, None] * stride_x
+        _, b_wo, b_ho = _chain(p_b, m_n[:, None], chain_cs, L - R0, ACC)
+        _, b_out, b_al, b_ar = _groups_up(b_c, group_cs, BLOCK_N, K, L - R0)
+        if HAS_DPARAMS:
+            group_acc = _add_grad(group_acc, _pair_grad(b_wo, b_ho, b_al, b_ar, own_cos, own_sin, QUASI))
         if HAS_DX:
             if not TRANSPOSE:
-                tl.store(dx + o_n[:, None] * stride_dx + o_r[None, :],
-                         _to_output(b_aout, dx.dtype.element_ty, ROUND_BF16), mask=m_r)
+                tl.store(dx + o_n[:, None] * stride_dx + (o_k << R0)[None, :],
+                         _to_output(b_out, dx.dtype.element_ty, ROUND_BF16),
+                         mask=m_n[:, None] & ((o_k << R0) < d)[None, :])
     if HAS_DPARAMS:
-        _store_partials(dparams, b_dps, i_g, n_params, offsets, 0, K, L - LC, LC, QUASI)
+        _store_grad(partials + i_g.to(tl.int64) * stride_part, o_own, o_own >= 0, group_acc, 1 << L, QUASI)
 
 
-def givens_bwd(x: torch.Tensor, dy: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None,
-               offsets: torch.Tensor, *, quasi: bool, transpose: bool, need_dx: bool,
-               need_dparams: bool, need_dscale: bool):
+@triton.jit
+def _givens_grad_sum_kernel(partials, dparams, dscale, n_parts, d, stride_part, ds_start,
+                            L: tl.constexpr, QUASI: tl.constexpr, HAS_DPARAMS: tl.constexpr,
+                            HAS_DSCALE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
+    """Sum ``BLOCK`` columns of the partials over the ``n_parts`` programs' rows (tiles of
+    ``BLOCK_P x BLOCK``, in a fixed order) and write them where they belong: ``dparams``
+    ``[P, 2, 2]`` or ``[P]`` from the padded slots, ``dscale`` ``[d]``."""
+    D: tl.constexpr = 1 << L
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    width = ds_start + (D if HAS_DSCALE else 0)
+    m = o < width
+    b_sum = tl.zeros((BLOCK,), partials.dtype.element_ty)
+    for i in range(0, n_parts, BLOCK_P):
+        o_i = i + tl.arange(0, BLOCK_P)
+        b_sum += tl.sum(tl.load(partials + o_i[:, None].to(tl.int64) * stride_part + o[None, :],
+                                mask=(o_i < n_parts)[:, None] & m[None, :], other=0.0), axis=0)
+    if HAS_DPARAMS:
+        # column e * D + slot; slot in stage r is start(r) + k, parameter offset(r) + k
+        o_e = o // D
+        o_s = o % D
+        o_p = o * 0 - 1
+        for r in tl.static_range(1, L + 1):
+            o_k = o_s - ((1 << L) - (1 << (L - r + 1)))
+            inside = (o_k >= 0) & (o_k < (1 << (L - r))) & (o_k < _count(d, r))
+            o_p = tl.where(inside, _offset(d, r) + o_k, o_p)
+        m_p = m & (o < ds_start) & (o_p >= 0)
+        tl.store(dparams + (o_p * 4 + o_e if QUASI else o_p), b_sum, mask=m_p)
+    if HAS_DSCALE:
+        o_c = o - ds_start
+        tl.store(dscale + o_c, b_sum, mask=m & (o_c >= 0) & (o_c < d))
+
+
+def givens_bwd(x: torch.Tensor, dy: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None, *,
+               quasi: bool, transpose: bool, need_dx: bool, need_dparams: bool, need_dscale: bool):
     """Gradients of :func:`givens_fwd` with respect to ``x``, the parameters and ``scale``.
 
     ``x`` and ``dy`` are 2-D with unit column stride. Returns ``(dx, dparams, dscale)``, each
@@ -208,41 +277,47 @@ def givens_bwd(x: torch.Tensor, dy: torch.Tensor, coefs: torch.Tensor, scale: to
     """
     if not (need_dparams or need_dscale):
         # the input gradient alone is the rotation in the other direction
-        dx = givens_fwd(dy, coefs, scale, offsets, quasi=quasi, transpose=not transpose) if need_dx else None
+        dx = givens_fwd(dy, coefs, scale, quasi=quasi, transpose=not transpose) if need_dx else None
         return dx, None, None
     n_rows, d = x.shape
-    L = offsets.numel() - 1
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cfg = backward_config(1 << L, n_rows, x.device)
-    LC = cfg.chunk.bit_length() - 1
-    K = 1 << (L - LC)
-    groups = backward_groups(triton.cdiv(n_rows, cfg.block_n), K, x.device)
     n_params = coefs.shape[0]
-
-    def partials(shape):
-        # one partial row per group, every element written by the kernels; then a
-        # fixed-order sum: deterministic
-        return new_output(shape, acc, x.device) if n_rows else torch.zeros(shape, dtype=acc, device=x.device)
-
+    per_pair = 4 if quasi else 1
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    L = (d - 1).bit_length()
+    D = 1 << L
     dx = new_output((n_rows, d), x.dtype, x.device) if need_dx else None
-    dparams = partials((groups, n_params) + ((2, 2) if quasi else ())) if need_dparams else None
-    dscale = partials((groups, d)) if need_dscale else None
-    if n_rows > 0:
-        roots = new_output((n_rows, K), acc, x.device) if K > 1 else x
-        flags = dict(QUASI=quasi, TRANSPOSE=transpose, HAS_DX=need_dx, HAS_DPARAMS=need_dparams,
-                     ACC=acc_dtype(x.dtype), ROUND_BF16=round_bf16(x))
-        args = (x, dy, dx if need_dx else x, roots)
-        strides = (x.stride(0), dy.stride(0), dx.stride(0) if need_dx else 0, n_params)
-        _givens_bwd_kernel[(groups, K)](
-            *args, coefs, scale if scale is not None else coefs, offsets,
-            dparams if need_dparams else x, dscale if need_dscale else x, n_rows, d, *strides,
-            L=L, LC=LC, BLOCK_N=cfg.block_n, HAS_SCALE=scale is not None, HAS_DSCALE=need_dscale,
-            num_warps=cfg.num_warps, **flags,
-        )
-        if K > 1:
-            rcfg = tile_config(K, n_rows, x.device, tile=2048)
-            _givens_bwd_roots_kernel[(groups,)](
-                *args, coefs, offsets, dparams if need_dparams else x, n_rows, d, *strides,
-                L=L, LC=LC, BLOCK_N=rcfg.block_n, num_warps=rcfg.num_warps, **flags,
-            )
-    return dx, dparams.sum(0) if need_dparams else None, dscale.sum(0) if need_dscale else None
+    dparams = new_output((n_params, 2, 2) if quasi else (n_params,), acc, x.device) if need_dparams else None
+    dscale = new_output((d,), acc, x.device) if need_dscale else None
+    # one partial row per program: block gradients by entry and padded slot, then the scale's
+    ds_start = per_pair * D if need_dparams else 0
+    width = ds_start + (D if need_dscale else 0)
+    cfg = config("bwd", D, n_rows, x.element_size(), x.device, n_chunks=lambda k: -(-d * k // D))
+    n_chunks = triton.cdiv(d, cfg.chunk)
+    K = D // cfg.chunk
+    partials = new_output((cfg.programs, width), acc, x.device)
+    flags = dict(QUASI=quasi, TRANSPOSE=transpose, HAS_DX=need_dx, HAS_DPARAMS=need_dparams,
+                 ACC=acc_dtype(x.dtype), ROUND_BF16=round_bf16(x))
+    roots = new_output((n_rows, K), acc, x.device) if K > 1 else partials
+    tensors = dict(x=x, dy=dy, dx=dx if need_dx else x, roots=roots, coefs=coefs, partials=partials)
+    sizes = dict(n_rows=n_rows, d=d, stride_x=x.stride(0), stride_dy=dy.stride(0),
+                 stride_dx=dx.stride(0) if need_dx else 0, stride_part=width)
+    # with no rows the programs still run once, to write their (zero) partial rows
+    _givens_bwd_kernel[(cfg.programs, n_chunks)](
+        **tensors, **sizes, scale=scale if scale is not None else coefs, n_full=cfg.n_full, n_iters=cfg.n_iters,
+        ds_start=ds_start, L=L, LE=cfg.le, LG=cfg.lg, BLOCK_N=cfg.block_n, HAS_SCALE=scale is not None,
+        HAS_DSCALE=need_dscale, STAGES=cfg.stages, num_warps=cfg.num_warps, **flags)
+    if K > 1:
+        block_n, _, _, num_warps = roots_config(n_rows, K, x.device)
+        # the same programs as the chunk launch: each partial row gets the coarse stages too
+        _givens_bwd_roots_kernel[(cfg.programs,)](
+            **tensors, **sizes, n_iters=-(-triton.cdiv(n_rows, block_n) // cfg.programs), n_chunks=n_chunks,
+            L=L, R0=cfg.le + cfg.lg, BLOCK_N=block_n, num_warps=num_warps, **flags)
+    # all partial rows of a column block in one tile where they fit: the loads go out at once
+    block_p = min(512, triton.next_power_of_2(cfg.programs))
+    block = max(16, 8192 // block_p)
+    _givens_grad_sum_kernel[(triton.cdiv(width, block),)](
+        partials=partials, dparams=dparams if need_dparams else partials,
+        dscale=dscale if need_dscale else partials, n_parts=cfg.programs,
+        d=d, stride_part=width, ds_start=ds_start, L=L, QUASI=quasi, HAS_DPARAMS=need_dparams,
+        HAS_DSCALE=need_dscale, BLOCK_P=block_p, BLOCK=block, num_warps=4)
+    return dx, dparams, dscale

@@ -1,16 +1,21 @@
-"""Launch heuristics: chunk width, rows per program, warps, and the backward's groups.
+"""Launch heuristics: vector width, groups per program, rows per block, warps and programs.
 
-A program holds a ``BLOCK_N x CHUNK`` register tile (fp32). The chunk width bounds what a
-program keeps live whatever ``d`` is: rows longer than the chunk are split into ``K``
-chunks plus a small tile of chunk roots (docs/math.md §4). The environment variables
-below pin a configuration, for tests, for the interpreter and for tuning runs
-(docs/environment.md):
+A program holds a ``[BLOCK_N, G, E]`` tile (``kernels/tree.py``): ``E`` columns per thread
+vector (16 bytes of the input dtype), ``G = 2**lg`` vectors across the threads, so a chunk of
+``G * E`` columns, and ``BLOCK_N`` rows that each thread holds as register repetitions. A
+row longer than one chunk is split into ``2**(L - le - lg)`` chunks. Programs are
+persistent: each walks a strided set of row blocks, so coefficients are loaded once per
+program and (backward) the parameter gradients are summed in registers.
 
-- ``QGOFT_CHUNK``: chunk width, a power of two (capped at the padded row length);
-- ``QGOFT_BLOCK_N``: rows per program, a power of two;
+The environment variables below pin a configuration, for tests, for the interpreter and for
+tuning runs (docs/environment.md):
+
+- ``QGOFT_CHUNK``: chunk width in columns, a power of two (capped at the padded row);
+- ``QGOFT_BLOCK_N``: rows per block, a power of two;
 - ``QGOFT_NUM_WARPS``: warps per program;
-- ``QGOFT_BWD_PROGRAMS``: row groups of the backward (each produces one partial row of the
-  parameter gradients, so this fixes the deterministic reduction order);
+- ``QGOFT_STAGES``: software-pipelining depth of the row loop on a GPU;
+- ``QGOFT_PROGRAMS``: programs along the rows (the backward's partial gradients come one per
+  such program, so this fixes the deterministic reduction order);
 - ``QGOFT_POISON``: fill kernel outputs with NaN before the launch, so that an element a
   kernel fails to write shows up (tests and ``verify`` set it).
 """
@@ -23,17 +28,40 @@ from dataclasses import dataclass
 import torch
 import triton.language as tl
 
-#: Largest chunk on a GPU: forward and backward (the backward keeps ~4x more state live).
-GPU_CHUNK = {"fwd": 4096, "bwd": 1024}
-#: Largest chunk in the interpreter: small, so that multi-chunk rows get tested on the CPU.
-INTERPRETER_CHUNK = 128
+from .. import planning
+
+#: Widest chunk on a GPU, in 16-byte vectors (one per thread): 8 warps for the forward; 2 for the
+#: backward, whose ~240 registers per thread leave room for 4 such programs per SM, and whose
+#: cross-warp exchanges cost barriers (docs/tuning.md, v3)
+GPU_VECTORS = {"fwd": 256, "bwd": 64}
+#: Rows of up to this many vectors stay in one chunk on a GPU (no second launch for the roots).
+SINGLE_CHUNK_VECTORS = 128
+#: Widest chunk in the interpreter, in vectors: small, so that multi-chunk rows get tested on the CPU.
+INTERPRETER_VECTORS = 8
+#: Rows per block on a GPU: each thread keeps that many vectors of every input in flight.
+GPU_BLOCK_N = {"fwd": 2, "bwd": 2}
+#: Warps per multiprocessor the persistent programs fill on a GPU: the forward's ~100-128
+#: registers per thread allow 16 resident warps, the backward's ~250 allow 8, so one wave of
+#: programs fills every SM (docs/tuning.md, v3)
+WARPS_PER_SM = {"fwd": 16, "bwd": 8}
+#: Software-pipelining depth of the row loop on a GPU: loads stay in flight this many blocks ahead.
+GPU_STAGES = {"fwd": 3, "bwd": 1}
 
 
 @dataclass(frozen=True)
 class Config:
-    block_n: int
+    le: int         # log2 of the vector width E
+    lg: int         # log2 of the vectors (groups) per program G
+    block_n: int    # rows per block
     num_warps: int
-    chunk: int
+    programs: int   # programs along the rows
+    n_iters: int    # row blocks each program walks ...
+    n_full: int     # ... of which the first n_full are whole for every program
+    stages: int     # software-pipelining depth of the row loop (loads in flight ahead)
+
+    @property
+    def chunk(self) -> int:
+        return 1 << (self.le + self.lg)
 
 
 def _env_int(name: str, power_of_two: bool = False) -> int | None:
@@ -49,40 +77,73 @@ def _env_int(name: str, power_of_two: bool = False) -> int | None:
     return out
 
 
-def tile_config(width: int, n_rows: int, device: torch.device, tile: int = 4096,
-                values_per_warp: int = 512) -> Config:
-    """Rows and warps for a ``? x width`` tile of about ``tile`` values."""
-    pin_n, pin_w = _env_int("QGOFT_BLOCK_N", power_of_two=True), _env_int("QGOFT_NUM_WARPS")
-    if device.type != "cuda":
+def on_gpu(device: torch.device) -> bool:
+    """A CUDA device, or a ``meta`` one while the static model plans launches (``planning.py``)."""
+    return planning.as_gpu(device)
+
+
+def config(kind: str, d_pad: int, n_rows: int, elem_size: int, device: torch.device, n_chunks=None) -> Config:
+    """The launch configuration of ``kind`` (``"fwd"`` or ``"bwd"``) for rows of ``d_pad`` (a power of two).
+
+    ``n_chunks`` maps the chunk count to the chunks actually launched (the ones that reach
+    ``d``); it defaults to all of them.
+    """
+    gpu = on_gpu(device)
+    log_d = d_pad.bit_length() - 1
+    le = min(log_d, (16 // elem_size).bit_length() - 1)
+    pinned_chunk = _env_int("QGOFT_CHUNK", power_of_two=True)
+    if pinned_chunk is not None:
+        width = min(pinned_chunk, d_pad)
+        le = min(le, width.bit_length() - 1)
+        lg = width.bit_length() - 1 - le
+    else:
+        vectors = GPU_VECTORS[kind] if gpu else INTERPRETER_VECTORS
+        if gpu and (d_pad >> le) <= SINGLE_CHUNK_VECTORS:
+            # short rows in one chunk: no roots launch
+            vectors = max(vectors, d_pad >> le)
+        lg = min(log_d - le, vectors.bit_length() - 1)
+    groups = 1 << lg
+    if gpu:
+        # enough rows that every lane of a warp has a vector, and a few vectors in flight per thread
+        block_n = max(GPU_BLOCK_N[kind], 32 // groups)
+        num_warps = max(1, min(8, groups // 32))
+    else:
         # the interpreter pays per operation, not per element: few large programs
-        return Config(pin_n or max(1, min(64, 4096 // width)), pin_w or 1, width)
-    block_n = pin_n or min(max(1, tile // width), 256, max(1, 1 << (n_rows - 1).bit_length()))
-    num_warps = pin_w or min(16, max(4, 1 << ((block_n * width) // values_per_warp - 1).bit_length()))
-    return Config(block_n, num_warps, width)
+        block_n = max(1, min(64, 1024 // (groups << le)))
+        num_warps = 1
+    block_n = _env_int("QGOFT_BLOCK_N", power_of_two=True) or block_n
+    num_warps = _env_int("QGOFT_NUM_WARPS") or num_warps
+    chunks = 1 << (log_d - le - lg)
+    launched = chunks if n_chunks is None else n_chunks(chunks)
+    n_blocks = -(-n_rows // block_n)
+    programs = _env_int("QGOFT_PROGRAMS")
+    if programs is None:
+        per_sm = max(1, WARPS_PER_SM[kind] // num_warps)
+        programs = -(-per_sm * sm_count(device) // launched) if gpu else 4
+    programs = max(1, min(n_blocks, programs))
+    stages = (_env_int("QGOFT_STAGES") or GPU_STAGES[kind]) if gpu else 1
+    return Config(le, lg, block_n, num_warps, programs, -(-n_blocks // programs), (n_rows // block_n) // programs,
+                  stages)
 
 
-def _config(kind: str, d_pad: int, n_rows: int, device: torch.device, **tile) -> Config:
-    pinned = _env_int("QGOFT_CHUNK", power_of_two=True)
-    limit = pinned or (GPU_CHUNK[kind] if device.type == "cuda" else INTERPRETER_CHUNK)
-    return tile_config(min(d_pad, limit), n_rows, device, **tile)
+def roots_config(n_rows: int, K: int, device: torch.device):
+    """``(block_n, programs, n_iters, num_warps)`` for a kernel on the ``[rows, K]`` chunk roots.
+
+    On a GPU its tile holds up to 2048 roots over 8 warps (8 per thread: each root carries
+    its chain, and more spill with triton 3.6), so that the few programs it gets keep
+    enough loads in flight.
+    """
+    gpu = on_gpu(device)
+    block_n = max(1, min(256, 2048 // K)) if gpu else max(1, min(64, 1024 // K))
+    n_blocks = -(-n_rows // block_n)
+    programs = max(1, min(n_blocks, 4 * sm_count(device) if gpu else 4))
+    return block_n, programs, -(-n_blocks // programs), 8 if gpu else 1
 
 
-def forward_config(d_pad: int, n_rows: int, device: torch.device) -> Config:
-    return _config("fwd", d_pad, n_rows, device, tile=4096, values_per_warp=512)
-
-
-def backward_config(d_pad: int, n_rows: int, device: torch.device) -> Config:
-    # the backward keeps many small per-stage tensors live: one row of a chunk per program,
-    # spread over more threads (no spills on sm_90 in benchmarks/compile_report.py)
-    return _config("bwd", d_pad, n_rows, device, tile=1024, values_per_warp=128)
-
-
-def backward_groups(n_blocks: int, n_chunks: int, device: torch.device) -> int:
-    """Row groups of the backward: each of ``groups x n_chunks`` programs walks one group."""
-    pinned = _env_int("QGOFT_BWD_PROGRAMS")
-    if pinned is None:
-        pinned = -(-2 * _sm_count(device) // n_chunks) if device.type == "cuda" else 4
-    return max(1, min(n_blocks, pinned))
+def sm_count(device: torch.device) -> int:
+    if planning.active():
+        return planning.sms()
+    return _sm_count(device)
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,7 +158,7 @@ def acc_dtype(dtype: torch.dtype):
 
 def round_bf16(x: torch.Tensor) -> bool:
     """Round bf16 outputs explicitly: only needed where the interpreter runs the kernel."""
-    return x.dtype == torch.bfloat16 and x.device.type != "cuda"
+    return x.dtype == torch.bfloat16 and not on_gpu(x.device)
 
 
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

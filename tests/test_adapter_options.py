@@ -1,0 +1,240 @@
+"""PEFT parity of the options (module_dropout, layers_to_transform, per-module patterns,
+exclude_modules, modules_to_save) on both routes, self-describing adapters, the two formats
+converted into each other, older format versions, and the command line."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import qgoft_kernels as qk
+from qgoft_kernels.__main__ import main as cli
+from qgoft_kernels.verify import assert_close
+
+peft = pytest.importorskip("peft", minversion="0.21")
+from qgoft_kernels.peft import SAVED_TYPE, QGOFTConfig  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("torch_path")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.v_proj, self.mlp = nn.Linear(12, 12), nn.Linear(12, 12), nn.Linear(12, 12)
+
+    def forward(self, x):
+        return x + self.mlp(torch.tanh(self.q_proj(x) * torch.sigmoid(self.v_proj(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([Block() for _ in range(3)])
+        self.classifier = nn.Linear(12, 2)
+
+    def forward(self, x):
+        for layer in self.model.layers:
+            x = layer(x)
+        return self.classifier(x)
+
+
+def adapted_names(model):
+    names = {n.removeprefix("base_model.model.") for n, m in model.named_modules()
+             if isinstance(m, (qk.GivensLinear, qk.GivensWrapper)) or type(m).__name__ == "Linear" and hasattr(
+                 m, "qgoft_rotation")}
+    return names
+
+
+SELECTIONS = [
+    dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2], layers_pattern="layers"),
+    dict(target_modules=["q_proj", "v_proj", "mlp"], layers_to_transform=1),
+    dict(target_modules="all-linear", exclude_modules=["mlp"], modules_to_save=["classifier"]),
+    dict(target_modules=r".*\.(q_proj|mlp)", exclude_modules=r"model\.layers\.0\..*"),
+]
+
+
+@pytest.mark.parametrize("selection", SELECTIONS, ids=["layers-pattern", "layer-int", "exclude-save", "regex"])
+def test_both_routes_select_the_same_modules(selection):
+    ours = qk.inject(Net(), **selection)
+    theirs = peft.get_peft_model(Net(), QGOFTConfig(**selection))
+    assert adapted_names(ours) == adapted_names(theirs) and adapted_names(ours)
+    ours_trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert ("classifier.weight" in ours_trainable) == ("modules_to_save" in selection)
+
+
+def test_block_and_scale_patterns_on_both_routes(gen):
+    options = dict(target_modules=["q_proj", "v_proj"], block="quasi", block_pattern={"v_proj": "givens"},
+                   scale_pattern={r"layers\.1\.q_proj": True})
+    ours = qk.inject(Net(), **options)
+    theirs = peft.get_peft_model(Net(), QGOFTConfig(**options)).base_model.model
+    for name in ("model.layers.0.q_proj", "model.layers.1.q_proj", "model.layers.2.v_proj"):
+        o, t = ours.get_submodule(name), theirs.get_submodule(name)
+        block = "givens" if name.endswith("v_proj") else "quasi"
+        assert o.block == t.qgoft_block["default"] == block
+        assert (o.scale is not None) == ("default" in t.qgoft_scale) == (name == "model.layers.1.q_proj")
+    with pytest.raises(ValueError, match="block must be one of"):
+        qk.inject(Net(), ["q_proj"], block_pattern={"q_proj": "lora"})
+    with pytest.raises(ValueError, match=r"block_pattern\['q_proj'\]: block must be one of"):
+        QGOFTConfig(target_modules=["q_proj"], block_pattern={"q_proj": "lora"})
+
+
+def test_module_dropout_in_training_only(gen):
+    model = peft.get_peft_model(Net(), QGOFTConfig(target_modules=["q_proj"], module_dropout=0.5,
+                                                   init_weights=False))
+    x = torch.randn(4, 12, generator=gen)
+    model.eval()
+    evaluated = model(x)
+    assert torch.equal(model(x), evaluated)  # no dropout in eval
+    model.train()
+    torch.manual_seed(1)
+    first = model(x)
+    second = model(x)
+    assert not torch.equal(first, second) and not torch.equal(first, evaluated)
+    first.square().sum().backward()
+    grad = model.base_model.model.model.layers[0].q_proj.qgoft_rotation["default"].grad
+    assert (grad.flatten(1).abs().sum(1) == 0).any()  # dropped blocks get no gradient
+    model.eval()
+    merged = model.merge_and_unload()  # merges the whole adapter, no block dropped
+    assert_close(merged(x), evaluated)
+    with pytest.raises(ValueError, match="module_dropout"):
+        QGOFTConfig(target_modules=["q_proj"], module_dropout=1.0)
+
+
+def test_inject_modules_to_save_are_trained_and_saved(tmp_path, gen):
+    model = qk.inject(Net(), ["q_proj"], modules_to_save=["classifier"])
+    assert any(p is model.classifier.weight for p in qk.trainable_parameters(model))
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    qk.save_adapter(model, tmp_path / "a.safetensors")
+    fresh = qk.load_adapter(Net(), tmp_path / "a.safetensors")
+    assert torch.equal(fresh.classifier.weight, model.classifier.weight)
+    assert fresh.classifier.weight.requires_grad and not fresh.model.layers[0].mlp.weight.requires_grad
+    with pytest.raises(ValueError, match=r"modules_to_save \['head'\] name no module"):
+        qk.inject(Net(), ["q_proj"], modules_to_save=["head"])
+
+
+# --- self-describing adapters and format versions ----------------------------------------------------------
+
+
+def test_adapter_config_names_its_reader(tmp_path):
+    model = peft.get_peft_model(Net(), QGOFTConfig(target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == SAVED_TYPE and "import qgoft_kernels.peft" in saved["peft_type"]
+    assert (saved["qgoft_package"], saved["qgoft_version"], saved["qgoft_format"]) == ("qgoft-kernels",
+                                                                                       qk.__version__, 2)
+    # a user who forgot the import: PEFT's own lookup fails, and its message says what to do
+    code = ("import peft, torch.nn as nn\n"
+            "m = nn.Module(); m.q_proj = nn.Linear(12, 12)\n"
+            f"peft.PeftModel.from_pretrained(m, {str(tmp_path)!r})\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "KeyError" in result.stderr and "then import qgoft_kernels.peft" in result.stderr
+
+
+def _peft_folder(tmp_path, gen, patterns=True):
+    model = peft.get_peft_model(Net(), QGOFTConfig(target_modules=["q_proj", "v_proj"], scale=True,
+                                                   block_pattern={"v_proj": "givens"} if patterns else {},
+                                                   modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    folder = tmp_path / "peft"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def test_format_one_adapter_config_still_loads(tmp_path, gen):
+    model, folder = _peft_folder(tmp_path, gen, patterns=False)
+    x = torch.randn(3, 12, generator=gen)
+    out = model(x)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    # what format 1 wrote: peft_type "QGOFT" and none of the newer fields
+    for key in ("qgoft_package", "qgoft_version", "qgoft_format", "module_dropout", "layers_to_transform",
+                "layers_pattern", "block_pattern", "scale_pattern"):
+        config.pop(key)
+    config["peft_type"] = "QGOFT"
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    (old / "adapter_model.safetensors").write_bytes((folder / "adapter_model.safetensors").read_bytes())
+    assert torch.equal(peft.PeftModel.from_pretrained(Net(), old)(x), out)
+    assert cli(["upgrade", str(old)]) == 0
+    upgraded = json.loads((old / "adapter_config.json").read_text())
+    assert upgraded["qgoft_format"] == 2 and upgraded["peft_type"] == SAVED_TYPE
+    # a newer format says what to do
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["qgoft_format"], config["qgoft_version"] = 3, "9.0.0"
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"qgoft format 3, written by qgoft-kernels 9\.0\.0.*pip install -U"):
+        peft.PeftModel.from_pretrained(Net(), folder)
+
+
+def test_version_one_adapter_file_loads_and_newer_says_what_to_do(tmp_path, gen):
+    model = qk.inject(Net(), ["q_proj"], scale=True)
+    with torch.no_grad():
+        for p in qk.trainable_parameters(model):
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    tensors = {k: v.contiguous() for k, v in qk.checkpoint.adapter_state(model)[0].items()}
+    modules = qk.checkpoint.adapter_state(model)[1]
+    save_file(tensors, tmp_path / "v1.safetensors",
+              metadata={"format": "qgoft-adapter", "version": "1", "modules": json.dumps(modules)})
+    x = torch.randn(3, 12, generator=gen)
+    assert torch.equal(qk.load_adapter(Net(), tmp_path / "v1.safetensors")(x), model(x))
+    assert cli(["upgrade", str(tmp_path / "v1.safetensors"), "--out", str(tmp_path / "v2.safetensors")]) == 0
+    assert torch.equal(qk.load_adapter(Net(), tmp_path / "v2.safetensors")(x), model(x))
+    save_file(tensors, tmp_path / "v3.safetensors", metadata={"format": "qgoft-adapter", "version": "3",
+                                                              "package_version": "9.0.0",
+                                                              "modules": json.dumps(modules)})
+    with pytest.raises(ValueError, match=r"format version 3, written by qgoft-kernels 9\.0\.0; .*reads versions "
+                                         r"1, 2: upgrade it \(pip install -U qgoft-kernels"):
+        qk.load_adapter(Net(), tmp_path / "v3.safetensors")
+
+
+def test_formats_convert_both_ways(tmp_path, gen):
+    model, folder = _peft_folder(tmp_path, gen)
+    x = torch.randn(3, 12, generator=gen)
+    out = model(x)
+    # PEFT folder -> qk file -> loaded with qk.load_adapter
+    assert cli(["convert", str(folder), str(tmp_path / "a.safetensors")]) == 0
+    ours = qk.load_adapter(Net(), tmp_path / "a.safetensors")
+    assert_close(ours(x), out)
+    assert ours.model.layers[1].v_proj.block == "givens" and ours.classifier.weight.requires_grad
+    # qk file -> PEFT folder -> loaded with PeftModel.from_pretrained
+    assert cli(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "back")]) == 0
+    theirs = peft.PeftModel.from_pretrained(Net(), tmp_path / "back")
+    assert_close(theirs(x), out)
+    assert theirs.base_model.model.model.layers[2].v_proj.qgoft_block["default"] == "givens"
+
+
+# --- the command line ----------------------------------------------------------------------------------------
+
+
+def test_cli_help_and_info(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli(["--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert all(c in text for c in ("verify", "info", "convert", "upgrade"))
+    with pytest.raises(SystemExit) as exit_:
+        cli([])
+    assert exit_.value.code == 2  # a command is required; the usage says so
+    assert cli(["info"]) == 0
+    assert f"qgoft-kernels {qk.__version__}" in capsys.readouterr().out
+    result = subprocess.run([sys.executable, "-m", "qgoft_kernels", "--help"], capture_output=True, text=True,
+                            cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "convert" in result.stdout
+
+
+def test_versions_agree():
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == qk.__version__
