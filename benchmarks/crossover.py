@@ -32,8 +32,8 @@ from qgoft_kernels.verify import Case, check_case
 from .run import CPU_PLAN, LATEST, metadata, slug
 from .timing import interleaved_ms, wait_for_quiet
 
-DIMS = (16, 64, 256, 384, 1024, 4096, 16384)
-ROWS = (1, 16, 128, 1280, 8192)
+DIMS = (16, 64, 256, 384, 1024, 4096, 8192, 16384)
+ROWS = (1, 4, 16, 64, 128, 1280, 8192)
 WIDTHS = (8, 16, 32, 64, 128)
 #: Largest ``rows * d`` timed (a 128 MiB fp32 activation).
 MAX_ELEMENTS = 1 << 25
@@ -130,7 +130,7 @@ def table(result: dict) -> str:
             s, b = sweeps["ms"]["median"], best["ms"]["median"]
             busy = sweeps.get("others_busy")
             lines.append(f"| {d} | {rows} | {pass_name} | {s:.3f} | {best['formulation']} | {b:.3f} | {s / b:.2f} "
-                         f"| {choose(d, rows)} | {'-' if busy is None else f'{busy:.2f}'} |")
+                         f"| {choose(d, rows, pass_name == 'train')} | {'-' if busy is None else f'{busy:.2f}'} |")
     return "\n".join(lines)
 
 
@@ -140,8 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dims", type=int, nargs="+", default=None)
     parser.add_argument("--rows", type=int, nargs="+", default=None)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per (d, rows) point at most")
-    parser.add_argument("--out", default=None, help=f"folder for the result (default {os.path.relpath(LATEST)}, ignored by git; "
-                        "make bench-publish commits it)")
+    parser.add_argument("--out", default=None, help=f"folder for the result (default {os.path.relpath(LATEST)}, "
+                        "ignored by git; make bench-publish commits it)")
     parser.add_argument("--quiet", type=float, default=None, metavar="CPUS",
                         help="before each point, wait (up to 10 min) until other processes use at most CPUS cores")
     args = parser.parse_args(argv)

@@ -60,6 +60,20 @@ def test_cli_quick(capsys):
     assert run.main(["--quick"]) == 0
     out = capsys.readouterr().out
     assert "| 64 -> 64 |" in out and "Merge" in out and "FAILED" not in out
+    # the peers table: every variant of ours, the sweeps as the before, OFT and LoRA
+    assert "Peers on the CPU" in out
+    for name in ("qGOFT quasi+scale", "GOFT givens (sweeps)", "PEFT OFT b=32", "PEFT LoRA r=8"):
+        assert f"| 64 -> 64 | {name} |" in out, name
+
+
+def test_crossover_quick(capsys):
+    from benchmarks import crossover
+
+    assert crossover.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "rule picks" in out and "FAILED" not in out
+    # every (d, rows) point of the quick grid, both passes
+    assert out.count("| train |") == out.count("| infer |") == 4
 
 
 def test_docs_show_the_committed_results():

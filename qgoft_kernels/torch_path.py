@@ -44,9 +44,29 @@ def dense_block() -> int:
     return int(value)
 
 
-def choose(d: int, rows: int) -> str:
-    """The faster formulation for ``rows`` rows of ``d`` features on a CPU (measured)."""
-    return "dense"
+#: Where the sweeps win (measured, docs/benchmarks.md): ``(smallest d, rows per that many
+#: features)`` for a pass that will be differentiated and for one that will not.
+SWEEPS_WIN = {True: (16384, 4096), False: (4096, 1024)}
+
+
+def choose(d: int, rows: int, training: bool = True) -> str:
+    """The faster formulation for ``rows`` rows of ``d`` features on a CPU (measured).
+
+    On a 2-core x86_64 CPU (``python -m benchmarks.crossover``) the dense factors win at every
+    measured ``d <= 1024``, one row included: their few BLAS calls replace ``~10 L`` small
+    ops. Past that, for a handful of rows, building and applying the blocks (``O(d b)``
+    whatever the rows) is no longer small next to the sweeps' ``O(rows d L)``: for the
+    inference forward the sweeps win from ``d = 4096`` up to about ``d / 1024`` rows; for a
+    training pass, whose backward the dense blocks do in two more BLAS calls while the
+    sweeps replay every stage, only from ``d = 16384`` and up to about ``d / 4096`` rows.
+    """
+    smallest, per = SWEEPS_WIN[bool(training)]
+    return "sweeps" if d >= smallest and rows * per <= d else "dense"
+
+
+def _training(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will record this call: grad mode on and an input requiring grad."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def rotate_torch(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens", structure: str = "tree",
@@ -58,7 +78,7 @@ def rotate_torch(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens"
     use = formulation()
     d = x.shape[-1]
     if use == "auto":
-        use = choose(d, x.numel() // d)
+        use = choose(d, x.numel() // d, _training(x, params, scale))
     if use == "sweeps":
         return rotate_sweeps(x, params, block=block, structure=structure, scale=scale, transpose=transpose)
     return rotate_dense(x, params, block=block, structure=structure, scale=scale, transpose=transpose,
@@ -72,7 +92,7 @@ def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     use = formulation()
     d = x.shape[-1]
     if use == "auto":
-        use = choose(d, x.numel() // d)
+        use = choose(d, x.numel() // d, _training(x, params, scale))
     width = dense_block()
     if use == "dense" and fused_linear_applies(x, weight, width):
         return linear_dense(x, weight, bias, params, block=block, structure=structure, scale=scale, block_width=width)

@@ -33,6 +33,22 @@ def test_every_method_runs_end_to_end():
     assert text.count("| trec |") == len(finetune.METHODS)
 
 
+def test_epoch_timing_interleaves_every_method():
+    from dataclasses import asdict
+
+    from benchmarks import finetune
+
+    methods = [m for m in finetune.METHODS if m.name.startswith(("OFT", "GOFT", "qGOFT"))]
+    result = finetune.epoch_timing(finetune.SETTINGS["smoke"], torch.device("cpu"), ["trec"], methods, rounds=2,
+                                   progress=False)
+    assert [r["method"] for r in result["rows"]] == [m.name for m in methods]
+    for r in result["rows"]:
+        assert len(r["epoch_seconds"]) == 2 and r["median_seconds"] > 0
+    text = finetune.timing_table({**result, "meta": {"device": "cpu", "commit": "x"},
+                                  "setting": asdict(finetune.SETTINGS["smoke"])})
+    assert text.count("| GOFT") + text.count("| qGOFT") + text.count("| OFT") == len(methods)
+
+
 def test_qgoft_loss_falls():
     from benchmarks import finetune
 
