@@ -98,7 +98,30 @@ def readme_table(results) -> str:
                 label = f"{name} ({r['note']})" if r["note"] else name
                 lines.append(f"| {label} | {r['trainable']:,} | {r.get('train_vs_frozen', 1.0):.2f} |")
         lines.append("")
+        lines += _readme_peers(result.get("peers", []))
     return "\n".join(lines) if lines else "No results yet.\n"
+
+
+def _readme_peers(peers: list[dict]) -> list[str]:
+    """The CPU peers table in short: training step of GOFT and qGOFT over PEFT OFT's and LoRA's."""
+    if not peers:
+        return []
+    by = {(r["d"], r["k"], r["method"]): r for r in peers if r["correct"]}
+    shapes = list(dict.fromkeys((r["d"], r["k"]) for r in peers))
+    names = ("qGOFT quasi+scale", "GOFT givens", "qGOFT quasi+scale (sweeps)")
+    lines = [f"Training step on the CPU at the widths of small models ({peers[0]['tokens']} tokens, fp32), over PEFT "
+             f"OFT b=32's and LoRA r=8's from the same interleaved rounds; the last column is the PyTorch path "
+             f"before its dense formulation (docs/benchmarks.md has every variant and the inference forward):", "",
+             "| d -> k | qGOFT / OFT | qGOFT / LoRA | GOFT / OFT | GOFT / LoRA | qGOFT before / OFT |",
+             "|---|---|---|---|---|---|"]
+    for d, k in shapes:
+        cells = []
+        for name, key in ((names[0], "oft"), (names[0], "lora"), (names[1], "oft"), (names[1], "lora"),
+                          (names[2], "oft")):
+            r = by.get((d, k, name))
+            cells.append(f"{r[f'train_vs_{key}']:.2f}" if r and f"train_vs_{key}" in r else "-")
+        lines.append(f"| {d} -> {k} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def readme_finetune(results) -> str:
