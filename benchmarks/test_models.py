@@ -81,14 +81,22 @@ def test_units_cover_every_launch(key, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     spec = models.TINY[key]
     launches = set()
-    rotate = qk.nn.givens_rotate
+    rotate, linear = qk.nn.givens_rotate, qk.nn.givens_linear
 
-    def spy(x, params, **kw):
+    def record(x, kw):
         launches.add(("forward", x.shape[-1], kw["block"], kw["scale"] is not None, True))
         launches.add(("backward", x.shape[-1], kw["block"], kw["scale"] is not None, x.requires_grad))
+
+    def spy_rotate(x, params, **kw):
+        record(x, kw)
         return rotate(x, params, **kw)
 
-    monkeypatch.setattr(qk.nn, "givens_rotate", spy)
+    def spy_linear(x, weight, bias, params, **kw):  # GivensLinear's forward: the same kernels on CUDA
+        record(x, kw)
+        return linear(x, weight, bias, params, **kw)
+
+    monkeypatch.setattr(qk.nn, "givens_rotate", spy_rotate)
+    monkeypatch.setattr(qk.nn, "givens_linear", spy_linear)
     for method in models.METHODS:
         if method.kernels:
             model, _ = models.adapt(models.build_model(spec, "cpu", torch.bfloat16), spec, method)
