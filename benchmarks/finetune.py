@@ -221,25 +221,38 @@ def train_step(model, opt, sched, batch, labels, penalty: float) -> torch.Tensor
     return loss
 
 
-def run_one(dataset: str, data, classes: int, method: Method, lr: float, penalty: float, seed: int,
-            setting: Setting, device: torch.device, tokenizer, base, progress: bool) -> Run:
-    from tqdm import tqdm
-
-    torch.manual_seed(seed)
+def build_model(base, method: Method, classes: int, lr: float, device: torch.device):
+    """A fresh copy of ``base`` adapted by ``method``, with its head, and AdamW over both
+    (the head at ``HEAD_LR``, the adapter at ``lr``)."""
     encoder = copy.deepcopy(base).to(device)
     params = adapt(encoder, method)
     model = Classifier(encoder, classes).to(device)
     groups = [{"params": list(model.head.parameters()), "lr": HEAD_LR}]
     if params:
         groups.append({"params": params, "lr": lr})
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    return model, torch.optim.AdamW(groups, weight_decay=0.0)
+
+
+def encoder_inputs(tokenizer, setting: Setting, device: torch.device):
+    """``texts -> model inputs`` on ``device``, cut at ``setting.max_len`` tokens."""
+    def encode(texts):
+        batch = tokenizer(texts, padding=True, truncation=True, max_length=setting.max_len, return_tensors="pt")
+        return {k: v.to(device) for k, v in batch.items()}
+    return encode
+
+
+def run_one(dataset: str, data, classes: int, method: Method, lr: float, penalty: float, seed: int,
+            setting: Setting, device: torch.device, tokenizer, base, progress: bool) -> Run:
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    model, opt = build_model(base, method, classes, lr, device)
     (train_x, train_y), (val_x, val_y), (test_x, test_y) = data
     steps = setting.epochs * math.ceil(len(train_x) / setting.batch)
     warm = max(1, steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm))))
-    encode = lambda texts: {k: v.to(device) for k, v in tokenizer(  # noqa: E731
-        texts, padding=True, truncation=True, max_length=setting.max_len, return_tensors="pt").items()}
+    encode = encoder_inputs(tokenizer, setting, device)
     run = Run(dataset, method.name, lr, penalty, seed, trainable=sum(p.numel() for p in model.parameters()
                                                                         if p.requires_grad))
     gen = torch.Generator().manual_seed(seed)
@@ -295,8 +308,7 @@ def epoch_timing(setting: Setting, device: torch.device, datasets, methods, roun
     forward, loss (and penalty), backward, optimizer and scheduler steps.
     """
     tokenizer, base = load_encoder(setting.layers)
-    encode = lambda texts: {k: v.to(device) for k, v in tokenizer(  # noqa: E731
-        texts, padding=True, truncation=True, max_length=setting.max_len, return_tensors="pt").items()}
+    encode = encoder_inputs(tokenizer, setting, device)
     rows = []
     for dataset in datasets:
         texts, labels, classes = DATASETS[dataset]()
@@ -306,13 +318,7 @@ def epoch_timing(setting: Setting, device: torch.device, datasets, methods, roun
         runs = {}
         for method in methods:
             torch.manual_seed(0)
-            encoder = copy.deepcopy(base).to(device)
-            params = adapt(encoder, method)
-            model = Classifier(encoder, len(classes)).to(device)
-            groups = [{"params": list(model.head.parameters()), "lr": HEAD_LR}]
-            if params:
-                groups.append({"params": params, "lr": method.lrs[0]})
-            opt = torch.optim.AdamW(groups, weight_decay=0.0)
+            model, opt = build_model(base, method, len(classes), method.lrs[0] if method.lrs else 0.0, device)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
             runs[method.name] = (model, opt, sched, method.penalties[0])
         seconds = {name: [] for name in runs}
@@ -469,26 +475,18 @@ def main(argv=None) -> int:
     start = time.time()
     if args.timing:
         result = epoch_timing(setting, device, args.datasets, METHODS, args.rounds, progress=not args.no_progress)
-        result["meta"] = _meta(device)
-        result["setting"] = asdict(setting)
-        result["meta"]["wall_seconds"] = round(time.time() - start, 1)
-        print(timing_table(result))
-        if setting.name != "smoke":
-            os.makedirs(args.out, exist_ok=True)
-            path = os.path.join(args.out, f"finetune-timing-{setting.name}-{slug(device)}.json")
-            with open(path, "w") as fh:
-                json.dump(result, fh, indent=1)
-            print("wrote", os.path.relpath(path))
-        return 0
-    result = benchmark(setting, device, args.datasets, METHODS, progress=not args.no_progress,
-                       isolate=setting.name != "smoke")
+        name, render = f"finetune-timing-{setting.name}", timing_table
+    else:
+        result = benchmark(setting, device, args.datasets, METHODS, progress=not args.no_progress,
+                           isolate=setting.name != "smoke")
+        name, render = f"finetune-{setting.name}", table
     result["meta"] = _meta(device)
     result["setting"] = asdict(setting)
     result["meta"]["wall_seconds"] = round(time.time() - start, 1)
-    print(table(result))
+    print(render(result))
     if setting.name != "smoke":
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"finetune-{setting.name}-{slug(device)}.json")
+        path = os.path.join(args.out, f"{name}-{slug(device)}.json")
         with open(path, "w") as fh:
             json.dump(result, fh, indent=1)
         print("wrote", os.path.relpath(path))
