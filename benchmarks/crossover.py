@@ -13,7 +13,6 @@ copies its table into docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -29,6 +28,7 @@ from qgoft_kernels.sweeps import rotate_sweeps
 from qgoft_kernels.torch_path import choose
 from qgoft_kernels.verify import Case, check_case
 
+from .environ import scoped
 from .run import CPU_PLAN, LATEST, metadata, slug
 from .timing import interleaved_ms, wait_for_quiet
 
@@ -51,21 +51,6 @@ def candidates(d: int, rows: int, widths) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def forced(path: str, width: str):
-    """``QGOFT_TORCH_PATH`` and ``QGOFT_DENSE_BLOCK`` set for the duration."""
-    saved = {k: os.environ.get(k) for k in ("QGOFT_TORCH_PATH", "QGOFT_DENSE_BLOCK")}
-    os.environ.update(QGOFT_TORCH_PATH=path, QGOFT_DENSE_BLOCK=width)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def measure(d: int, rows: int, widths, budget_s: float, quiet: float | None = None) -> list[dict]:
     gen = torch.Generator().manual_seed(d * 7919 + rows)
     n = qk.num_pairs(d)
@@ -75,7 +60,7 @@ def measure(d: int, rows: int, widths, budget_s: float, quiet: float | None = No
     dy = torch.randn(rows, d, generator=gen)
     fns, correct = {}, {}
     for name, (path, width) in candidates(d, rows, widths).items():
-        with forced(path, width):
+        with scoped({"QGOFT_TORCH_PATH": path, "QGOFT_DENSE_BLOCK": width}):
             res = check_case(Case(d, 37, "quasi", True, False, torch.float32), "cpu", backend="torch")
         correct[name] = all(r[2] for r in res.values())
         if not correct[name]:

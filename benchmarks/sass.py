@@ -58,6 +58,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks.environ import scoped  # noqa: E402
 from qgoft_kernels import ops  # noqa: E402
 from qgoft_kernels.planning import planning  # noqa: E402
 from qgoft_kernels.schedule import num_pairs  # noqa: E402
@@ -166,7 +167,8 @@ def record(op, d, rows, dtype, block, scale, env=None):
 
     launches = []
     x, params, s = _meta_inputs(op, d, rows, dtype, block, scale)
-    with _env(env or {}), capture(launches):
+    # the compiled path with its runtime specialisation: no interpreter, no poisoning fills
+    with scoped({"QGOFT_POISON": None, "TRITON_INTERPRET": None, **(env or {})}), capture(launches):
         if op == "forward":
             ops.launch_forward(x, params, s, block, "tree", False)
         elif op == "forward_t":
@@ -181,22 +183,6 @@ def record(op, d, rows, dtype, block, scale, env=None):
         else:
             raise ValueError(op)
     return launches
-
-
-@contextlib.contextmanager
-def _env(env):
-    saved = {k: os.environ.get(k) for k in list(env) + ["QGOFT_POISON", "TRITON_INTERPRET"]}
-    os.environ.pop("QGOFT_POISON", None)
-    os.environ.pop("TRITON_INTERPRET", None)
-    os.environ.update({k: str(v) for k, v in env.items()})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 # ------------------------------------------------------------------------------------------
