@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 import qgoft_kernels as qk
+from qgoft_kernels.torch_path import formulation
 from qgoft_kernels.verify import Case, check_case, rel_error
 
 from .methods import (
@@ -114,10 +115,7 @@ def _qgoft_path(device: torch.device) -> str:
         return "Triton kernels"
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         return "Triton interpreter (timings meaningless)"
-    forced = os.environ.get("QGOFT_TORCH_PATH", "auto").strip().lower() or "auto"
-    if forced != "auto":
-        return f"PyTorch path, {forced} formulation (CPU)"
-    return "PyTorch path, auto formulation (CPU)"
+    return f"PyTorch path, {formulation()} formulation (CPU)"
 
 
 # --- 1. kernel level --------------------------------------------------------------------------

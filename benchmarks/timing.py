@@ -28,9 +28,14 @@ def time_ms(fn, device: torch.device, min_run_time: float = 0.2) -> dict:
     fn()  # warm-up
     m = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
         min_run_time=min_run_time)
-    times = sorted(t * 1e3 for t in m.times)
-    pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
-    return {"median": m.median * 1e3, "q20": pick(0.2), "q80": pick(0.8), "runs": m.number_per_run * len(m.times)}
+    q20, q80 = _quantiles([t * 1e3 for t in m.times])
+    return {"median": m.median * 1e3, "q20": q20, "q80": q80, "runs": m.number_per_run * len(m.times)}
+
+
+def _quantiles(times) -> tuple[float, float]:
+    """The 20% and 80% quantiles of ``times`` (the nearest sample below each)."""
+    ranked = sorted(times)
+    return tuple(ranked[min(len(ranked) - 1, int(q * len(ranked)))] for q in (0.2, 0.8))
 
 
 def interleaved_ms(fns: dict, rounds: int = 15, budget_s: float = 30.0, sample_s: float = 0.02,
@@ -68,9 +73,8 @@ def interleaved_ms(fns: dict, rounds: int = 15, budget_s: float = 30.0, sample_s
             samples[name].append((time.perf_counter() - t) / n * 1e3)
     out = {}
     for name, times in samples.items():
-        ranked = sorted(times)
-        pick = lambda q: ranked[min(len(ranked) - 1, int(q * len(ranked)))]  # noqa: E731
-        out[name] = {"median": statistics.median(times), "q20": pick(0.2), "q80": pick(0.8),
+        q20, q80 = _quantiles(times)
+        out[name] = {"median": statistics.median(times), "q20": q20, "q80": q80,
                      "runs": repeats[name] * len(times), "samples": times}
     return {"times": out, "load": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "others_busy": _others_since(ticks)}
