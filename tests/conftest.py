@@ -1,6 +1,7 @@
 """Test set-up: the interpreter on CPU-only machines, poisoned outputs, fresh seeds."""
 import os
 import random
+import socket
 
 import pytest
 import torch
@@ -44,3 +45,11 @@ def torch_path(monkeypatch):
     models); the kernels have their own tests. Modules opt in with ``usefixtures``."""
     if not HAS_CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+@pytest.fixture
+def free_port():
+    """A local TCP port nobody listens on: the rendezvous of a multi-process test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,7 +1,6 @@
 """DistributedDataParallel on the CPU (gloo, two processes): the adapter's gradients after
 all-reduce equal the single-process gradients of the same global batch."""
 import os
-import socket
 
 import pytest
 import torch
@@ -48,15 +47,9 @@ def _worker(rank, world, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_ddp_gradients_match_single_process(tmp_path):
+def test_ddp_gradients_match_single_process(tmp_path, free_port):
     out = tmp_path / "grads.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port, str(out)), nprocs=2, join=True)
     ddp_grads = torch.load(out)
     model = _model()
     x, y = _data()

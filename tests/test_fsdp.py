@@ -2,7 +2,6 @@
 sharded (frozen base and adapter alike), one optimizer step on the adapter; the losses and the
 trained adapter equal one process's on the whole batch."""
 import os
-import socket
 
 import pytest
 import torch
@@ -67,16 +66,10 @@ def _worker(rank, world, port, out_path):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_fsdp2_trains_the_adapter_like_one_process(tmp_path, monkeypatch):
+def test_fsdp2_trains_the_adapter_like_one_process(tmp_path, monkeypatch, free_port):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch path; the kernels have their own tests
     out = tmp_path / "fsdp.pt"
-    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port, str(out)), nprocs=2, join=True)
     result = torch.load(out)
     assert set(result["sharded"].values()) == {"DTensor"}  # base and adapter both sharded
     model = _model()
