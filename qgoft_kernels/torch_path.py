@@ -69,31 +69,38 @@ def _training(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _formulation_for(x: torch.Tensor, params: torch.Tensor, scale: torch.Tensor | None) -> str:
+    """The formulation for this call: ``QGOFT_TORCH_PATH``, or the rule's pick when ``auto``."""
+    use = formulation()
+    if use == "auto":
+        d = x.shape[-1]
+        use = choose(d, x.numel() // d, _training(x, params, scale))
+    return use
+
+
+def _rotate(use: str, width: int, x, params, *, block, structure, scale, transpose) -> torch.Tensor:
+    if use == "sweeps":
+        return rotate_sweeps(x, params, block=block, structure=structure, scale=scale, transpose=transpose)
+    return rotate_dense(x, params, block=block, structure=structure, scale=scale, transpose=transpose,
+                        block_width=width)
+
+
 def rotate_torch(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens", structure: str = "tree",
                  scale: torch.Tensor | None = None, transpose: bool = False) -> torch.Tensor:
     """``x @ R`` (or ``x @ R^T``) on the PyTorch path, by the formulation asked for or chosen.
 
     Inputs are assumed valid; :func:`qgoft_kernels.givens_rotate` checks them.
     """
-    use = formulation()
-    d = x.shape[-1]
-    if use == "auto":
-        use = choose(d, x.numel() // d, _training(x, params, scale))
-    if use == "sweeps":
-        return rotate_sweeps(x, params, block=block, structure=structure, scale=scale, transpose=transpose)
-    return rotate_dense(x, params, block=block, structure=structure, scale=scale, transpose=transpose,
-                        block_width=dense_block())
+    return _rotate(_formulation_for(x, params, scale), dense_block(), x, params, block=block, structure=structure,
+                   scale=scale, transpose=transpose)
 
 
 def linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, params: torch.Tensor, *,
                  block: str, structure: str, scale: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x @ R, weight, bias)`` on the PyTorch path: fused on the dense formulation
     where :func:`qgoft_kernels.dense.fused_linear_applies`, else the composition."""
-    use = formulation()
-    d = x.shape[-1]
-    if use == "auto":
-        use = choose(d, x.numel() // d, _training(x, params, scale))
-    width = dense_block()
+    use, width = _formulation_for(x, params, scale), dense_block()
     if use == "dense" and fused_linear_applies(x, weight, width):
         return linear_dense(x, weight, bias, params, block=block, structure=structure, scale=scale, block_width=width)
-    return F.linear(rotate_torch(x, params, block=block, structure=structure, scale=scale), weight, bias)
+    rotated = _rotate(use, width, x, params, block=block, structure=structure, scale=scale, transpose=False)
+    return F.linear(rotated, weight, bias)
