@@ -133,12 +133,16 @@ def test_bnb_inject_train_merge(tmp_path, gen):
     assert model.up.base_layer.weight.dtype == torch.int8  # the base stays quantized and frozen
     out = model(x)
     # dequantised merge: exact up to fp32 rounding
-    assert_close(qk.merge(copy.deepcopy(model), dequantize=True)(x), out)
-    # requantised merge: W R^T is rounded to the 8-bit / 4-bit grid once more, which costs about
-    # what quantising the base cost in the first place
+    merged_float = qk.merge(copy.deepcopy(model), dequantize=True)
+    assert_close(merged_float(x), out)
+    # requantised merge: W R^T rounded to the 8-bit / 4-bit grid once more, exactly as bitsandbytes
+    # quantizes those float weights itself. (Its error is one quantisation step of W R^T; after
+    # training far from the identity that can exceed the base's own: up to ~3x here.)
     requantized = qk.merge(copy.deepcopy(model))
     assert type(requantized.up).__name__ == "Linear8bitLt" and type(requantized.down).__name__ == "Linear4bit"
-    assert rel(requantized(x), out) <= 2 * quantization_error(Quantized(reference()), x) + 1e-3
+    float_model = nn.Module()
+    float_model.up, float_model.down, float_model.head = merged_float.up, merged_float.down, merged_float.head
+    assert torch.equal(requantized(x), Quantized(float_model)(x))
     # the adapter file loads onto a freshly quantized model
     qk.save_adapter(model, tmp_path / "q.safetensors")
     again = qk.load_adapter(Quantized(reference()), tmp_path / "q.safetensors")
