@@ -19,6 +19,7 @@ serial ``index_add_`` (deterministic).
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -103,45 +104,103 @@ def _factor_indices(d: int, structure: str, block_width: int, scaled: bool, devi
     return idx_c.to(device), idx_h.to(device), pos.to(device), used, used + pos.numel()
 
 
-class FactorValues(torch.autograd.Function):
-    """The nonzeros of both factors, scattered: ``flat[pos] = source[idx_h] * cumprod(source[idx_c])``.
+def _source(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Every value the factors' entries are products of: the blocks' entries (``[cos, -sin,
+    sin, cos]`` of each angle for ``givens``), the identity's ``[1, 0, 0, 1]``, the scale."""
+    if givens:
+        angles = params.to(dtype)
+        cos, sin = torch.cos(angles), torch.sin(angles)
+        entries = torch.stack((cos, -sin, sin, cos), 1).reshape(-1)
+    else:
+        entries = params.to(dtype).reshape(-1)
+    pieces = [entries, entries.new_tensor([1.0, 0.0, 0.0, 1.0])]
+    if scale is not None:
+        pieces.append(scale.to(dtype))
+    return torch.cat(pieces)
 
-    A hand-written backward: autograd through ``cumprod`` divides by its input, or takes a
-    slow path when an entry is zero (identity blocks have zeros). Here the prefix products'
-    gradient runs as a suffix recurrence over the ``K + 1`` factors, and the entries'
-    gradients are summed into ``source`` with ``index_add_`` (serial on the CPU:
-    deterministic). Under ``create_graph`` it differentiates the plain ops instead.
+
+def _factor_values(source: torch.Tensor, indices, nb: int, b: int):
+    """``(blocks, Q)`` from ``source`` in plain differentiable ops (what the compiler traces and
+    the double backward differentiates)."""
+    idx_c, idx_h, pos, used, size = indices
+    values = source[idx_h] * torch.cumprod(source[idx_c], 1)
+    flat = values.new_zeros(size).index_put((pos,), values.reshape(-1))
+    return flat[:nb * b * b].view(nb, b, b), (flat[nb * b * b:used].view(nb, nb) if nb > 1 else None)
+
+
+class FactorValues(torch.autograd.Function):
+    """``(blocks, Q)`` from the parameters: ``flat[pos] = source[idx_h] * cumprod(source[idx_c])``.
+
+    One node from the angles or entries (and the scale) to both factors, with a hand-written
+    backward: autograd through ``cumprod`` divides by its input, or takes a slow path when an
+    entry is zero (identity blocks have zeros). Here the prefix products' gradient runs as a
+    suffix recurrence over the ``K + 1`` factors, the entries' gradients are summed into
+    ``source`` with ``index_add_`` (serial on the CPU: deterministic), and the angles' follow
+    from ``[cos, -sin, sin, cos]``'s. One node instead of a dozen (the cosines, the
+    concatenation, the two slices): at the width of a small model its fixed cost is a share
+    of the layer's step. Under ``create_graph`` it differentiates :func:`_factor_values`.
     """
 
     @staticmethod
-    def forward(ctx, source, idx_c, idx_h, pos, size):
-        C, H = source[idx_c], source[idx_h]
+    def forward(ctx, params, scale, givens, dtype, indices, nb, b):
+        source = _source(params, scale, givens, dtype)
+        idx_c, idx_h, pos, used, size = indices
+        C = source.index_select(0, idx_c.view(-1)).view(idx_c.shape)
+        H = source.index_select(0, idx_h.view(-1)).view(idx_h.shape)
         P = torch.cumprod(C, 1)
-        ctx.save_for_backward(source, C, H, P, idx_c, idx_h, pos)
+        ctx.save_for_backward(params, scale, C, H, P)
+        ctx.setup = (givens, dtype, indices, nb, b)
         values = H * P
-        return values.new_zeros(size).index_put_((pos,), values.reshape(-1))
+        flat = values.new_zeros(size).index_put_((pos,), values.view(-1))
+        return flat[:nb * b * b].view(nb, b, b), (flat[nb * b * b:used].view(nb, nb) if nb > 1 else None)
 
     @staticmethod
-    def backward(ctx, dflat):
-        source, C, H, P, idx_c, idx_h, pos = ctx.saved_tensors
+    def backward(ctx, dblocks, dQ):
+        params, scale, C, H, P = ctx.saved_tensors
+        givens, dtype, indices, nb, b = ctx.setup
         if torch.is_grad_enabled():
-            with torch.enable_grad():
-                values = source[idx_h] * torch.cumprod(source[idx_c], 1)
-                flat = values.new_zeros(dflat.shape[0]).index_put((pos,), values.reshape(-1))
-                (dsource,) = torch.autograd.grad(flat, source, dflat, create_graph=True)
-            return dsource, None, None, None, None
-        dV = dflat[pos].view(P.shape)
+            wants = ctx.needs_input_grad[:2]
+
+            def output():
+                return _factor_values(_source(params, scale, givens, dtype), indices, nb, b)
+
+            grads = [g if g is not None else torch.zeros_like(t) for g, t in zip((dblocks, dQ), output())
+                     if t is not None]
+            return _double_backward((params, scale), wants, lambda: [t for t in output() if t is not None],
+                                    grads) + (None,) * 5
+        idx_c, idx_h, pos, used, size = indices
+        dflat = C.new_zeros(size)
+        n = nb * b * b
+        if dblocks is not None:
+            dflat.narrow(0, 0, n).copy_(dblocks.reshape(-1))
+        if dQ is not None:
+            dflat.narrow(0, n, nb * nb).copy_(dQ.reshape(-1))
+        dV = dflat.index_select(0, pos).view(P.shape)
         dH = dV * P
         # d/dC[l] of sum_t dP[t] prod_{j<=t} C[j] = P[l-1] * S[l], S[l] = dP[l] + C[l+1] S[l+1]
         S = dV * H
+        columns, factors = S.unbind(1), C.unbind(1)
         for level in range(S.shape[1] - 2, -1, -1):
-            S[:, level] += C[:, level + 1] * S[:, level + 1]
+            columns[level].addcmul_(factors[level + 1], columns[level + 1])
         dC = S
-        dC[:, 1:] *= P[:, :-1]
-        dsource = source.new_zeros(source.shape)
-        dsource.index_add_(0, idx_c.reshape(-1), dC.reshape(-1))
-        dsource.index_add_(0, idx_h.reshape(-1), dH.reshape(-1))
-        return dsource, None, None, None, None
+        dC.narrow(1, 1, dC.shape[1] - 1).mul_(P.narrow(1, 0, P.shape[1] - 1))
+        dsource = C.new_zeros(4 * params.shape[0] + 4 + (0 if scale is None else scale.shape[0]))
+        dsource.index_add_(0, idx_c.view(-1), dC.view(-1))
+        dsource.index_add_(0, idx_h.view(-1), dH.view(-1))
+        count = params.shape[0]
+        dentries = dsource.narrow(0, 0, 4 * count)
+        if givens:
+            # entries [cos, -sin, sin, cos]: d/dθ = (e2 - e1) cos - (e0 + e3) sin
+            angles = params.to(dtype)
+            e = dentries.view(count, 4)
+            dparams = (e[:, 2] - e[:, 1]) * torch.cos(angles) - (e[:, 0] + e[:, 3]) * torch.sin(angles)
+        else:
+            dparams = dentries.view(params.shape)
+        dscale = None
+        if scale is not None and ctx.needs_input_grad[1]:
+            dscale = dsource.narrow(0, 4 * count + 4, scale.shape[0]).to(scale.dtype)
+        dparams = dparams.to(params.dtype) if ctx.needs_input_grad[0] else None
+        return dparams, dscale, None, None, None, None, None
 
 
 def dense_factors(d: int, params: torch.Tensor, *, block: str, structure: str, scale: torch.Tensor | None,
@@ -154,27 +213,13 @@ def dense_factors(d: int, params: torch.Tensor, *, block: str, structure: str, s
     ``cumprod`` and one scatter build both (:func:`_factor_indices`, :class:`FactorValues`).
     """
     m, b, nb = layout(d, block_width)
-    if block == "givens":
-        # the entries [cos, -sin, sin, cos] of every block, without the [P, 2, 2] stacks
-        angles = params.to(dtype)
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        entries = torch.stack((cos, -sin, sin, cos), 1).reshape(-1)
-    else:
-        entries = params.to(dtype).reshape(-1)
-    pieces = [entries, entries.new_tensor([1.0, 0.0, 0.0, 1.0])]
-    if scale is not None:
-        pieces.append(scale.to(dtype))
-    source = torch.cat(pieces)
-    # the compiler traces the uncached function (it would ignore the cache anyway, with a warning)
-    indices = _factor_indices.__wrapped__ if torch.compiler.is_compiling() else _factor_indices
-    idx_c, idx_h, pos, used, size = indices(d, structure, b, scale is not None, source.device)
+    givens = block == "givens"
     if torch.compiler.is_compiling():
-        values = source[idx_h] * torch.cumprod(source[idx_c], 1)
-        flat = values.new_zeros(size).index_put((pos,), values.reshape(-1))
-    else:
-        flat = FactorValues.apply(source, idx_c, idx_h, pos, size)
-    blocks = flat[:nb * b * b].view(nb, b, b)
-    return blocks, (flat[nb * b * b:used].view(nb, nb) if nb > 1 else None)
+        # the compiler traces the uncached function (it would ignore the cache anyway, with a warning)
+        indices = _factor_indices.__wrapped__(d, structure, b, scale is not None, params.device)
+        return _factor_values(_source(params, scale, givens, dtype), indices, nb, b)
+    indices = _factor_indices(d, structure, b, scale is not None, params.device)
+    return FactorValues.apply(params, scale, givens, dtype, indices, nb, b)
 
 
 def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
@@ -182,18 +227,43 @@ def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
     return x.view(x.shape[0], nb, x.shape[1] // nb).transpose(0, 1)
 
 
+#: Up to this many rows, :func:`_block_matmul` makes one batched BLAS call into a block-major
+#: buffer and copies it back; past it, ATen's call per block on the rows' own layout wins
+#: (measured with 8 to 1280 rows of d = 384 to 4096; docs/math.md §5).
+SMALL_ROWS = 256
+
+
 def _block_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """Rows ``[T, nb * b]`` times ``blockdiag(blocks)``, into fresh rows.
 
-    The ``bmm`` reads and writes the rows' layout (leading dimension ``d``). Its output is
-    not contiguous, so ATen runs one BLAS call per block; a block-major copy would make it
-    one batched call, but the copies and their allocation cost more (measured at d = 384 to
-    1536 on 1280 rows; docs/math.md §5).
+    ``bmm`` reads ``x`` in place (leading dimension ``d``). Written into the rows' layout,
+    its output is not contiguous, so ATen runs one BLAS call per block: a fixed cost per
+    block that dominates for a few rows. There one batched call into a contiguous
+    block-major buffer and a copy back are faster; for many rows the copy costs more.
     """
     nb = blocks.shape[0]
     y = x.new_empty(x.shape)
-    torch.bmm(_blocks(x, nb), blocks, out=_blocks(y, nb))
+    if x.shape[0] <= SMALL_ROWS:
+        _blocks(y, nb).copy_(torch.bmm(_blocks(x, nb), blocks))
+    else:
+        torch.bmm(_blocks(x, nb), blocks, out=_blocks(y, nb))
     return y
+
+
+def _weight_rotated(weight: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
+    """``W @ blockdiag(blocks)^T @ U^T`` for a weight ``[k, nb * b]``, as the transpose of a
+    contiguous ``[nb * b, k]`` (what ``F.linear`` reads as fast as a contiguous weight).
+
+    Its transpose ``U blockdiag(blocks) W^T`` is one batched call whose output, block
+    ``j``'s ``b`` rows of ``k``, is contiguous; ``U`` then mixes the roots' rows (``Q`` times
+    them), each a contiguous row. No call per block, whatever ``k``.
+    """
+    k, d = weight.shape
+    nb = blocks.shape[0]
+    z = torch.bmm(blocks, weight.view(k, nb, d // nb).permute(1, 2, 0))
+    if Q is not None:
+        z[:, 0, :] = Q @ z[:, 0, :]
+    return z.view(d, k).T
 
 
 def _rows_forward(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None):
@@ -286,6 +356,12 @@ def _composite(x, blocks, Q, transpose):
     return y.reshape(x.shape)
 
 
+def _without_autocast(device_type: str):
+    """Autocast off for ``device_type``: its context only where it is on (entering one costs
+    a few microseconds, a share of a small layer's step)."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
 def _double_backward(inputs, wants, output, grad):
     """The gradients of a Function's inputs by differentiating ``output()`` again (``create_graph``)."""
     with torch.enable_grad():
@@ -327,7 +403,7 @@ class DenseRotation(torch.autograd.Function):
         if torch.is_grad_enabled():
             return _double_backward((x, blocks, Q), wants, lambda: _composite(x, blocks, Q, ctx.transpose),
                                     dy) + (None,)
-        with torch.autocast(dy.device.type, enabled=False):
+        with _without_autocast(dy.device.type):
             if ctx.transpose:
                 return _rows_transposed_backward(_rows(dy), x, roots, blocks, Q, *wants) + (None,)
             return _rows_forward_backward(_rows(dy), x, roots, delta, blocks, Q, *wants) + (None,)
@@ -348,8 +424,7 @@ class DenseLinear(torch.autograd.Function):
         x = _rows(x)
         roots = delta = None
         if weight.shape[0] < x.shape[0]:
-            w_eff, _ = _rows_transposed(_rows(weight), blocks, Q)
-            out = F.linear(x, w_eff, bias)
+            out = F.linear(x, _weight_rotated(_rows(weight), blocks, Q), bias)
         else:
             y, roots, delta = _rows_forward(x, blocks, Q)
             out = F.linear(y, weight, bias)
@@ -365,7 +440,7 @@ class DenseLinear(torch.autograd.Function):
                 return F.linear(_composite(x, blocks, Q, False), weight, bias)
             return _double_backward((x, weight, bias, blocks, Q), wants, output, dout)
         want_x, want_w, want_bias, want_blocks, want_q = wants
-        with torch.autocast(dout.device.type, enabled=False):
+        with _without_autocast(dout.device.type):
             dout = _rows(dout)
             if Q is not None and roots is None and (want_blocks or want_q):
                 nb = blocks.shape[0]
@@ -398,7 +473,7 @@ def rotate_dense(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens"
     d = x.shape[-1]
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     # the matmuls compute in `compute`, also under autocast (which would run them in bf16)
-    with torch.autocast(x.device.type, enabled=False):
+    with _without_autocast(x.device.type):
         blocks, Q = dense_factors(d, params, block=block, structure=structure, scale=scale,
                                   block_width=block_width, dtype=compute)
         rows = _padded(x.reshape(-1, d).to(compute), blocks.shape[0] * blocks.shape[1])

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import qgoft_kernels as qk
+from qgoft_kernels import dense
 from qgoft_kernels.dense import DenseRotation, dense_factors, layout
 from qgoft_kernels.torch_path import choose, dense_block, formulation
 from qgoft_kernels.verify import Case, assert_close, check_case, random_inputs
@@ -36,6 +37,23 @@ def forced(request, monkeypatch):
 def _ids(combo):
     block, scale, transpose = combo
     return f"{block}{'-scale' if scale else ''}{'-T' if transpose else ''}"
+
+
+@pytest.fixture(params=["batched", "per-block"])
+def block_calls(request, monkeypatch):
+    """Both ways the dense blocks are applied to rows: one batched call into a block-major
+    buffer (a few rows) and ATen's call per block on the rows' layout (many rows)."""
+    monkeypatch.setattr(dense, "SMALL_ROWS", 1 << 30 if request.param == "batched" else 0)
+    return request.param
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=_ids)
+@pytest.mark.parametrize("d", [3, 100])
+def test_dense_both_block_calls_against_the_oracle(d, combo, block_calls, device, gen, monkeypatch):
+    monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
+    monkeypatch.setenv("QGOFT_DENSE_BLOCK", "4")
+    result = check_case(Case(d, 37, *combo, torch.float32), device, backend="torch", generator=gen)
+    assert all(r[2] for r in result.values()), result
 
 
 # many widths for the default dense blocks, fewer for the sweeps (tests/test_reference.py holds
@@ -241,7 +259,7 @@ def test_choose_agrees_with_the_committed_crossover():
 # rotated when there are fewer of them than rows of x (k < T), else x's rows
 @pytest.mark.parametrize("k, rows", [(16, 40), (100, 40), (24, 1), (24, 0)], ids=["W-side", "x-side", "T1", "T0"])
 @pytest.mark.parametrize("d", [64, 100, 192])
-def test_layer_against_the_oracle(d, k, rows, forced, gen):
+def test_layer_against_the_oracle(d, k, rows, forced, block_calls, gen):
     """Output and the gradients of x, rotation and scale, and of an unfrozen weight and bias."""
     for block, scale, dtype in (("quasi", True, torch.float32), ("givens", False, torch.float64)):
         layer = qk.GivensLinear(d, k, block=block, scale=scale, dtype=dtype)
