@@ -159,15 +159,13 @@ class FactorValues(torch.autograd.Function):
         params, scale, C, H, P = ctx.saved_tensors
         givens, dtype, indices, nb, b = ctx.setup
         if torch.is_grad_enabled():
-            wants = ctx.needs_input_grad[:2]
-
             def output():
-                return _factor_values(_source(params, scale, givens, dtype), indices, nb, b)
+                return [t for t in _factor_values(_source(params, scale, givens, dtype), indices, nb, b)
+                        if t is not None]
 
-            grads = [g if g is not None else torch.zeros_like(t) for g, t in zip((dblocks, dQ), output())
-                     if t is not None]
-            return _double_backward((params, scale), wants, lambda: [t for t in output() if t is not None],
-                                    grads) + (None,) * 5
+            shapes = [(nb, b, b), (nb, nb)][:1 + (nb > 1)]
+            grads = [g if g is not None else C.new_zeros(shape) for g, shape in zip((dblocks, dQ), shapes)]
+            return _double_backward((params, scale), ctx.needs_input_grad[:2], output, grads) + (None,) * 5
         idx_c, idx_h, pos, used, size = indices
         dflat = C.new_zeros(size)
         n = nb * b * b
