@@ -46,7 +46,7 @@ def dense_block() -> int:
 
 #: Where the sweeps win (measured, docs/benchmarks.md): ``(smallest d, rows per that many
 #: features)`` for a pass that will be differentiated and for one that will not.
-SWEEPS_WIN = {True: (16384, 4096), False: (4096, 1024)}
+SWEEPS_WIN = {True: (16384, 16384), False: (8192, 2048)}
 
 
 def choose(d: int, rows: int, training: bool = True) -> str:
@@ -56,9 +56,10 @@ def choose(d: int, rows: int, training: bool = True) -> str:
     measured ``d <= 1024``, one row included: their few BLAS calls replace ``~10 L`` small
     ops. Past that, for a handful of rows, building and applying the blocks (``O(d b)``
     whatever the rows) is no longer small next to the sweeps' ``O(rows d L)``: for the
-    inference forward the sweeps win from ``d = 4096`` up to about ``d / 1024`` rows; for a
+    inference forward the sweeps win from ``d = 8192`` up to about ``d / 2048`` rows; for a
     training pass, whose backward the dense blocks do in two more BLAS calls while the
-    sweeps replay every stage, only from ``d = 16384`` and up to about ``d / 4096`` rows.
+    sweeps replay every stage, they only tie, at one row of ``d = 16384`` (taken as ``d /
+    16384`` rows from there).
     """
     smallest, per = SWEEPS_WIN[bool(training)]
     return "sweeps" if d >= smallest and rows * per <= d else "dense"
