@@ -53,7 +53,8 @@ def _factor_indices(d: int, structure: str, block_width: int, scaled: bool, devi
     (absent pairs, padding and the unused factors read the identity's ones) for ``C`` and
     ``H`` (``[N, K + 1]``, ``N`` columns of both trees, ``K`` their larger stage count), and
     the position of each value in ``cat(blocks.flatten(), Q.flatten(), spare)``: the values a
-    shorter tree does not have, or that fall past ``nb``, go to spare slots of their own.
+    shorter tree does not have, or that fall past ``nb``, go to spare slots of their own;
+    and that buffer's length.
     """
     L = num_stages(d)
     m, b, nb = layout(d, block_width)
@@ -101,7 +102,7 @@ def _factor_indices(d: int, structure: str, block_width: int, scaled: bool, devi
     # a spare value's slot follows from its own index: no size that depends on data (the
     # compiler traces this function)
     pos = torch.where(pos < 0, used + torch.arange(pos.numel()), pos)
-    return idx_c.to(device), idx_h.to(device), pos.to(device), used, used + pos.numel()
+    return idx_c.to(device), idx_h.to(device), pos.to(device), used + pos.numel()
 
 
 def _source(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -122,10 +123,15 @@ def _source(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, dtyp
 def _factor_values(source: torch.Tensor, indices, nb: int, b: int):
     """``(blocks, Q)`` from ``source`` in plain differentiable ops (what the compiler traces and
     the double backward differentiates)."""
-    idx_c, idx_h, pos, used, size = indices
+    idx_c, idx_h, pos, size = indices
     values = source[idx_h] * torch.cumprod(source[idx_c], 1)
-    flat = values.new_zeros(size).index_put((pos,), values.reshape(-1))
-    return flat[:nb * b * b].view(nb, b, b), (flat[nb * b * b:used].view(nb, nb) if nb > 1 else None)
+    return _split(values.new_zeros(size).index_put((pos,), values.reshape(-1)), nb, b)
+
+
+def _split(flat: torch.Tensor, nb: int, b: int):
+    """``(blocks, Q)`` as views of the scattered values: ``nb`` blocks ``b x b``, then ``Q``."""
+    n = nb * b * b
+    return flat[:n].view(nb, b, b), (flat[n:n + nb * nb].view(nb, nb) if nb > 1 else None)
 
 
 class FactorValues(torch.autograd.Function):
@@ -144,35 +150,32 @@ class FactorValues(torch.autograd.Function):
     @staticmethod
     def forward(ctx, params, scale, givens, dtype, indices, nb, b):
         source = _source(params, scale, givens, dtype)
-        idx_c, idx_h, pos, used, size = indices
+        idx_c, idx_h, pos, size = indices
         C = source.index_select(0, idx_c.view(-1)).view(idx_c.shape)
         H = source.index_select(0, idx_h.view(-1)).view(idx_h.shape)
         P = torch.cumprod(C, 1)
-        ctx.save_for_backward(params, scale, C, H, P)
+        ctx.save_for_backward(params, scale, source, C, H, P)
         ctx.setup = (givens, dtype, indices, nb, b)
         values = H * P
-        flat = values.new_zeros(size).index_put_((pos,), values.view(-1))
-        return flat[:nb * b * b].view(nb, b, b), (flat[nb * b * b:used].view(nb, nb) if nb > 1 else None)
+        return _split(values.new_zeros(size).index_put_((pos,), values.view(-1)), nb, b)
 
     @staticmethod
     def backward(ctx, dblocks, dQ):
-        params, scale, C, H, P = ctx.saved_tensors
+        params, scale, source, C, H, P = ctx.saved_tensors
         givens, dtype, indices, nb, b = ctx.setup
+        idx_c, idx_h, pos, size = indices
         if torch.is_grad_enabled():
             def output():
                 return [t for t in _factor_values(_source(params, scale, givens, dtype), indices, nb, b)
                         if t is not None]
 
-            shapes = [(nb, b, b), (nb, nb)][:1 + (nb > 1)]
-            grads = [g if g is not None else C.new_zeros(shape) for g, shape in zip((dblocks, dQ), shapes)]
+            zeros = _split(C.new_zeros(size), nb, b)
+            grads = [g if g is not None else z for g, z in zip((dblocks, dQ), zeros) if z is not None]
             return _double_backward((params, scale), ctx.needs_input_grad[:2], output, grads) + (None,) * 5
-        idx_c, idx_h, pos, used, size = indices
         dflat = C.new_zeros(size)
-        n = nb * b * b
-        if dblocks is not None:
-            dflat.narrow(0, 0, n).copy_(dblocks.reshape(-1))
-        if dQ is not None:
-            dflat.narrow(0, n, nb * nb).copy_(dQ.reshape(-1))
+        for view, grad in zip(_split(dflat, nb, b), (dblocks, dQ)):
+            if grad is not None:
+                view.copy_(grad)
         dV = dflat.index_select(0, pos).view(P.shape)
         dH = dV * P
         # d/dC[l] of sum_t dP[t] prod_{j<=t} C[j] = P[l-1] * S[l], S[l] = dP[l] + C[l+1] S[l+1]
@@ -182,22 +185,22 @@ class FactorValues(torch.autograd.Function):
             columns[level].addcmul_(factors[level + 1], columns[level + 1])
         dC = S
         dC.narrow(1, 1, dC.shape[1] - 1).mul_(P.narrow(1, 0, P.shape[1] - 1))
-        dsource = C.new_zeros(4 * params.shape[0] + 4 + (0 if scale is None else scale.shape[0]))
+        dsource = torch.zeros_like(source)
         dsource.index_add_(0, idx_c.view(-1), dC.view(-1))
         dsource.index_add_(0, idx_h.view(-1), dH.view(-1))
         count = params.shape[0]
-        dentries = dsource.narrow(0, 0, 4 * count)
-        if givens:
-            # entries [cos, -sin, sin, cos]: d/dθ = (e2 - e1) cos - (e0 + e3) sin
-            angles = params.to(dtype)
-            e = dentries.view(count, 4)
-            dparams = (e[:, 2] - e[:, 1]) * torch.cos(angles) - (e[:, 0] + e[:, 3]) * torch.sin(angles)
-        else:
-            dparams = dentries.view(params.shape)
-        dscale = None
-        if scale is not None and ctx.needs_input_grad[1]:
+        dparams = dscale = None
+        if ctx.needs_input_grad[0]:
+            e = dsource.narrow(0, 0, 4 * count).view(count, 4)
+            if givens:
+                # entries [cos, -sin, sin, cos] (source's first 4 P): d/dθ = (e2 - e1) cos - (e0 + e3) sin
+                trig = source.narrow(0, 0, 4 * count).view(count, 4)
+                dparams = (e[:, 2] - e[:, 1]) * trig[:, 0] - (e[:, 0] + e[:, 3]) * trig[:, 2]
+            else:
+                dparams = e.view(params.shape)
+            dparams = dparams.to(params.dtype)
+        if ctx.needs_input_grad[1]:
             dscale = dsource.narrow(0, 4 * count + 4, scale.shape[0]).to(scale.dtype)
-        dparams = dparams.to(params.dtype) if ctx.needs_input_grad[0] else None
         return dparams, dscale, None, None, None, None, None
 
 
