@@ -19,6 +19,8 @@ serial ``index_add_`` (deterministic).
 from __future__ import annotations
 
 import functools
+import math
+import threading
 from contextlib import nullcontext
 
 import torch
@@ -223,6 +225,46 @@ def dense_factors(d: int, params: torch.Tensor, *, block: str, structure: str, s
     return FactorValues.apply(params, scale, givens, dtype, indices, nb, b)
 
 
+#: The largest intermediate :func:`_scratch` keeps between calls (larger ones are allocated afresh).
+SCRATCH_LIMIT_BYTES = 256 << 20
+
+
+class _ScratchBuffers(threading.local):
+    """One grow-only buffer per role and dtype, per thread (:func:`_scratch`)."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+
+_SCRATCH = _ScratchBuffers()
+
+
+def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A buffer of ``shape`` for an intermediate that never leaves the call asking for it.
+
+    On a CPU a fresh buffer of a few MB costs more than the pass that fills it: its pages
+    fault in again on first write (a fresh ``[1280, 1536]`` fp32 buffer, filled once: 2.0
+    ms and about 58 minor faults on the 2-core machine of docs/benchmarks.md; the same fill
+    into a reused buffer: 0.11 ms). So the intermediates that are neither returned nor
+    saved for the backward (the rotated weight, ``x @ R`` before the frozen layer, the
+    frozen layer's input gradient ``dy @ W``, the batched blocks' product) go into one
+    buffer per role and dtype, kept per thread and grown as needed, up to
+    :data:`SCRATCH_LIMIT_BYTES` each. Off the CPU (CUDA has a caching allocator) and past
+    the limit: a fresh buffer. Whoever asks must be done with it before asking again for
+    the same role.
+    """
+    n = math.prod(shape)
+    if like.device.type != "cpu" or n * like.element_size() > SCRATCH_LIMIT_BYTES:
+        return like.new_empty(shape)
+    key = (role, like.dtype)
+    buf = _SCRATCH.buffers.get(key)
+    if buf is None or buf.numel() < n:
+        # made outside inference mode, so that later calls outside it may write into it
+        with torch.inference_mode(False):
+            buf = _SCRATCH.buffers[key] = torch.empty(n, dtype=like.dtype)
+    return buf[:n].view(shape)
+
+
 def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
     """The view ``[nb, T, b]`` of rows ``[T, nb * b]``: block ``n`` of every row, in place."""
     return x.view(x.shape[0], nb, x.shape[1] // nb).transpose(0, 1)
@@ -234,8 +276,8 @@ def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
 SMALL_ROWS = 256
 
 
-def _block_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """Rows ``[T, nb * b]`` times ``blockdiag(blocks)``, into fresh rows.
+def _block_matmul(x: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``[T, nb * b]`` times ``blockdiag(blocks)``, into fresh rows (or ``out``).
 
     ``bmm`` reads ``x`` in place (leading dimension ``d``). Written into the rows' layout,
     its output is not contiguous, so ATen runs one BLAS call per block: a fixed cost per
@@ -243,9 +285,10 @@ def _block_matmul(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     block-major buffer and a copy back are faster; for many rows the copy costs more.
     """
     nb = blocks.shape[0]
-    y = x.new_empty(x.shape)
+    y = x.new_empty(x.shape) if out is None else out
     if x.shape[0] <= SMALL_ROWS:
-        _blocks(y, nb).copy_(torch.bmm(_blocks(x, nb), blocks))
+        batched = _scratch("blocks", (nb, x.shape[0], x.shape[1] // nb), x)
+        _blocks(y, nb).copy_(torch.bmm(_blocks(x, nb), blocks, out=batched))
     else:
         torch.bmm(_blocks(x, nb), blocks, out=_blocks(y, nb))
     return y
@@ -257,18 +300,21 @@ def _weight_rotated(weight: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor 
 
     Its transpose ``U blockdiag(blocks) W^T`` is one batched call whose output, block
     ``j``'s ``b`` rows of ``k``, is contiguous; ``U`` then mixes the roots' rows (``Q`` times
-    them), each a contiguous row. No call per block, whatever ``k``.
+    them), each a contiguous row. No call per block, whatever ``k``. The result lives in a
+    reused buffer (:func:`_scratch`): it is for the caller's ``F.linear``, not to keep.
     """
     k, d = weight.shape
     nb = blocks.shape[0]
-    z = torch.bmm(blocks, weight.view(k, nb, d // nb).permute(1, 2, 0))
+    z = _scratch("weight", (nb, d // nb, k), weight)
+    torch.bmm(blocks, weight.view(k, nb, d // nb).permute(1, 2, 0), out=z)
     if Q is not None:
         z[:, 0, :] = Q @ z[:, 0, :]
     return z.view(d, k).T
 
 
-def _rows_forward(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None):
-    """``x @ U @ blockdiag(blocks)`` for rows ``[T, nb * b]``; returns ``(y, roots, delta)``.
+def _rows_forward(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None, out: torch.Tensor | None = None):
+    """``x @ U @ blockdiag(blocks)`` for rows ``[T, nb * b]`` (into ``out`` if given); returns
+    ``(y, roots, delta)``.
 
     One ``bmm`` reads ``x`` in place and writes ``y`` in the rows' layout: no copies of the
     rows (each would be a pass, and on a CPU a fresh allocation costs about as much again
@@ -276,7 +322,7 @@ def _rows_forward(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None)
     corrected by ``(r - roots)`` times each block's row 0 (``delta``, ``[nb, T]``).
     """
     nb = blocks.shape[0]
-    y = _block_matmul(x, blocks)
+    y = _block_matmul(x, blocks, out)
     roots = delta = None
     if Q is not None:
         roots = _blocks(x, nb)[:, :, 0].T.contiguous()
@@ -410,13 +456,27 @@ class DenseRotation(torch.autograd.Function):
             return _rows_forward_backward(_rows(dy), x, roots, delta, blocks, Q, *wants) + (None,)
 
 
+#: :class:`DenseLinear` rotates the weight's ``k`` rows rather than the ``T`` rows of ``x`` while
+#: ``k`` is below this many times ``T``: a row of ``x`` costs more than a row of ``W`` to rotate
+#: (per-block calls into a strided output, and the roots gathered and scattered; ``W R^T`` is
+#: one batched call into a contiguous buffer): 1.3-1.7x at d = 256 to 1536 and 1280 rows, about
+#: the same at d = 768 and 1024 with k = 4d, 1.6x at d = 4096 (docs/math.md §5).
+WEIGHT_ROWS_PER_ROW = 1.5
+
+
+def rotates_weight(k: int, rows: int) -> bool:
+    """Whether :class:`DenseLinear` rotates the ``k`` rows of the weight (else the ``rows`` of ``x``)."""
+    return k < WEIGHT_ROWS_PER_ROW * rows
+
+
 class DenseLinear(torch.autograd.Function):
     """``F.linear(x @ R, weight, bias)`` with ``R = U @ blockdiag(blocks)``, rows ``x`` ``[T, nb * b]``.
 
-    The forward rotates the smaller operand: the ``T`` rows of ``x``, or the ``k`` rows of
-    ``weight`` (``W R^T``, then ``F.linear(x, W R^T, bias)``: no ``[T, d]`` intermediate).
-    The backward is the same either way: ``g = dy @ W`` (the frozen layer's own input
-    gradient), then ``dx = g @ R^T`` and the factors' gradients from ``x`` and ``g``, as
+    The forward rotates the cheaper operand (:func:`rotates_weight`): the ``T`` rows of ``x``,
+    or the ``k`` rows of ``weight`` (``W R^T``, then ``F.linear(x, W R^T, bias)``: no ``[T,
+    d]`` intermediate). Neither rotated operand is kept (:func:`_scratch`). The backward is
+    the same either way: ``g = dy @ W`` (the frozen layer's own input gradient, in a reused
+    buffer), then ``dx = g @ R^T`` and the factors' gradients from ``x`` and ``g``, as
     :class:`DenseRotation` does. Gradients of ``weight`` and ``bias`` are computed when asked.
     """
 
@@ -424,10 +484,11 @@ class DenseLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, blocks, Q):
         x = _rows(x)
         roots = delta = None
-        if weight.shape[0] < x.shape[0]:
+        if rotates_weight(weight.shape[0], x.shape[0]):
             out = F.linear(x, _weight_rotated(_rows(weight), blocks, Q), bias)
         else:
-            y, roots, delta = _rows_forward(x, blocks, Q)
+            # x @ R is not kept: the backward starts again from x
+            y, roots, delta = _rows_forward(x, blocks, Q, _scratch("rows", x.shape, x))
             out = F.linear(y, weight, bias)
         ctx.save_for_backward(x, weight, bias, blocks, Q, roots, delta)
         return out
@@ -449,8 +510,8 @@ class DenseLinear(torch.autograd.Function):
                 delta = (roots @ Q - roots).T.contiguous()
             dx = dblocks = dQ = dw = dbias = None
             if want_x or want_blocks or want_q:
-                dx, dblocks, dQ = _rows_forward_backward(dout @ weight, x, roots, delta, blocks, Q, want_x,
-                                                         want_blocks, want_q)
+                g = torch.mm(dout, weight, out=_scratch("grad", (dout.shape[0], weight.shape[1]), x))
+                dx, dblocks, dQ = _rows_forward_backward(g, x, roots, delta, blocks, Q, want_x, want_blocks, want_q)
             if want_w:
                 dw = dout.T @ _rows_forward(x, blocks, Q)[0]
             if want_bias:

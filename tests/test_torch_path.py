@@ -256,11 +256,12 @@ def test_choose_agrees_with_the_committed_crossover():
 
 
 # GivensLinear's fused forward (qgoft_kernels.function.givens_linear): the weight's rows are
-# rotated when there are fewer of them than rows of x (k < T), else x's rows
+# rotated when they are the cheaper operand (dense.rotates_weight), else x's rows
 @pytest.mark.parametrize("k, rows", [(16, 40), (100, 40), (24, 1), (24, 0)], ids=["W-side", "x-side", "T1", "T0"])
 @pytest.mark.parametrize("d", [64, 100, 192])
 def test_layer_against_the_oracle(d, k, rows, forced, block_calls, gen):
     """Output and the gradients of x, rotation and scale, and of an unfrozen weight and bias."""
+    assert dense.rotates_weight(k, rows) == (k == 16)
     for block, scale, dtype in (("quasi", True, torch.float32), ("givens", False, torch.float64)):
         layer = qk.GivensLinear(d, k, block=block, scale=scale, dtype=dtype)
         with torch.no_grad():
@@ -299,6 +300,7 @@ def test_layer_low_precision_and_padding_take_the_composition(gen, monkeypatch):
 
 @pytest.mark.parametrize("k, rows", [(3, 6), (9, 4)], ids=["W-side", "x-side"])
 def test_layer_gradgradcheck(k, rows, forced, gen):
+    assert dense.rotates_weight(k, rows) == (k == 3)
     d = 8
     layer = qk.GivensLinear(d, k, block="quasi", scale=True, dtype=torch.float64)
     with torch.no_grad():
@@ -318,6 +320,7 @@ def test_layer_gradgradcheck(k, rows, forced, gen):
 
 @pytest.mark.parametrize("k", [64, 2000], ids=["W-side", "x-side"])
 def test_layer_bit_identical_repeats(k, forced, gen):
+    assert dense.rotates_weight(k, 1000) == (k == 64)
     layer = qk.GivensLinear(384, k, block="quasi", scale=True)
     with torch.no_grad():
         layer.rotation.add_(0.2 * torch.randn(layer.rotation.shape, generator=gen))
@@ -330,3 +333,88 @@ def test_layer_bit_identical_repeats(k, forced, gen):
 
     first = run()
     assert all(torch.equal(a, b) for a, b in zip(first, run()))
+
+
+def _layer_step(layer, x, dy):
+    """Output, and the gradients of x and of every trainable parameter, for upstream ``dy``."""
+    x = x.detach().requires_grad_()
+    out = layer(x)
+    return (out, *torch.autograd.grad(out, [x, *(p for p in layer.parameters() if p.requires_grad)], dy))
+
+
+# the intermediates of the fused layer live in reused per-thread buffers (dense._scratch): what
+# a call returns must never be one of them, whatever the shapes and dtypes that follow
+@pytest.mark.parametrize("rows", [40, 300], ids=["batched", "per-block"])
+def test_scratch_buffers_never_reach_the_caller(rows, gen, monkeypatch):
+    monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(dense, "_SCRATCH", dense._ScratchBuffers())
+    layers = []
+    for d, k, dtype in ((64, 16, torch.float32), (64, 500, torch.float32), (128, 16, torch.float64),
+                        (32, 600, torch.float64)):
+        layer = qk.GivensLinear(d, k, block="quasi", scale=True, dtype=dtype)
+        with torch.no_grad():
+            layer.rotation.add_(0.3 * torch.randn(layer.rotation.shape, generator=gen))
+        x = torch.randn(rows, d, generator=gen, dtype=dtype)
+        layers.append((layer, x, torch.randn(rows, k, generator=gen, dtype=dtype)))
+    assert {dense.rotates_weight(layer.out_features, rows) for layer, _, _ in layers} == {True, False}
+    first = [_layer_step(*case) for case in layers]
+    kept = [[t.clone() for t in result] for result in first]
+    # every layer again, on other inputs: the buffers are rewritten, grown and shrunk
+    for layer, x, dy in reversed(layers):
+        _layer_step(layer, 2 * x + 1, -dy)
+    for result, copy in zip(first, kept):
+        assert all(torch.equal(a, b) for a, b in zip(result, copy))
+    assert dense._SCRATCH.buffers, "the fused layer used no scratch buffer"
+    # the same numbers without the buffers (every intermediate fresh): bit-identical
+    monkeypatch.setattr(dense, "SCRATCH_LIMIT_BYTES", 0)
+    for case, copy in zip(layers, kept):
+        assert all(torch.equal(a, b) for a, b in zip(_layer_step(*case), copy))
+
+
+def test_scratch_buffers_made_in_inference_mode_serve_training(gen, monkeypatch):
+    """A buffer first made under ``torch.inference_mode`` is written again outside it."""
+    monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(dense, "_SCRATCH", dense._ScratchBuffers())
+    layer = qk.GivensLinear(64, 8, block="givens")
+    x, dy = torch.randn(50, 64, generator=gen), torch.randn(50, 8, generator=gen)
+    with torch.inference_mode():
+        inferred = layer(x)
+    assert dense._SCRATCH.buffers
+    out, *grads = _layer_step(layer, x, dy)
+    assert torch.equal(out, inferred)
+    monkeypatch.setattr(dense, "SCRATCH_LIMIT_BYTES", 0)
+    assert all(torch.equal(a, b) for a, b in zip(_layer_step(layer, x, dy), (out, *grads)))
+
+
+def test_scratch_buffers_are_per_thread(gen, monkeypatch):
+    """Layers stepping in several threads at once get the numbers each gets alone."""
+    import threading
+
+    monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    cases = []
+    for k in (16, 24, 400, 500):
+        layer = qk.GivensLinear(64, k, block="quasi", scale=True)
+        with torch.no_grad():
+            layer.rotation.add_(0.3 * torch.randn(layer.rotation.shape, generator=gen))
+        cases.append((layer, torch.randn(300, 64, generator=gen), torch.randn(300, k, generator=gen)))
+    alone = [_layer_step(*case) for case in cases]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            for _ in range(5):
+                results[i] = _layer_step(*cases[i])
+                if not all(torch.equal(a, b) for a, b in zip(results[i], alone[i])):
+                    errors.append(i)
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == len(cases)
