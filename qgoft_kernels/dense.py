@@ -265,6 +265,11 @@ def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Ten
     return buf[:n].view(shape)
 
 
+def release_buffers() -> None:
+    """Drop the calling thread's reused buffers (:func:`_scratch`); later calls make new ones."""
+    _SCRATCH.buffers.clear()
+
+
 def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
     """The view ``[nb, T, b]`` of rows ``[T, nb * b]``: block ``n`` of every row, in place."""
     return x.view(x.shape[0], nb, x.shape[1] // nb).transpose(0, 1)

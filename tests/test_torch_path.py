@@ -366,6 +366,8 @@ def test_scratch_buffers_never_reach_the_caller(rows, gen, monkeypatch):
     for result, copy in zip(first, kept):
         assert all(torch.equal(a, b) for a, b in zip(result, copy))
     assert dense._SCRATCH.buffers, "the fused layer used no scratch buffer"
+    dense.release_buffers()
+    assert not dense._SCRATCH.buffers
     # the same numbers without the buffers (every intermediate fresh): bit-identical
     monkeypatch.setattr(dense, "SCRATCH_LIMIT_BYTES", 0)
     for case, copy in zip(layers, kept):
