@@ -281,21 +281,22 @@ def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
 SMALL_ROWS = 256
 
 
-def _block_matmul(x: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows ``[T, nb * b]`` times ``blockdiag(blocks)``, into fresh rows (or ``out``).
+def _block_matmul(xb: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows times ``blockdiag(blocks)``, into fresh rows ``[T, nb * b]`` (or ``out``).
 
-    ``bmm`` reads ``x`` in place (leading dimension ``d``). Written into the rows' layout,
-    its output is not contiguous, so ATen runs one BLAS call per block: a fixed cost per
-    block that dominates for a few rows. There one batched call into a contiguous
-    block-major buffer and a copy back are faster; for many rows the copy costs more.
+    The rows come as their blocks ``xb``, ``[nb, T, b]``: :func:`_blocks` of rows ``[T, nb *
+    b]``, or the same view of their transpose (a layout ``bmm`` reads in place too). Written
+    into the rows' layout, the output is not contiguous, so ATen runs one BLAS call per
+    block: a fixed cost per block that dominates for a few rows. There one batched call
+    into a contiguous block-major buffer and a copy back are faster; for many rows the copy
+    costs more.
     """
-    nb = blocks.shape[0]
-    y = x.new_empty(x.shape) if out is None else out
-    if x.shape[0] <= SMALL_ROWS:
-        batched = _scratch("blocks", (nb, x.shape[0], x.shape[1] // nb), x)
-        _blocks(y, nb).copy_(torch.bmm(_blocks(x, nb), blocks, out=batched))
+    nb, rows, b = xb.shape
+    y = xb.new_empty(rows, nb * b) if out is None else out
+    if rows <= SMALL_ROWS:
+        _blocks(y, nb).copy_(torch.bmm(xb, blocks, out=_scratch("blocks", (nb, rows, b), xb)))
     else:
-        torch.bmm(_blocks(x, nb), blocks, out=_blocks(y, nb))
+        torch.bmm(xb, blocks, out=_blocks(y, nb))
     return y
 
 
@@ -327,7 +328,7 @@ def _rows_forward(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None,
     corrected by ``(r - roots)`` times each block's row 0 (``delta``, ``[nb, T]``).
     """
     nb = blocks.shape[0]
-    y = _block_matmul(x, blocks, out)
+    y = _block_matmul(_blocks(x, nb), blocks, out)
     roots = delta = None
     if Q is not None:
         roots = _blocks(x, nb)[:, :, 0].T.contiguous()
@@ -340,7 +341,7 @@ def _rows_transposed(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | No
     """``x @ blockdiag(blocks)^T @ U^T`` for rows ``[T, nb * b]``; returns ``(y, roots)``
     with ``roots`` the ``[T, nb]`` roots before ``Q^T``."""
     nb = blocks.shape[0]
-    y = _block_matmul(x, blocks.transpose(1, 2))
+    y = _block_matmul(_blocks(x, nb), blocks.transpose(1, 2))
     roots = None
     if Q is not None:
         roots = _blocks(y, nb)[:, :, 0].T.clone()
@@ -348,22 +349,23 @@ def _rows_transposed(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | No
     return y, roots
 
 
-def _rows_forward_backward(g, x, roots, delta, blocks, Q, want_x: bool, want_blocks: bool, want_q: bool):
-    """Gradients of ``y = x @ U @ blockdiag(blocks)`` (:func:`_rows_forward`) for ``dy = g``."""
+def _rows_forward_backward(gb, x, roots, delta, blocks, Q, want_x: bool, want_blocks: bool, want_q: bool):
+    """Gradients of ``y = x @ U @ blockdiag(blocks)`` (:func:`_rows_forward`) for ``dy = g``,
+    given as its blocks ``gb`` (``[nb, T, b]``, see :func:`_block_matmul`)."""
     nb = blocks.shape[0]
     dx = dblocks = dQ = None
     if want_blocks:
         # x2 = x with its roots replaced: its blocks' row 0 held r = roots + delta
-        dblocks = torch.bmm(_blocks(x, nb).transpose(1, 2), _blocks(g, nb))
+        dblocks = torch.bmm(_blocks(x, nb).transpose(1, 2), gb)
         if Q is not None:
-            dblocks[:, 0, :] += torch.bmm(delta.unsqueeze(1), _blocks(g, nb)).squeeze(1)
+            dblocks[:, 0, :] += torch.bmm(delta.unsqueeze(1), gb).squeeze(1)
     if want_x:
-        dx = _block_matmul(g, blocks.transpose(1, 2))
+        dx = _block_matmul(gb, blocks.transpose(1, 2))
     if Q is not None and (want_x or want_q):
         if want_x:
             droots = _blocks(dx, nb)[:, :, 0].T.contiguous()
         else:
-            droots = torch.bmm(_blocks(g, nb), blocks[:, :1, :].transpose(1, 2)).squeeze(-1).T
+            droots = torch.bmm(gb, blocks[:, :1, :].transpose(1, 2)).squeeze(-1).T
         if want_q:
             dQ = roots.T @ droots
         if want_x:
@@ -386,7 +388,7 @@ def _rows_transposed_backward(g, x, roots, blocks, Q, want_x: bool, want_blocks:
         if gdelta is not None:
             dblocks[:, 0, :] += torch.bmm(gdelta.unsqueeze(1), _blocks(x, nb)).squeeze(1)
     if want_x:
-        dx = _block_matmul(g, blocks)
+        dx = _block_matmul(_blocks(g, nb), blocks)
         if gdelta is not None:
             _blocks(dx, nb).addcmul_(gdelta.unsqueeze(-1), blocks[:, :1, :])
     return dx, dblocks, dQ
@@ -458,7 +460,8 @@ class DenseRotation(torch.autograd.Function):
         with _without_autocast(dy.device.type):
             if ctx.transpose:
                 return _rows_transposed_backward(_rows(dy), x, roots, blocks, Q, *wants) + (None,)
-            return _rows_forward_backward(_rows(dy), x, roots, delta, blocks, Q, *wants) + (None,)
+            return _rows_forward_backward(_blocks(_rows(dy), blocks.shape[0]), x, roots, delta, blocks, Q,
+                                          *wants) + (None,)
 
 
 #: :class:`DenseLinear` rotates the weight's ``k`` rows rather than the ``T`` rows of ``x`` while
@@ -515,8 +518,13 @@ class DenseLinear(torch.autograd.Function):
                 delta = (roots @ Q - roots).T.contiguous()
             dx = dblocks = dQ = dw = dbias = None
             if want_x or want_blocks or want_q:
-                g = torch.mm(dout, weight, out=_scratch("grad", (dout.shape[0], weight.shape[1]), x))
-                dx, dblocks, dQ = _rows_forward_backward(g, x, roots, delta, blocks, Q, want_x, want_blocks, want_q)
+                # g = dout @ W, made as its transpose [d, T]: block j of g is then a transposed
+                # [T, b] matrix that bmm reads in place, and the blocks' gradient one batched call
+                # (docs/math.md §5)
+                nb, b, _ = blocks.shape
+                gT = torch.mm(weight.T, dout.T, out=_scratch("grad", (weight.shape[1], dout.shape[0]), x))
+                gb = gT.view(nb, b, dout.shape[0]).transpose(1, 2)
+                dx, dblocks, dQ = _rows_forward_backward(gb, x, roots, delta, blocks, Q, want_x, want_blocks, want_q)
             if want_w:
                 dw = dout.T @ _rows_forward(x, blocks, Q)[0]
             if want_bias:
