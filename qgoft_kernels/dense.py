@@ -281,8 +281,8 @@ def _blocks(x: torch.Tensor, nb: int) -> torch.Tensor:
 SMALL_ROWS = 256
 
 
-def _block_matmul(xb: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows times ``blockdiag(blocks)``, into fresh rows ``[T, nb * b]`` (or ``out``).
+def _block_matmul(xb: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Rows times ``blockdiag(blocks)``, into fresh rows ``[T, nb * b]``.
 
     The rows come as their blocks ``xb``, ``[nb, T, b]``: :func:`_blocks` of rows ``[T, nb *
     b]``, or the same view of their transpose (a layout ``bmm`` reads in place too). Written
@@ -292,7 +292,7 @@ def _block_matmul(xb: torch.Tensor, blocks: torch.Tensor, out: torch.Tensor | No
     costs more.
     """
     nb, rows, b = xb.shape
-    y = xb.new_empty(rows, nb * b) if out is None else out
+    y = xb.new_empty(rows, nb * b)
     if rows <= SMALL_ROWS:
         _blocks(y, nb).copy_(torch.bmm(xb, blocks, out=_scratch("blocks", (nb, rows, b), xb)))
     else:
@@ -318,9 +318,8 @@ def _weight_rotated(weight: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor 
     return z.view(d, k).T
 
 
-def _rows_forward(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None, out: torch.Tensor | None = None):
-    """``x @ U @ blockdiag(blocks)`` for rows ``[T, nb * b]`` (into ``out`` if given); returns
-    ``(y, roots, delta)``.
+def _rows_forward(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None):
+    """``x @ U @ blockdiag(blocks)`` for rows ``[T, nb * b]``; returns ``(y, roots, delta)``.
 
     One ``bmm`` reads ``x`` in place and writes ``y`` in the rows' layout: no copies of the
     rows (each would be a pass, and on a CPU a fresh allocation costs about as much again
@@ -328,13 +327,32 @@ def _rows_forward(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None,
     corrected by ``(r - roots)`` times each block's row 0 (``delta``, ``[nb, T]``).
     """
     nb = blocks.shape[0]
-    y = _block_matmul(_blocks(x, nb), blocks, out)
+    y = _block_matmul(_blocks(x, nb), blocks)
     roots = delta = None
     if Q is not None:
         roots = _blocks(x, nb)[:, :, 0].T.contiguous()
         delta = (roots @ Q - roots).T.contiguous()
         _blocks(y, nb).addcmul_(delta.unsqueeze(-1), blocks[:, :1, :])
     return y, roots, delta
+
+
+def _rows_forward_t(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None):
+    """:func:`_rows_forward` made as its transpose ``[nb * b, T]``, in a reused buffer
+    (:func:`_scratch`); returns ``(yT, roots, delta)``.
+
+    Block ``j`` of ``y^T`` is ``B_j^T x_j^T``: one batched call with a contiguous output,
+    where ``y`` in the rows' layout takes a call per block; the roots' correction is one
+    ``addcmul_`` on the same buffer. ``F.linear`` reads ``yT.T`` as fast as contiguous rows.
+    """
+    nb, b, _ = blocks.shape
+    yT = _scratch("rows", (nb, b, x.shape[0]), x)
+    torch.bmm(blocks.transpose(1, 2), _blocks(x, nb).transpose(1, 2), out=yT)
+    roots = delta = None
+    if Q is not None:
+        roots = _blocks(x, nb)[:, :, 0].T.contiguous()
+        delta = (roots @ Q - roots).T.contiguous()
+        yT.addcmul_(blocks[:, 0, :].unsqueeze(-1), delta.unsqueeze(1))
+    return yT.view(nb * b, x.shape[0]), roots, delta
 
 
 def _rows_transposed(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None):
@@ -496,8 +514,8 @@ class DenseLinear(torch.autograd.Function):
             out = F.linear(x, _weight_rotated(_rows(weight), blocks, Q), bias)
         else:
             # x @ R is not kept: the backward starts again from x
-            y, roots, delta = _rows_forward(x, blocks, Q, _scratch("rows", x.shape, x))
-            out = F.linear(y, weight, bias)
+            yT, roots, delta = _rows_forward_t(x, blocks, Q)
+            out = F.linear(yT.T, weight, bias)
         ctx.save_for_backward(x, weight, bias, blocks, Q, roots, delta)
         return out
 
