@@ -136,6 +136,13 @@ def _split(flat: torch.Tensor, nb: int, b: int):
     return flat[:n].view(nb, b, b), (flat[n:n + nb * nb].view(nb, nb) if nb > 1 else None)
 
 
+@functools.lru_cache(maxsize=None)
+def _angle_pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[4, 2]``: an angle's four entries' gradients ``e`` times it are ``[e2 - e1, -(e0 + e3)]``."""
+    with torch.inference_mode(False):
+        return torch.tensor([[0, -1], [-1, 0], [1, 0], [0, -1]], dtype=dtype, device=device)
+
+
 class FactorValues(torch.autograd.Function):
     """``(blocks, Q)`` from the parameters: ``flat[pos] = source[idx_h] * cumprod(source[idx_c])``.
 
@@ -195,9 +202,11 @@ class FactorValues(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             e = dsource.narrow(0, 0, 4 * count).view(count, 4)
             if givens:
-                # entries [cos, -sin, sin, cos] (source's first 4 P): d/dθ = (e2 - e1) cos - (e0 + e3) sin
+                # entries [cos, -sin, sin, cos] (source's first 4 P): d/dθ = (e2 - e1) cos - (e0 + e3) sin,
+                # as [e2 - e1, -(e0 + e3)] = e @ _angle_pairs (exact: every weight is 0 or ±1) times
+                # [cos, sin] (columns 0 and 2 of the entries): three ops instead of a dozen
                 trig = source.narrow(0, 0, 4 * count).view(count, 4)
-                dparams = (e[:, 2] - e[:, 1]) * trig[:, 0] - (e[:, 0] + e[:, 3]) * trig[:, 2]
+                dparams = (e @ _angle_pairs(e.dtype, e.device) * trig[:, 0::2]).sum(1)
             else:
                 dparams = e.view(params.shape)
             dparams = dparams.to(params.dtype)
@@ -331,7 +340,7 @@ def _rows_forward(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None)
     roots = delta = None
     if Q is not None:
         roots = _blocks(x, nb)[:, :, 0].T.contiguous()
-        delta = (roots @ Q - roots).T.contiguous()
+        delta = torch.addmm(roots.T, Q.T, roots.T, beta=-1)
         _blocks(y, nb).addcmul_(delta.unsqueeze(-1), blocks[:, :1, :])
     return y, roots, delta
 
@@ -350,7 +359,7 @@ def _rows_forward_t(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | Non
     roots = delta = None
     if Q is not None:
         roots = _blocks(x, nb)[:, :, 0].T.contiguous()
-        delta = (roots @ Q - roots).T.contiguous()
+        delta = torch.addmm(roots.T, Q.T, roots.T, beta=-1)
         yT.addcmul_(blocks[:, 0, :].unsqueeze(-1), delta.unsqueeze(1))
     return yT.view(nb * b, x.shape[0]), roots, delta
 
@@ -400,7 +409,7 @@ def _rows_transposed_backward(g, x, roots, blocks, Q, want_x: bool, want_blocks:
         groots = _blocks(g, nb)[:, :, 0].T.contiguous()
         if want_q:
             dQ = groots.T @ roots
-        gdelta = (groots @ Q - groots).T.contiguous()
+        gdelta = torch.addmm(groots.T, Q.T, groots.T, beta=-1)
     if want_blocks:
         dblocks = torch.bmm(_blocks(g, nb).transpose(1, 2), _blocks(x, nb))
         if gdelta is not None:
@@ -490,6 +499,14 @@ class DenseRotation(torch.autograd.Function):
 WEIGHT_ROWS_PER_ROW = 1.5
 
 
+#: From this many rows, :class:`DenseLinear` makes ``x @ R`` and ``dy @ W`` as their transposes
+#: (:func:`_rows_forward_t`; docs/math.md §5). For fewer rows the transposed matmul is the slower
+#: one: ``W^T dy^T`` took 4.4x as long as ``dy @ W`` with 8 rows of a 384 -> 384 layer, and the
+#: whole backward 1.06-1.08x as long with 64 rows (d = 256, 1536, 1024); 0.86-1.05x with 256
+#: rows, 0.91-1.00x with 1280 (timed alone, interleaved, 2 cores).
+TRANSPOSED_ROWS = 256
+
+
 def rotates_weight(k: int, rows: int) -> bool:
     """Whether :class:`DenseLinear` rotates the ``k`` rows of the weight (else the ``rows`` of ``x``)."""
     return k < WEIGHT_ROWS_PER_ROW * rows
@@ -512,10 +529,13 @@ class DenseLinear(torch.autograd.Function):
         roots = delta = None
         if rotates_weight(weight.shape[0], x.shape[0]):
             out = F.linear(x, _weight_rotated(_rows(weight), blocks, Q), bias)
-        else:
+        elif x.shape[0] >= TRANSPOSED_ROWS:
             # x @ R is not kept: the backward starts again from x
             yT, roots, delta = _rows_forward_t(x, blocks, Q)
             out = F.linear(yT.T, weight, bias)
+        else:
+            y, roots, delta = _rows_forward(x, blocks, Q)
+            out = F.linear(y, weight, bias)
         ctx.save_for_backward(x, weight, bias, blocks, Q, roots, delta)
         return out
 
@@ -533,15 +553,19 @@ class DenseLinear(torch.autograd.Function):
             if Q is not None and roots is None and (want_blocks or want_q):
                 nb = blocks.shape[0]
                 roots = _blocks(x, nb)[:, :, 0].T.contiguous()
-                delta = (roots @ Q - roots).T.contiguous()
+                delta = torch.addmm(roots.T, Q.T, roots.T, beta=-1)
             dx = dblocks = dQ = dw = dbias = None
             if want_x or want_blocks or want_q:
-                # g = dout @ W, made as its transpose [d, T]: block j of g is then a transposed
-                # [T, b] matrix that bmm reads in place, and the blocks' gradient one batched call
-                # (docs/math.md §5)
+                # g = dout @ W; for many rows made as its transpose [d, T]: block j of g is then a
+                # transposed [T, b] matrix that bmm reads in place, and the blocks' gradient one
+                # batched call (docs/math.md §5)
                 nb, b, _ = blocks.shape
-                gT = torch.mm(weight.T, dout.T, out=_scratch("grad", (weight.shape[1], dout.shape[0]), x))
-                gb = gT.view(nb, b, dout.shape[0]).transpose(1, 2)
+                rows, d = dout.shape[0], weight.shape[1]
+                if rows >= TRANSPOSED_ROWS:
+                    gT = torch.mm(weight.T, dout.T, out=_scratch("grad", (d, rows), x))
+                    gb = gT.view(nb, b, rows).transpose(1, 2)
+                else:
+                    gb = _blocks(torch.mm(dout, weight, out=_scratch("grad", (rows, d), x)), nb)
                 dx, dblocks, dQ = _rows_forward_backward(gb, x, roots, delta, blocks, Q, want_x, want_blocks, want_q)
             if want_w:
                 dw = dout.T @ _rows_forward(x, blocks, Q)[0]

@@ -47,6 +47,14 @@ def block_calls(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["rows", "transposed"])
+def layouts(request, monkeypatch):
+    """Both layouts of the fused layer's intermediates: ``x @ R`` and ``dy @ W`` in the rows'
+    layout (a few rows) or made as their transposes (many rows)."""
+    monkeypatch.setattr(dense, "TRANSPOSED_ROWS", 1 << 30 if request.param == "rows" else 0)
+    return request.param
+
+
 @pytest.mark.parametrize("combo", COMBOS, ids=_ids)
 @pytest.mark.parametrize("d", [3, 100])
 def test_dense_both_block_calls_against_the_oracle(d, combo, block_calls, device, gen, monkeypatch):
@@ -259,7 +267,7 @@ def test_choose_agrees_with_the_committed_crossover():
 # rotated when they are the cheaper operand (dense.rotates_weight), else x's rows
 @pytest.mark.parametrize("k, rows", [(16, 40), (100, 40), (24, 1), (24, 0)], ids=["W-side", "x-side", "T1", "T0"])
 @pytest.mark.parametrize("d", [64, 100, 192])
-def test_layer_against_the_oracle(d, k, rows, forced, block_calls, gen):
+def test_layer_against_the_oracle(d, k, rows, forced, block_calls, layouts, gen):
     """Output and the gradients of x, rotation and scale, and of an unfrozen weight and bias."""
     assert dense.rotates_weight(k, rows) == (k == 16)
     for block, scale, dtype in (("quasi", True, torch.float32), ("givens", False, torch.float64)):
