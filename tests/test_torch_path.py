@@ -419,7 +419,7 @@ def test_scratch_buffers_are_per_thread(gen, monkeypatch):
                 results[i] = _layer_step(*cases[i])
                 if not all(torch.equal(a, b) for a, b in zip(results[i], alone[i])):
                     errors.append(i)
-        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+        except Exception as error:  # reported by the assertion below
             errors.append(error)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
