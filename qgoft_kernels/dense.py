@@ -12,7 +12,7 @@ tree product is a product of block entries along a path of the tree, so a gather
 ``cumprod`` and a scatter build them (:class:`FactorValues`, ``d (m + 1)`` values). The
 application works on the rows' own layout, with no copy of the activations
 (:class:`DenseRotation`); ``GivensLinear`` fuses it with its frozen layer and rotates the
-rows of ``W`` instead when there are fewer of them (:class:`DenseLinear`). Both backwards
+rows of ``W`` instead when that is cheaper (:class:`DenseLinear`). Both backwards
 are batched matmuls: nothing per stage is saved, and every reduction is a BLAS call or a
 serial ``index_add_`` (deterministic).
 """

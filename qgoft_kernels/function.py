@@ -104,8 +104,8 @@ def givens_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
     The same result and gradients as that composition. On the PyTorch path's dense
     formulation it is one fused op (:func:`qgoft_kernels.dense.linear_dense`), which rotates
-    the rows of ``weight`` instead of those of ``x`` when there are fewer of them; elsewhere
-    it is the composition itself.
+    the rows of ``weight`` instead of those of ``x`` when that is cheaper
+    (:func:`qgoft_kernels.dense.rotates_weight`); elsewhere it is the composition itself.
     """
     use = _check_inputs(x, params, block, structure, scale, False, backend)
     if use == "torch":
