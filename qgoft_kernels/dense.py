@@ -309,6 +309,13 @@ def _block_matmul(xb: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _roots(x: torch.Tensor, Q: torch.Tensor, nb: int):
+    """What ``U`` changes in rows ``x`` ``[T, nb * b]``: their roots ``[T, nb]`` and ``delta =
+    (roots @ Q - roots)^T`` ``[nb, T]``, the change of each block's first entry."""
+    roots = _blocks(x, nb)[:, :, 0].T.contiguous()
+    return roots, torch.addmm(roots.T, Q.T, roots.T, beta=-1)
+
+
 def _weight_rotated(weight: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
     """``W @ blockdiag(blocks)^T @ U^T`` for a weight ``[k, nb * b]``, as the transpose of a
     contiguous ``[nb * b, k]`` (what ``F.linear`` reads as fast as a contiguous weight).
@@ -339,8 +346,7 @@ def _rows_forward(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None)
     y = _block_matmul(_blocks(x, nb), blocks)
     roots = delta = None
     if Q is not None:
-        roots = _blocks(x, nb)[:, :, 0].T.contiguous()
-        delta = torch.addmm(roots.T, Q.T, roots.T, beta=-1)
+        roots, delta = _roots(x, Q, nb)
         _blocks(y, nb).addcmul_(delta.unsqueeze(-1), blocks[:, :1, :])
     return y, roots, delta
 
@@ -358,8 +364,7 @@ def _rows_forward_t(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | Non
     torch.bmm(blocks.transpose(1, 2), _blocks(x, nb).transpose(1, 2), out=yT)
     roots = delta = None
     if Q is not None:
-        roots = _blocks(x, nb)[:, :, 0].T.contiguous()
-        delta = torch.addmm(roots.T, Q.T, roots.T, beta=-1)
+        roots, delta = _roots(x, Q, nb)
         yT.addcmul_(blocks[:, 0, :].unsqueeze(-1), delta.unsqueeze(1))
     return yT.view(nb * b, x.shape[0]), roots, delta
 
@@ -551,9 +556,7 @@ class DenseLinear(torch.autograd.Function):
         with _without_autocast(dout.device.type):
             dout = _rows(dout)
             if Q is not None and roots is None and (want_blocks or want_q):
-                nb = blocks.shape[0]
-                roots = _blocks(x, nb)[:, :, 0].T.contiguous()
-                delta = torch.addmm(roots.T, Q.T, roots.T, beta=-1)
+                roots, delta = _roots(x, Q, blocks.shape[0])
             dx = dblocks = dQ = dw = dbias = None
             if want_x or want_blocks or want_q:
                 # g = dout @ W; for many rows made as its transpose [d, T]: block j of g is then a

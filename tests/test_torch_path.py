@@ -352,7 +352,7 @@ def _layer_step(layer, x, dy):
 
 # the intermediates of the fused layer live in reused per-thread buffers (dense._scratch): what
 # a call returns must never be one of them, whatever the shapes and dtypes that follow
-@pytest.mark.parametrize("rows", [40, 300], ids=["batched", "per-block"])
+@pytest.mark.parametrize("rows", [40, 300], ids=["few-rows", "many-rows"])
 def test_scratch_buffers_never_reach_the_caller(rows, gen, monkeypatch):
     monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
