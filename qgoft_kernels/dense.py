@@ -53,10 +53,10 @@ def _factor_indices(d: int, structure: str, block_width: int, scaled: bool, devi
 
     Returns flat indices into ``source = cat(blocks.flatten(), [1, 0, 0, 1], scale)``
     (absent pairs, padding and the unused factors read the identity's ones) for ``C`` and
-    ``H`` (``[N, K + 1]``, ``N`` columns of both trees, ``K`` their larger stage count), and
-    the position of each value in ``cat(blocks.flatten(), Q.flatten(), spare)``: the values a
-    shorter tree does not have, or that fall past ``nb``, go to spare slots of their own;
-    and that buffer's length.
+    ``H``, as one ``[N, 2, K + 1]`` gather (``N`` columns of both trees, ``K`` their larger
+    stage count); the position of each value in ``cat(blocks.flatten(), Q.flatten(),
+    spare)``: the values a shorter tree does not have, or that fall past ``nb``, go to spare
+    slots of their own; where the spare slots start; and that buffer's length.
     """
     L = num_stages(d)
     m, b, nb = layout(d, block_width)
@@ -104,7 +104,7 @@ def _factor_indices(d: int, structure: str, block_width: int, scaled: bool, devi
     # a spare value's slot follows from its own index: no size that depends on data (the
     # compiler traces this function)
     pos = torch.where(pos < 0, used + torch.arange(pos.numel()), pos)
-    return idx_c.to(device), idx_h.to(device), pos.to(device), used + pos.numel()
+    return torch.stack((idx_c, idx_h), 1).to(device), pos.to(device), used, used + pos.numel()
 
 
 def _source(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -125,8 +125,9 @@ def _source(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, dtyp
 def _factor_values(source: torch.Tensor, indices, nb: int, b: int):
     """``(blocks, Q)`` from ``source`` in plain differentiable ops (what the compiler traces and
     the double backward differentiates)."""
-    idx_c, idx_h, pos, size = indices
-    values = source[idx_h] * torch.cumprod(source[idx_c], 1)
+    gather, pos, _, size = indices
+    CH = source[gather]
+    values = CH[:, 1] * torch.cumprod(CH[:, 0], 1)
     return _split(values.new_zeros(size).index_put((pos,), values.reshape(-1)), nb, b)
 
 
@@ -143,76 +144,97 @@ def _angle_pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.tensor([[0, -1], [-1, 0], [1, 0], [0, -1]], dtype=dtype, device=device)
 
 
-class FactorValues(torch.autograd.Function):
-    """``(blocks, Q)`` from the parameters: ``flat[pos] = source[idx_h] * cumprod(source[idx_c])``.
+def _build(params, scale, givens: bool, dtype: torch.dtype, indices):
+    """Both factors' values as one flat buffer, ``cat(blocks.flatten(), Q.flatten(), spare)``
+    (:func:`_split` views it), and what :func:`_build_backward` needs.
 
-    One node from the angles or entries (and the scale) to both factors, with a hand-written
-    backward: autograd through ``cumprod`` divides by its input, or takes a slow path when an
-    entry is zero (identity blocks have zeros). Here the prefix products' gradient runs as a
-    suffix recurrence over the ``K + 1`` factors, the entries' gradients are summed into
-    ``source`` with ``index_add_`` (serial on the CPU: deterministic), and the angles' follow
-    from ``[cos, -sin, sin, cos]``'s. One node instead of a dozen (the cosines, the
-    concatenation, the two slices): at the width of a small model its fixed cost is a share
-    of the layer's step. Under ``create_graph`` it differentiates :func:`_factor_values`.
+    ``flat[pos] = H * cumprod(C)``: one gather of ``C`` and ``H`` from ``source``
+    (:func:`_factor_indices`), one ``cumprod``, one scatter.
+    """
+    source = _source(params, scale, givens, dtype)
+    gather, pos, _, size = indices
+    CH = source.index_select(0, gather.view(-1)).view(gather.shape)
+    P = torch.cumprod(CH[:, 0], 1)
+    values = CH[:, 1] * P
+    return values.new_zeros(size).index_put_((pos,), values.view(-1)), (source, CH, P)
+
+
+def _build_backward(dflat, saved, params, scale, givens: bool, indices, want_params: bool, want_scale: bool):
+    """``(dparams, dscale)`` from ``dflat``, the gradient of :func:`_build`'s buffer (zero in
+    its spare slots), by hand: autograd through ``cumprod`` divides by its input, or takes a
+    slow path when an entry is zero (identity blocks have zeros).
+
+    The prefix products' gradient runs as a suffix recurrence over the ``K + 1`` factors; the
+    entries' gradients (``C``'s and ``H``'s in one buffer) are summed into ``source`` with one
+    ``index_add_`` (serial on the CPU: deterministic), and the angles' follow from ``[cos,
+    -sin, sin, cos]``'s.
+    """
+    source, CH, P = saved
+    gather, pos, _, _ = indices
+    dV = dflat.index_select(0, pos).view(P.shape)
+    dCH = torch.empty_like(CH)
+    S = dCH[:, 0]
+    torch.mul(dV, CH[:, 1], out=S)
+    torch.mul(dV, P, out=dCH[:, 1])
+    # d/dC[l] of sum_t dP[t] prod_{j<=t} C[j] = P[l-1] * S[l], S[l] = dP[l] + C[l+1] S[l+1]
+    columns, factors = S.unbind(1), CH[:, 0].unbind(1)
+    for level in range(S.shape[1] - 2, -1, -1):
+        columns[level].addcmul_(factors[level + 1], columns[level + 1])
+    S.narrow(1, 1, S.shape[1] - 1).mul_(P.narrow(1, 0, P.shape[1] - 1))
+    dsource = torch.zeros_like(source).index_add_(0, gather.view(-1), dCH.view(-1))
+    count = params.shape[0]
+    dparams = dscale = None
+    if want_params:
+        e = dsource.narrow(0, 0, 4 * count).view(count, 4)
+        if givens:
+            # entries [cos, -sin, sin, cos] (source's first 4 P): d/dθ = (e2 - e1) cos - (e0 + e3) sin,
+            # as [e2 - e1, -(e0 + e3)] = e @ _angle_pairs (exact: every weight is 0 or ±1) times
+            # [cos, sin] (columns 0 and 2 of the entries): three ops instead of a dozen
+            trig = source.narrow(0, 0, 4 * count).view(count, 4)
+            dparams = (e @ _angle_pairs(e.dtype, e.device) * trig[:, 0::2]).sum(1)
+        else:
+            dparams = e.view(params.shape)
+        dparams = dparams.to(params.dtype)
+    if want_scale:
+        dscale = dsource.narrow(0, 4 * count + 4, scale.shape[0]).to(scale.dtype)
+    return dparams, dscale
+
+
+class FactorValues(torch.autograd.Function):
+    """``(blocks, Q)`` from the parameters (:func:`_build`), with a hand-written backward
+    (:func:`_build_backward`).
+
+    One node from the angles or entries (and the scale) to both factors instead of a dozen
+    (the cosines, the concatenation, the two slices): at the width of a small model its
+    fixed cost is a share of the layer's step. Under ``create_graph`` it differentiates
+    :func:`_factor_values`. (:class:`DenseLinear` builds the factors inside its own node.)
     """
 
     @staticmethod
     def forward(ctx, params, scale, givens, dtype, indices, nb, b):
-        source = _source(params, scale, givens, dtype)
-        idx_c, idx_h, pos, size = indices
-        C = source.index_select(0, idx_c.view(-1)).view(idx_c.shape)
-        H = source.index_select(0, idx_h.view(-1)).view(idx_h.shape)
-        P = torch.cumprod(C, 1)
-        ctx.save_for_backward(params, scale, source, C, H, P)
+        flat, saved = _build(params, scale, givens, dtype, indices)
+        ctx.save_for_backward(params, scale, *saved)
         ctx.setup = (givens, dtype, indices, nb, b)
-        values = H * P
-        return _split(values.new_zeros(size).index_put_((pos,), values.view(-1)), nb, b)
+        return _split(flat, nb, b)
 
     @staticmethod
     def backward(ctx, dblocks, dQ):
-        params, scale, source, C, H, P = ctx.saved_tensors
+        params, scale, *saved = ctx.saved_tensors
         givens, dtype, indices, nb, b = ctx.setup
-        idx_c, idx_h, pos, size = indices
+        size, like = indices[3], saved[0]
         if torch.is_grad_enabled():
             def output():
                 return [t for t in _factor_values(_source(params, scale, givens, dtype), indices, nb, b)
                         if t is not None]
 
-            zeros = _split(C.new_zeros(size), nb, b)
+            zeros = _split(like.new_zeros(size), nb, b)
             grads = [g if g is not None else z for g, z in zip((dblocks, dQ), zeros) if z is not None]
             return _double_backward((params, scale), ctx.needs_input_grad[:2], output, grads) + (None,) * 5
-        dflat = C.new_zeros(size)
+        dflat = like.new_zeros(size)
         for view, grad in zip(_split(dflat, nb, b), (dblocks, dQ)):
             if grad is not None:
                 view.copy_(grad)
-        dV = dflat.index_select(0, pos).view(P.shape)
-        dH = dV * P
-        # d/dC[l] of sum_t dP[t] prod_{j<=t} C[j] = P[l-1] * S[l], S[l] = dP[l] + C[l+1] S[l+1]
-        S = dV * H
-        columns, factors = S.unbind(1), C.unbind(1)
-        for level in range(S.shape[1] - 2, -1, -1):
-            columns[level].addcmul_(factors[level + 1], columns[level + 1])
-        dC = S
-        dC.narrow(1, 1, dC.shape[1] - 1).mul_(P.narrow(1, 0, P.shape[1] - 1))
-        dsource = torch.zeros_like(source)
-        dsource.index_add_(0, idx_c.view(-1), dC.view(-1))
-        dsource.index_add_(0, idx_h.view(-1), dH.view(-1))
-        count = params.shape[0]
-        dparams = dscale = None
-        if ctx.needs_input_grad[0]:
-            e = dsource.narrow(0, 0, 4 * count).view(count, 4)
-            if givens:
-                # entries [cos, -sin, sin, cos] (source's first 4 P): d/dθ = (e2 - e1) cos - (e0 + e3) sin,
-                # as [e2 - e1, -(e0 + e3)] = e @ _angle_pairs (exact: every weight is 0 or ±1) times
-                # [cos, sin] (columns 0 and 2 of the entries): three ops instead of a dozen
-                trig = source.narrow(0, 0, 4 * count).view(count, 4)
-                dparams = (e @ _angle_pairs(e.dtype, e.device) * trig[:, 0::2]).sum(1)
-            else:
-                dparams = e.view(params.shape)
-            dparams = dparams.to(params.dtype)
-        if ctx.needs_input_grad[1]:
-            dscale = dsource.narrow(0, 4 * count + 4, scale.shape[0]).to(scale.dtype)
-        return dparams, dscale, None, None, None, None, None
+        return _build_backward(dflat, saved, params, scale, givens, indices, *ctx.needs_input_grad[:2]) + (None,) * 5
 
 
 def dense_factors(d: int, params: torch.Tensor, *, block: str, structure: str, scale: torch.Tensor | None,
@@ -381,27 +403,31 @@ def _rows_transposed(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | No
     return y, roots
 
 
-def _rows_forward_backward(gb, x, roots, delta, blocks, Q, want_x: bool, want_blocks: bool, want_q: bool):
+def _rows_forward_backward(gb, x, roots, delta, blocks, Q, want_x: bool, want_blocks: bool, want_q: bool,
+                           out=(None, None)):
     """Gradients of ``y = x @ U @ blockdiag(blocks)`` (:func:`_rows_forward`) for ``dy = g``,
-    given as its blocks ``gb`` (``[nb, T, b]``, see :func:`_block_matmul`)."""
+    given as its blocks ``gb`` (``[nb, T, b]``, see :func:`_block_matmul`). ``out``: buffers
+    for the blocks' and ``Q``'s gradients (else fresh ones)."""
     nb = blocks.shape[0]
     dx = dblocks = dQ = None
     if want_blocks:
         # x2 = x with its roots replaced: its blocks' row 0 held r = roots + delta
-        dblocks = torch.bmm(_blocks(x, nb).transpose(1, 2), gb)
+        dblocks = torch.bmm(_blocks(x, nb).transpose(1, 2), gb, out=out[0])
         if Q is not None:
-            dblocks[:, 0, :] += torch.bmm(delta.unsqueeze(1), gb).squeeze(1)
+            dblocks[:, :1, :].baddbmm_(delta.unsqueeze(1), gb)
     if want_x:
         dx = _block_matmul(gb, blocks.transpose(1, 2))
     if Q is not None and (want_x or want_q):
         if want_x:
-            droots = _blocks(dx, nb)[:, :, 0].T.contiguous()
+            dx_roots = _blocks(dx, nb)[:, :, 0].T
+            # a copy also when the roots are all of dx (b = 1): mm below writes over them
+            droots = dx_roots.clone(memory_format=torch.contiguous_format)
         else:
             droots = torch.bmm(gb, blocks[:, :1, :].transpose(1, 2)).squeeze(-1).T
         if want_q:
-            dQ = roots.T @ droots
+            dQ = torch.mm(roots.T, droots, out=out[1])
         if want_x:
-            _blocks(dx, nb)[:, :, 0] = (droots @ Q.T).T
+            torch.mm(droots, Q.T, out=dx_roots)
     return dx, dblocks, dQ
 
 
@@ -518,19 +544,26 @@ def rotates_weight(k: int, rows: int) -> bool:
 
 
 class DenseLinear(torch.autograd.Function):
-    """``F.linear(x @ R, weight, bias)`` with ``R = U @ blockdiag(blocks)``, rows ``x`` ``[T, nb * b]``.
+    """``F.linear(x @ R, weight, bias)`` for rows ``x`` ``[T, nb * b]``, with ``R``'s factors
+    built from the parameters inside the same node.
 
-    The forward rotates the cheaper operand (:func:`rotates_weight`): the ``T`` rows of ``x``,
+    The factors come from :func:`_build` (``params``: angles or blocks, and ``scale``). The
+    forward rotates the cheaper operand (:func:`rotates_weight`): the ``T`` rows of ``x``,
     or the ``k`` rows of ``weight`` (``W R^T``, then ``F.linear(x, W R^T, bias)``: no ``[T,
     d]`` intermediate). Neither rotated operand is kept (:func:`_scratch`). The backward is
     the same either way: ``g = dy @ W`` (the frozen layer's own input gradient, in a reused
     buffer), then ``dx = g @ R^T`` and the factors' gradients from ``x`` and ``g``, as
-    :class:`DenseRotation` does. Gradients of ``weight`` and ``bias`` are computed when asked.
+    :class:`DenseRotation` does, written straight into the buffer that
+    :func:`_build_backward` turns into the parameters' gradients. One node from the
+    parameters to the output: at the width of a small model the fixed cost of a node is a
+    share of the step. Gradients of ``weight`` and ``bias`` are computed when asked.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, blocks, Q):
+    def forward(ctx, x, weight, bias, params, scale, givens, indices, nb, b):
         x = _rows(x)
+        flat, saved = _build(params, scale, givens, x.dtype, indices)
+        blocks, Q = _split(flat, nb, b)
         roots = delta = None
         if rotates_weight(weight.shape[0], x.shape[0]):
             out = F.linear(x, _weight_rotated(_rows(weight), blocks, Q), bias)
@@ -541,40 +574,54 @@ class DenseLinear(torch.autograd.Function):
         else:
             y, roots, delta = _rows_forward(x, blocks, Q)
             out = F.linear(y, weight, bias)
-        ctx.save_for_backward(x, weight, bias, blocks, Q, roots, delta)
+        ctx.save_for_backward(x, weight, bias, params, scale, blocks, Q, roots, delta, *saved)
+        ctx.setup = (givens, indices, nb, b)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, bias, blocks, Q, roots, delta = ctx.saved_tensors
+        x, weight, bias, params, scale, blocks, Q, roots, delta, *saved = ctx.saved_tensors
+        givens, indices, nb, b = ctx.setup
         wants = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():
             def output():
-                return F.linear(_composite(x, blocks, Q, False), weight, bias)
-            return _double_backward((x, weight, bias, blocks, Q), wants, output, dout)
-        want_x, want_w, want_bias, want_blocks, want_q = wants
+                factors = _factor_values(_source(params, scale, givens, x.dtype), indices, nb, b)
+                return F.linear(_composite(x, *factors, False), weight, bias)
+            return _double_backward((x, weight, bias, params, scale), wants, output, dout) + (None,) * 4
+        want_x, want_w, want_bias, want_params, want_scale = wants
+        want_factors = want_params or want_scale
         with _without_autocast(dout.device.type):
             dout = _rows(dout)
-            if Q is not None and roots is None and (want_blocks or want_q):
-                roots, delta = _roots(x, Q, blocks.shape[0])
-            dx = dblocks = dQ = dw = dbias = None
-            if want_x or want_blocks or want_q:
+            if Q is not None and roots is None and want_factors:
+                roots, delta = _roots(x, Q, nb)
+            dx = dparams = dscale = dw = dbias = None
+            if want_x or want_factors:
                 # g = dout @ W; for many rows made as its transpose [d, T]: block j of g is then a
                 # transposed [T, b] matrix that bmm reads in place, and the blocks' gradient one
                 # batched call (docs/math.md §5)
-                nb, b, _ = blocks.shape
                 rows, d = dout.shape[0], weight.shape[1]
                 if rows >= TRANSPOSED_ROWS:
                     gT = torch.mm(weight.T, dout.T, out=_scratch("grad", (d, rows), x))
                     gb = gT.view(nb, b, rows).transpose(1, 2)
                 else:
                     gb = _blocks(torch.mm(dout, weight, out=_scratch("grad", (rows, d), x)), nb)
-                dx, dblocks, dQ = _rows_forward_backward(gb, x, roots, delta, blocks, Q, want_x, want_blocks, want_q)
+                dflat, out = None, (None, None)
+                if want_factors:
+                    # the factors' gradients go straight into the buffer _build_backward reads
+                    _, _, used, size = indices
+                    dflat = x.new_empty(size)
+                    dflat[used:].zero_()
+                    out = _split(dflat, nb, b)
+                dx, _, _ = _rows_forward_backward(gb, x, roots, delta, blocks, Q, want_x, want_factors,
+                                                  want_factors, out)
+                if want_factors:
+                    dparams, dscale = _build_backward(dflat, saved, params, scale, givens, indices, want_params,
+                                                      want_scale)
             if want_w:
                 dw = dout.T @ _rows_forward(x, blocks, Q)[0]
             if want_bias:
                 dbias = dout.sum(0)
-        return dx, dw, dbias, dblocks, dQ
+        return dx, dw, dbias, dparams, dscale, None, None, None, None
 
 
 def _padded(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -613,10 +660,13 @@ def linear_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     block width (:func:`fused_linear_applies`).
     """
     d = x.shape[-1]
-    blocks, Q = dense_factors(d, params, block=block, structure=structure, scale=scale,
-                              block_width=block_width, dtype=x.dtype)
-    out = DenseLinear.apply(x.reshape(-1, d), weight, bias, blocks, Q)
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    _, b, nb = layout(d, block_width)
+    indices = _factor_indices(d, structure, b, scale is not None, params.device)
+    # rows as they are when x is 2-D: a reshape would add two autograd nodes (a share of a
+    # small layer's step)
+    rows = x if x.dim() == 2 else x.reshape(-1, d)
+    out = DenseLinear.apply(rows, weight, bias, params, scale, block == "givens", indices, nb, b)
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, block_width: int) -> bool:

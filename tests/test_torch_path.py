@@ -294,6 +294,34 @@ def test_layer_against_the_oracle(d, k, rows, forced, block_calls, layouts, gen)
             assert_close(g, r, name=f"gradient of a {tuple(t.shape)} tensor")
 
 
+@pytest.mark.parametrize("which", ["x", "rotation", "scale", "rotation+scale", "x+scale"])
+@pytest.mark.parametrize("k, rows", [(16, 40), (100, 40)], ids=["W-side", "x-side"])
+def test_layer_only_the_requested_gradients(k, rows, which, forced, gen):
+    """The fused layer's backward computes only what autograd asks for (the factors' gradients
+    are made only for the rotation or the scale); each subset must still be right."""
+    d = 64
+    layer = qk.GivensLinear(d, k, block="quasi", scale=True)
+    with torch.no_grad():
+        layer.rotation.add_(0.3 * torch.randn(layer.rotation.shape, generator=gen))
+        layer.scale.add_(0.2 * torch.randn(d, generator=gen))
+    x = torch.randn(rows, d, generator=gen)
+    dy = torch.randn(rows, k, generator=gen)
+    tensors = {"x": x, "rotation": layer.rotation, "scale": layer.scale}
+    ref_in = {n: t.detach().double().requires_grad_() for n, t in tensors.items()}
+    R = qk.givens_matrix(d, ref_in["rotation"], block="quasi", scale=ref_in["scale"])
+    ref = torch.nn.functional.linear(ref_in["x"] @ R, layer.weight.double(), layer.bias.double())
+    expected = dict(zip(ref_in, torch.autograd.grad(ref, list(ref_in.values()), dy.double())))
+    names = which.split("+")
+    for n, t in tensors.items():
+        t.requires_grad_(n in names)
+    layer(x).backward(dy)
+    for n, t in tensors.items():
+        if n in names:
+            assert_close(t.grad, expected[n], name=f"gradient of {n}")
+        else:
+            assert t.grad is None, n
+
+
 def test_layer_low_precision_and_padding_take_the_composition(gen, monkeypatch):
     """bf16 layers and widths that are not a multiple of the block width are the plain composition."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
