@@ -9,7 +9,7 @@ indices). So ``x @ R`` is ``Q`` on the roots, then one batched matmul with the b
 
 Both factors come from a closed form, not from products of stage matrices: an entry of a
 tree product is a product of block entries along a path of the tree, so a gather, a
-``cumprod`` and a scatter build them (:class:`FactorValues`, ``d (m + 1)`` values). The
+``cumprod`` and a scatter build them (:func:`_build`, ``d (m + 1)`` values). The
 application works on the rows' own layout, with no copy of the activations
 (:class:`DenseRotation`); ``GivensLinear`` fuses it with its frozen layer and rotates the
 rows of ``W`` instead when that is cheaper (:class:`DenseLinear`). Both backwards
@@ -122,11 +122,11 @@ def _source(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, dtyp
     return torch.cat(pieces)
 
 
-def _factor_values(source: torch.Tensor, indices, nb: int, b: int):
-    """``(blocks, Q)`` from ``source`` in plain differentiable ops (what the compiler traces and
-    the double backward differentiates)."""
+def _factor_values(params, scale, givens: bool, dtype: torch.dtype, indices, nb: int, b: int):
+    """``(blocks, Q)`` from the parameters in plain differentiable ops (what the compiler traces
+    and the double backwards differentiate; :func:`_build` is the same map)."""
     gather, pos, _, size = indices
-    CH = source[gather]
+    CH = _source(params, scale, givens, dtype)[gather]
     values = CH[:, 1] * torch.cumprod(CH[:, 0], 1)
     return _split(values.new_zeros(size).index_put((pos,), values.reshape(-1)), nb, b)
 
@@ -221,16 +221,15 @@ class FactorValues(torch.autograd.Function):
     def backward(ctx, dblocks, dQ):
         params, scale, *saved = ctx.saved_tensors
         givens, dtype, indices, nb, b = ctx.setup
-        size, like = indices[3], saved[0]
+        size, source = indices[3], saved[0]
         if torch.is_grad_enabled():
             def output():
-                return [t for t in _factor_values(_source(params, scale, givens, dtype), indices, nb, b)
-                        if t is not None]
+                return [t for t in _factor_values(params, scale, givens, dtype, indices, nb, b) if t is not None]
 
-            zeros = _split(like.new_zeros(size), nb, b)
+            zeros = _split(source.new_zeros(size), nb, b)
             grads = [g if g is not None else z for g, z in zip((dblocks, dQ), zeros) if z is not None]
             return _double_backward((params, scale), ctx.needs_input_grad[:2], output, grads) + (None,) * 5
-        dflat = like.new_zeros(size)
+        dflat = source.new_zeros(size)
         for view, grad in zip(_split(dflat, nb, b), (dblocks, dQ)):
             if grad is not None:
                 view.copy_(grad)
@@ -251,7 +250,7 @@ def dense_factors(d: int, params: torch.Tensor, *, block: str, structure: str, s
     if torch.compiler.is_compiling():
         # the compiler traces the uncached function (it would ignore the cache anyway, with a warning)
         indices = _factor_indices.__wrapped__(d, structure, b, scale is not None, params.device)
-        return _factor_values(_source(params, scale, givens, dtype), indices, nb, b)
+        return _factor_values(params, scale, givens, dtype, indices, nb, b)
     indices = _factor_indices(d, structure, b, scale is not None, params.device)
     return FactorValues.apply(params, scale, givens, dtype, indices, nb, b)
 
@@ -444,7 +443,7 @@ def _rows_transposed_backward(g, x, roots, blocks, Q, want_x: bool, want_blocks:
     if want_blocks:
         dblocks = torch.bmm(_blocks(g, nb).transpose(1, 2), _blocks(x, nb))
         if gdelta is not None:
-            dblocks[:, 0, :] += torch.bmm(gdelta.unsqueeze(1), _blocks(x, nb)).squeeze(1)
+            dblocks[:, :1, :].baddbmm_(gdelta.unsqueeze(1), _blocks(x, nb))
     if want_x:
         dx = _block_matmul(_blocks(g, nb), blocks)
         if gdelta is not None:
@@ -585,7 +584,7 @@ class DenseLinear(torch.autograd.Function):
         wants = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():
             def output():
-                factors = _factor_values(_source(params, scale, givens, x.dtype), indices, nb, b)
+                factors = _factor_values(params, scale, givens, x.dtype, indices, nb, b)
                 return F.linear(_composite(x, *factors, False), weight, bias)
             return _double_backward((x, weight, bias, params, scale), wants, output, dout) + (None,) * 4
         want_x, want_w, want_bias, want_params, want_scale = wants
