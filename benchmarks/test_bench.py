@@ -83,3 +83,48 @@ def test_docs_show_the_committed_results():
     for path, text in report.render().items():
         with open(path) as fh:
             assert fh.read() == text, f"{path} is stale: run python -m benchmarks.report"
+
+
+def test_paired_ratio_is_the_median_ratio_with_its_order_statistic_interval():
+    from benchmarks.timing import paired_ratio
+
+    against = [2.0] * 15
+    times = [2.0 * r for r in (9, 3, 15, 1, 7, 12, 5, 2, 14, 8, 4, 11, 6, 13, 10)]
+    p = paired_ratio(times, against)
+    # 15 rounds: the 4th smallest and the 4th largest ratio bound the median at 95% or more
+    assert p == {"median": 8.0, "lo": 4.0, "hi": 12.0, "rounds": 15, "level": 0.95}
+    # rounds are paired: a load that doubles both samples of a round leaves its ratio alone
+    load = [1 + i % 2 for i in range(15)]
+    assert paired_ratio([t * f for t, f in zip(times, load)], [a * f for a, f in zip(against, load)]) == p
+    # too few rounds for a 95% interval: the range, and no level
+    assert paired_ratio([1.0, 3.0, 2.0], [1.0, 1.0, 1.0]) == {"median": 2.0, "lo": 1.0, "hi": 3.0, "rounds": 3,
+                                                              "level": None}
+    assert paired_ratio([], []) is None
+
+
+def test_goal_verdict():
+    def row(vs_oft, vs_lora, oft_lo=None, lora_lo=None, level=0.95):
+        r = {"train_vs_oft": vs_oft, "train_vs_lora": vs_lora}
+        if oft_lo is not None:
+            r["train_vs_oft_paired"] = {"median": vs_oft, "lo": oft_lo, "hi": 2.0, "rounds": 15, "level": level}
+            r["train_vs_lora_paired"] = {"median": vs_lora, "lo": lora_lo, "hi": 2.0, "rounds": 15, "level": level}
+        return r
+
+    assert run.goal_verdict(row(0.99, 1.1), "train") == "yes"
+    assert run.goal_verdict(row(1.03, 1.1, 0.97, 1.0), "train") == "noise"
+    assert run.goal_verdict(row(1.03, 1.1, 1.01, 1.0), "train") == "NO"  # measurably slower than OFT
+    assert run.goal_verdict(row(0.95, 1.3, 0.9, 1.21), "train") == "NO"  # measurably past 1.2x LoRA
+    assert run.goal_verdict(row(1.03, 1.1, 0.97, 1.0, level=None), "train") == "missed"  # too few rounds
+    assert run.goal_verdict(row(1.03, 1.1), "train") == "missed"  # no rounds recorded
+
+
+def test_steady_allocator():
+    import platform
+
+    from benchmarks.timing import steady_allocator
+
+    values = steady_allocator()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert values == {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 2 ** 31 - 1}
+    else:
+        assert values is None or set(values) == {"M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD"}

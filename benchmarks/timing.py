@@ -4,10 +4,15 @@ GPU: ``triton.testing.do_bench`` (CUDA events; median and 20/80% quantiles). CPU
 ``torch.utils.benchmark.Timer.blocked_autorange`` (repeated blocks; median and the 20/80%
 quantiles of the per-block times). Both return milliseconds. :func:`interleaved_ms` times
 several functions against each other on a shared CPU: round after round, each function
-once per round in a shuffled order, so a change of load hits them all alike.
+once per round in a shuffled order, so a change of load hits them all alike;
+:func:`paired_ratio` compares two of them round by round. :func:`steady_allocator` keeps
+freed memory in the process, so that page faults do not depend on what ran before.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import math
 import os
 import random
 import statistics
@@ -78,6 +83,58 @@ def interleaved_ms(fns: dict, rounds: int = 15, budget_s: float = 30.0, sample_s
                      "runs": repeats[name] * len(times), "samples": times}
     return {"times": out, "load": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "others_busy": _others_since(ticks)}
+
+
+def paired_ratio(times, against, level: float = 0.95) -> dict | None:
+    """``times / against`` round by round (two functions' samples from the same rounds of
+    :func:`interleaved_ms`): ``{"median", "lo", "hi", "rounds", "level"}``.
+
+    ``[lo, hi]`` is the distribution-free confidence interval for the median ratio: the
+    ``j``-th smallest and largest ratio, with ``j`` the largest for which two binomial(n,
+    1/2) tails below ``j`` hold at most ``1 - level``. ``level`` is what it covers, ``None``
+    with fewer than 6 rounds (then ``[lo, hi]`` is just the range). A round's load hits both
+    of its samples, so the ratio of a pair varies less than either time.
+    """
+    ratios = sorted(a / b for a, b in zip(times, against))
+    n = len(ratios)
+    if n == 0:
+        return None
+    j, tail = 0, 0.0
+    for below in range(n // 2 + 1):
+        tail += math.comb(n, below) / 2 ** n
+        if 2 * tail > 1 - level:
+            break
+        j = below + 1
+    lo, hi = (ratios[j - 1], ratios[n - j]) if j else (ratios[0], ratios[-1])
+    return {"median": statistics.median(ratios), "lo": lo, "hi": hi, "rounds": n, "level": level if j else None}
+
+
+#: glibc's ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def steady_allocator() -> dict | None:
+    """Keep freed memory in this process (glibc only); returns what was set, or ``None``.
+
+    By default glibc hands large freed blocks back to the kernel (``munmap``, or trimming the
+    heap's top), and whether it does depends on what the process allocated before; a buffer
+    of a few MB whose pages went back costs about as much again in page faults as the pass
+    that fills it. So the same training step can take from a few percent to a few times
+    longer, depending on what ran before it (docs/benchmarks.md). Here blocks up to 32 MB come from the heap
+    (``M_MMAP_THRESHOLD``, glibc's largest) and the heap is never trimmed
+    (``M_TRIM_THRESHOLD``): every method's buffers are reused after its first steps, as
+    jemalloc or tcmalloc would reuse them. The setting holds for the whole process.
+    """
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return None
+    values = {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 2 ** 31 - 1}
+    ok = mallopt(_M_MMAP_THRESHOLD, values["M_MMAP_THRESHOLD"]) == 1
+    ok = mallopt(_M_TRIM_THRESHOLD, values["M_TRIM_THRESHOLD"]) == 1 and ok
+    return values if ok else None
 
 
 def _cpu_ticks() -> tuple[int, int, int]:
