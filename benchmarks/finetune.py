@@ -33,7 +33,7 @@ import torch.nn as nn
 import qgoft_kernels as qk
 
 from .run import LATEST, device_name, metadata, slug
-from .timing import saved_bytes, steady_allocator
+from .timing import paired_ratio, saved_bytes, steady_allocator
 
 HEAD_LR = 2e-3
 
@@ -348,7 +348,10 @@ def epoch_timing(setting: Setting, device: torch.device, datasets, methods, roun
 
 
 def timing_table(result: dict) -> str:
-    """Median seconds per epoch per method and dataset, and each one over OFT's."""
+    """Median seconds per epoch per method and dataset, and each one over OFT's (as a ratio of
+    medians, and round by round with its 95% interval, the range for fewer than 6 rounds)."""
+    from .run import format_interval
+
     meta, setting = result["meta"], result["setting"]
     datasets = sorted({r["dataset"] for r in result["rows"]})
     by = {(r["dataset"], r["method"]): r for r in result["rows"]}
@@ -359,14 +362,17 @@ def timing_table(result: dict) -> str:
              f"{result['rounds']} epochs per method, every method's epochs interleaved in one process after a warm-up "
              f"round{'; freed memory kept in the process' if meta.get('allocator') else ''}; 1-minute load average "
              f"{min(loads):.2f} to {max(loads):.2f}.", "",
-             "| method | " + " | ".join(f"{d} s / epoch | {d} / OFT" for d in datasets) + " |",
-             "|---|" + "---|---|" * len(datasets)]
+             "| method | " + " | ".join(f"{d} s / epoch | {d} / OFT | {d} / OFT, by round" for d in datasets) + " |",
+             "|---|" + "---|---|---|" * len(datasets)]
     for method in methods:
         cells = []
         for d in datasets:
             r, oft = by.get((d, method)), by.get((d, "OFT b=32 all linear"))
             cells.append("-" if r is None else f"{r['median_seconds']:.2f}")
             cells.append("-" if r is None or oft is None else f"{r['median_seconds'] / oft['median_seconds']:.2f}")
+            # every round trains each method once: its epochs pair up (benchmarks.timing.paired_ratio)
+            cells.append("-" if r is None or oft is None
+                         else format_interval(paired_ratio(r["epoch_seconds"], oft["epoch_seconds"])))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -362,7 +362,7 @@ def _fmt_ms(t):
     return "-" if t is None else f"{t['median']:.3f}"
 
 
-def _fmt_interval(p):
+def format_interval(p) -> str:
     """A paired ratio as ``median (lo-hi)``; the range, marked, where too few rounds ran for 95%."""
     if not p:
         return "-"
@@ -424,7 +424,7 @@ def tables(result: dict) -> str:
             busy = "-" if r.get("others_busy") is None else f"{r['others_busy']:.2f}"
             goal = f"{goal_verdict(r, 'train')}, {goal_verdict(r, 'infer')}" if ours else ""
             lines.append(f"| {r['d']} -> {r['k']} | {r['method']} | {_fmt_ms(r['train_ms'])} | {ratio('train_vs_oft')} "
-                         f"| {_fmt_interval(r.get('train_vs_oft_paired'))} "
+                         f"| {format_interval(r.get('train_vs_oft_paired'))} "
                          f"| {ratio('train_vs_lora')} | {_fmt_ms(r['infer_ms'])} | {ratio('infer_vs_oft')} "
                          f"| {ratio('infer_vs_lora')} | {goal} | {r['load'][0]:.1f} / {r['load'][1]:.1f} | {busy} |")
     lines += ["", "Merge (W R^T for a d x d weight):", "",
