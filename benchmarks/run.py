@@ -284,8 +284,9 @@ def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> l
                 fns[(method.name, "infer")] = infer
         if quiet is not None:
             wait_for_quiet(quiet)
+        # at least 6 rounds: the fewest for a 95% interval of the per-round ratios (paired_ratio)
         timed = interleaved_ms({f"{name}|{kind}": fn for (name, kind), fn in fns.items()},
-                               budget_s=plan.peer_budget_s)
+                               budget_s=plan.peer_budget_s, min_rounds=6)
         times = timed["times"]
         for row, _ in built:
             for kind in ("train", "infer"):

@@ -102,6 +102,17 @@ def test_paired_ratio_is_the_median_ratio_with_its_order_statistic_interval():
     assert paired_ratio([], []) is None
 
 
+def test_interleaved_rounds_past_the_budget():
+    from benchmarks.timing import interleaved_ms
+
+    calls = []
+    timed = interleaved_ms({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, rounds=10,
+                           budget_s=0.0, sample_s=0.0, min_rounds=6)
+    # the budget is spent at once: the minimum of rounds runs, every function once per round
+    assert [len(t["samples"]) for t in timed["times"].values()] == [6, 6]
+    assert calls.count("a") == calls.count("b") == 2 + 6
+
+
 def test_goal_verdict():
     def row(vs_oft, vs_lora, oft_lo=None, lora_lo=None, level=0.95):
         r = {"train_vs_oft": vs_oft, "train_vs_lora": vs_lora}

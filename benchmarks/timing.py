@@ -44,12 +44,13 @@ def _quantiles(times) -> tuple[float, float]:
 
 
 def interleaved_ms(fns: dict, rounds: int = 15, budget_s: float = 30.0, sample_s: float = 0.02,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, min_rounds: int = 3) -> dict:
     """Time every ``fns[name]()`` in the same rounds; milliseconds per call.
 
     Each function is first called twice (warm-up) and gets a repeat count that makes one
-    sample last about ``sample_s``. Then up to ``rounds`` rounds (at least 3, fewer past
-    ``budget_s``) run every function's sample once, in an order shuffled per round. Returns
+    sample last about ``sample_s``. Then up to ``rounds`` rounds (at least ``min_rounds``,
+    fewer past ``budget_s``) run every function's sample once, in an order shuffled per
+    round. Returns
     ``{"times": {name: {"median", "q20", "q80", "runs", "samples"}}, "load": [before, after],
     "others_busy": cpus}``: the 1-minute load average before and after, and the CPUs other
     processes kept busy on average while the rounds ran (``None`` without /proc).
@@ -67,7 +68,7 @@ def interleaved_ms(fns: dict, rounds: int = 15, budget_s: float = 30.0, sample_s
     shuffle = random.Random(seed)
     start = time.perf_counter()
     for i in range(rounds):
-        if i >= 3 and time.perf_counter() - start > budget_s:
+        if i >= min_rounds and time.perf_counter() - start > budget_s:
             break
         shuffle.shuffle(order)
         for name in order:
