@@ -32,7 +32,7 @@ import torch.nn as nn
 
 import qgoft_kernels as qk
 
-from .run import LATEST, device_name, metadata, slug
+from .run import LATEST, device_name, format_interval, metadata, slug
 from .timing import paired_ratio, saved_bytes, steady_allocator
 
 HEAD_LR = 2e-3
@@ -350,8 +350,6 @@ def epoch_timing(setting: Setting, device: torch.device, datasets, methods, roun
 def timing_table(result: dict) -> str:
     """Median seconds per epoch per method and dataset, and each one over OFT's (as a ratio of
     medians, and round by round with its 95% interval, the range for fewer than 6 rounds)."""
-    from .run import format_interval
-
     meta, setting = result["meta"], result["setting"]
     datasets = sorted({r["dataset"] for r in result["rows"]})
     by = {(r["dataset"], r["method"]): r for r in result["rows"]}
