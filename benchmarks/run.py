@@ -83,10 +83,26 @@ QUICK_PLAN = Plan(torch.float32, (64,), (256,), ((64, 64),), 128, (64,), min_run
 KERNEL_VARIANTS = (("quasi", True), ("givens", False))
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (``None`` where there is none): timings of the
+    CPU path differ between CPU families (docs/math.md §5)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    model = cpu_model()
+    arch = platform.processor() or platform.machine()
+    return f"{arch} CPU{f' ({model})' if model else ''}, {torch.get_num_threads()} threads"
 
 
 def slug(device: torch.device) -> str:

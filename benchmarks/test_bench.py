@@ -139,3 +139,17 @@ def test_steady_allocator():
         assert values == {"M_MMAP_THRESHOLD": 32 << 20, "M_TRIM_THRESHOLD": 2 ** 31 - 1}
     else:
         assert values is None or set(values) == {"M_MMAP_THRESHOLD", "M_TRIM_THRESHOLD"}
+
+
+def test_device_name_names_the_cpu(monkeypatch, tmp_path):
+    import builtins
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Example  CPU 9000\nflags\t\t: fpu\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda f, *a, **k: real_open(cpuinfo if f == "/proc/cpuinfo" else f, *a, **k))
+    assert run.cpu_model() == "Example CPU 9000"
+    name = run.device_name(torch.device("cpu"))
+    assert "(Example CPU 9000)" in name and name.endswith(f", {torch.get_num_threads()} threads")
+    cpuinfo.unlink()  # no /proc/cpuinfo: no model in the name
+    assert run.cpu_model() is None and "(" not in run.device_name(torch.device("cpu"))

@@ -529,11 +529,11 @@ class DenseRotation(torch.autograd.Function):
 WEIGHT_ROWS_PER_ROW = 1.5
 
 
-#: From this many rows, :class:`DenseLinear` makes ``x @ R`` and ``dy @ W`` as their transposes
-#: (:func:`_rows_forward_t`; docs/math.md §5). For fewer rows the transposed matmul is the slower
-#: one: ``W^T dy^T`` took 4.4x as long as ``dy @ W`` with 8 rows of a 384 -> 384 layer, and the
-#: whole backward 1.06-1.08x as long with 64 rows (d = 256, 1536, 1024); 0.86-1.05x with 256
-#: rows, 0.91-1.00x with 1280 (timed alone, interleaved, 2 cores).
+#: From this many rows, :class:`DenseLinear` makes ``x @ R`` as its transpose when it rotates ``x``
+#: (:func:`_rows_forward_t`; docs/math.md §5): one batched call where the rows' layout takes a
+#: call per block. ``dy @ W`` in the backward stays in the rows' layout for any number of rows
+#: (its transpose ``W^T dy^T`` is the slower matmul, and what it saved in the batched calls did
+#: not make up for it on an Intel Xeon; docs/math.md §5).
 TRANSPOSED_ROWS = 256
 
 
@@ -595,15 +595,8 @@ class DenseLinear(torch.autograd.Function):
                 roots, delta = _roots(x, Q, nb)
             dx = dparams = dscale = dw = dbias = None
             if want_x or want_factors:
-                # g = dout @ W; for many rows made as its transpose [d, T]: block j of g is then a
-                # transposed [T, b] matrix that bmm reads in place, and the blocks' gradient one
-                # batched call (docs/math.md §5)
-                rows, d = dout.shape[0], weight.shape[1]
-                if rows >= TRANSPOSED_ROWS:
-                    gT = torch.mm(weight.T, dout.T, out=_scratch("grad", (d, rows), x))
-                    gb = gT.view(nb, b, rows).transpose(1, 2)
-                else:
-                    gb = _blocks(torch.mm(dout, weight, out=_scratch("grad", (rows, d), x)), nb)
+                # g = dout @ W, in a reused buffer
+                gb = _blocks(torch.mm(dout, weight, out=_scratch("grad", (dout.shape[0], weight.shape[1]), x)), nb)
                 dflat, out = None, (None, None)
                 if want_factors:
                     # the factors' gradients go straight into the buffer _build_backward reads

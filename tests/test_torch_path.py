@@ -49,8 +49,8 @@ def block_calls(request, monkeypatch):
 
 @pytest.fixture(params=["rows", "transposed"])
 def layouts(request, monkeypatch):
-    """Both layouts of the fused layer's intermediates: ``x @ R`` and ``dy @ W`` in the rows'
-    layout (a few rows) or made as their transposes (many rows)."""
+    """Both layouts of the fused layer's rotated rows: ``x @ R`` in the rows' layout (a few
+    rows) or made as its transpose (many rows)."""
     monkeypatch.setattr(dense, "TRANSPOSED_ROWS", 1 << 30 if request.param == "rows" else 0)
     return request.param
 
