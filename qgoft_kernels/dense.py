@@ -334,7 +334,9 @@ def _roots(x: torch.Tensor, Q: torch.Tensor, nb: int):
     """What ``U`` changes in rows ``x`` ``[T, nb * b]``: their roots ``[T, nb]`` and ``delta =
     (roots @ Q - roots)^T`` ``[nb, T]``, the change of each block's first entry."""
     roots = _blocks(x, nb)[:, :, 0].T.contiguous()
-    return roots, torch.addmm(roots.T, Q.T, roots.T, beta=-1)
+    # (Q - I)^T roots^T: one matmul into a contiguous [nb, T] (addmm would first copy roots^T
+    # into its output, a transposing copy, and hand bmm a transposed delta, copied once more)
+    return roots, torch.mm((Q - torch.eye(nb, dtype=Q.dtype, device=Q.device)).T, roots.T)
 
 
 def _weight_rotated(weight: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None) -> torch.Tensor:
@@ -413,7 +415,8 @@ def _rows_forward_backward(gb, x, roots, delta, blocks, Q, want_x: bool, want_bl
         # x2 = x with its roots replaced: its blocks' row 0 held r = roots + delta
         dblocks = torch.bmm(_blocks(x, nb).transpose(1, 2), gb, out=out[0])
         if Q is not None:
-            dblocks[:, :1, :].baddbmm_(delta.unsqueeze(1), gb)
+            # into a fresh [nb, 1, b]: baddbmm_ on the strided row 0 would take a call per block
+            dblocks[:, 0, :] += torch.bmm(delta.unsqueeze(1), gb).squeeze(1)
     if want_x:
         dx = _block_matmul(gb, blocks.transpose(1, 2))
     if Q is not None and (want_x or want_q):
@@ -426,7 +429,9 @@ def _rows_forward_backward(gb, x, roots, delta, blocks, Q, want_x: bool, want_bl
         if want_q:
             dQ = torch.mm(roots.T, droots, out=out[1])
         if want_x:
-            torch.mm(droots, Q.T, out=dx_roots)
+            # a matmul into the strided roots would make a contiguous result and copy it: the
+            # same copy, and more
+            dx_roots.copy_(torch.mm(droots, Q.T))
     return dx, dblocks, dQ
 
 
