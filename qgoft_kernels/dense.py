@@ -107,16 +107,51 @@ def _factor_indices(d: int, structure: str, block_width: int, scaled: bool, devi
     return torch.stack((idx_c, idx_h), 1).to(device), pos.to(device), used, used + pos.numel()
 
 
+def _givens_indices(indices, count: int, dtype: torch.dtype):
+    """:func:`_factor_indices`' gather for ``count`` Givens angles, read from ``cat(cos, sin,
+    [1, 0, 0, 1], scale)`` instead of the blocks' entries ``[cos, -sin, sin, cos]``, and the
+    sign that this takes out of each prefix product.
+
+    An angle's entries are ``cos``, ``-sin``, ``sin``, ``cos``; only ``-sin`` is negative, and
+    only the factors ``C`` read it (``H`` reads entries 2 and 3). So ``C`` reads ``sin`` where
+    it read ``-sin``, and ``cumprod(C)`` is off by the product of those signs so far, a fixed
+    ``[N, K + 1]`` table of ``+-1`` (``sign``). No ``-sin`` and no ``[count, 4]`` stack to make.
+    """
+    gather, pos, used, size = indices
+    entry = gather < 4 * count
+    angle, kind = gather // 4, gather % 4
+    trig = torch.where(entry, torch.where((kind == 1) | (kind == 2), count + angle, angle), gather - 2 * count)
+    negative = entry[:, 0] & (kind[:, 0] == 1)
+    sign = torch.cumprod(torch.where(negative, -1.0, 1.0).to(dtype), 1)
+    return trig, pos, used, size, sign
+
+
+@functools.lru_cache(maxsize=None)
+def _indices(d: int, structure: str, block_width: int, scaled: bool, givens: bool, dtype: torch.dtype,
+             device: torch.device):
+    """``(gather, pos, used, size, sign)`` for :func:`_build`: :func:`_factor_indices`, and for
+    ``givens`` its gather into the angles' cosines and sines with the signs that takes out
+    (:func:`_givens_indices`; ``sign`` is ``None`` otherwise). The compiler traces
+    ``_indices.__wrapped__``, which calls the uncached :func:`_factor_indices` too."""
+    compiling = torch.compiler.is_compiling()
+    indices = (_factor_indices.__wrapped__ if compiling else _factor_indices)(d, structure, block_width, scaled, device)
+    if not givens:
+        return (*indices, None)
+    # the cached sign is made outside inference mode: the double backward saves it
+    with nullcontext() if compiling else torch.inference_mode(False):
+        return _givens_indices(indices, param_offsets(d, structure)[-1], dtype)
+
+
 def _source(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, dtype: torch.dtype) -> torch.Tensor:
-    """Every value the factors' entries are products of: the blocks' entries (``[cos, -sin,
-    sin, cos]`` of each angle for ``givens``), the identity's ``[1, 0, 0, 1]``, the scale."""
+    """Every value the factors' entries are products of: the blocks' entries (the angles'
+    cosines, then their sines, for ``givens``; :func:`_givens_indices`), the identity's ``[1,
+    0, 0, 1]``, the scale."""
     if givens:
         angles = params.to(dtype)
-        cos, sin = torch.cos(angles), torch.sin(angles)
-        entries = torch.stack((cos, -sin, sin, cos), 1).reshape(-1)
+        pieces = [torch.cos(angles), torch.sin(angles)]
     else:
-        entries = params.to(dtype).reshape(-1)
-    pieces = [entries, entries.new_tensor([1.0, 0.0, 0.0, 1.0])]
+        pieces = [params.to(dtype).reshape(-1)]
+    pieces.append(pieces[0].new_tensor([1.0, 0.0, 0.0, 1.0]))
     if scale is not None:
         pieces.append(scale.to(dtype))
     return torch.cat(pieces)
@@ -125,9 +160,11 @@ def _source(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, dtyp
 def _factor_values(params, scale, givens: bool, dtype: torch.dtype, indices, nb: int, b: int):
     """``(blocks, Q)`` from the parameters in plain differentiable ops (what the compiler traces
     and the double backwards differentiate; :func:`_build` is the same map)."""
-    gather, pos, _, size = indices
+    gather, pos, _, size, sign = indices
     CH = _source(params, scale, givens, dtype)[gather]
     values = CH[:, 1] * torch.cumprod(CH[:, 0], 1)
+    if sign is not None:
+        values = values * sign
     return _split(values.new_zeros(size).index_put((pos,), values.reshape(-1)), nb, b)
 
 
@@ -135,13 +172,6 @@ def _split(flat: torch.Tensor, nb: int, b: int):
     """``(blocks, Q)`` as views of the scattered values: ``nb`` blocks ``b x b``, then ``Q``."""
     n = nb * b * b
     return flat[:n].view(nb, b, b), (flat[n:n + nb * nb].view(nb, nb) if nb > 1 else None)
-
-
-@functools.lru_cache(maxsize=None)
-def _angle_pairs(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``[4, 2]``: an angle's four entries' gradients ``e`` times it are ``[e2 - e1, -(e0 + e3)]``."""
-    with torch.inference_mode(False):
-        return torch.tensor([[0, -1], [-1, 0], [1, 0], [0, -1]], dtype=dtype, device=device)
 
 
 def _build(params, scale, givens: bool, dtype: torch.dtype, indices):
@@ -152,10 +182,12 @@ def _build(params, scale, givens: bool, dtype: torch.dtype, indices):
     (:func:`_factor_indices`), one ``cumprod``, one scatter.
     """
     source = _source(params, scale, givens, dtype)
-    gather, pos, _, size = indices
+    gather, pos, _, size, sign = indices
     CH = source.index_select(0, gather.view(-1)).view(gather.shape)
     P = torch.cumprod(CH[:, 0], 1)
     values = CH[:, 1] * P
+    if sign is not None:
+        values.mul_(sign)
     return values.new_zeros(size).index_put_((pos,), values.view(-1)), (source, CH, P)
 
 
@@ -166,12 +198,14 @@ def _build_backward(dflat, saved, params, scale, givens: bool, indices, want_par
 
     The prefix products' gradient runs as a suffix recurrence over the ``K + 1`` factors; the
     entries' gradients (``C``'s and ``H``'s in one buffer) are summed into ``source`` with one
-    ``index_add_`` (serial on the CPU: deterministic), and the angles' follow from ``[cos,
-    -sin, sin, cos]``'s.
+    ``index_add_`` (serial on the CPU: deterministic), and the angles' follow from their
+    cosines' and sines' (:func:`_givens_indices`).
     """
     source, CH, P = saved
-    gather, pos, _, _ = indices
+    gather, pos, _, _, sign = indices
     dV = dflat.index_select(0, pos).view(P.shape)
+    if sign is not None:
+        dV.mul_(sign)
     dCH = torch.empty_like(CH)
     S = dCH[:, 0]
     torch.mul(dV, CH[:, 1], out=S)
@@ -184,19 +218,17 @@ def _build_backward(dflat, saved, params, scale, givens: bool, indices, want_par
     dsource = torch.zeros_like(source).index_add_(0, gather.view(-1), dCH.view(-1))
     count = params.shape[0]
     dparams = dscale = None
+    entries = 2 * count if givens else 4 * count
     if want_params:
-        e = dsource.narrow(0, 0, 4 * count).view(count, 4)
         if givens:
-            # entries [cos, -sin, sin, cos] (source's first 4 P): d/dθ = (e2 - e1) cos - (e0 + e3) sin,
-            # as [e2 - e1, -(e0 + e3)] = e @ _angle_pairs (exact: every weight is 0 or ±1) times
-            # [cos, sin] (columns 0 and 2 of the entries): three ops instead of a dozen
-            trig = source.narrow(0, 0, 4 * count).view(count, 4)
-            dparams = (e @ _angle_pairs(e.dtype, e.device) * trig[:, 0::2]).sum(1)
+            # source starts with the cosines, then the sines: d/dθ = dsin cos - dcos sin
+            cos, sin = source.narrow(0, 0, count), source.narrow(0, count, count)
+            dparams = torch.addcmul(dsource.narrow(0, count, count) * cos, dsource.narrow(0, 0, count), sin, value=-1)
         else:
-            dparams = e.view(params.shape)
+            dparams = dsource.narrow(0, 0, entries).view(params.shape)
         dparams = dparams.to(params.dtype)
     if want_scale:
-        dscale = dsource.narrow(0, 4 * count + 4, scale.shape[0]).to(scale.dtype)
+        dscale = dsource.narrow(0, entries + 4, scale.shape[0]).to(scale.dtype)
     return dparams, dscale
 
 
@@ -249,9 +281,9 @@ def dense_factors(d: int, params: torch.Tensor, *, block: str, structure: str, s
     givens = block == "givens"
     if torch.compiler.is_compiling():
         # the compiler traces the uncached function (it would ignore the cache anyway, with a warning)
-        indices = _factor_indices.__wrapped__(d, structure, b, scale is not None, params.device)
+        indices = _indices.__wrapped__(d, structure, b, scale is not None, givens, dtype, params.device)
         return _factor_values(params, scale, givens, dtype, indices, nb, b)
-    indices = _factor_indices(d, structure, b, scale is not None, params.device)
+    indices = _indices(d, structure, b, scale is not None, givens, dtype, params.device)
     return FactorValues.apply(params, scale, givens, dtype, indices, nb, b)
 
 
@@ -605,7 +637,7 @@ class DenseLinear(torch.autograd.Function):
                 dflat, out = None, (None, None)
                 if want_factors:
                     # the factors' gradients go straight into the buffer _build_backward reads
-                    _, _, used, size = indices
+                    _, _, used, size, _ = indices
                     dflat = x.new_empty(size)
                     dflat[used:].zero_()
                     out = _split(dflat, nb, b)
@@ -658,7 +690,7 @@ def linear_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """
     d = x.shape[-1]
     _, b, nb = layout(d, block_width)
-    indices = _factor_indices(d, structure, b, scale is not None, params.device)
+    indices = _indices(d, structure, b, scale is not None, block == "givens", x.dtype, params.device)
     # rows as they are when x is 2-D: a reshape would add two autograd nodes (a share of a
     # small layer's step)
     rows = x if x.dim() == 2 else x.reshape(-1, d)
