@@ -134,11 +134,13 @@ def _indices(d: int, structure: str, block_width: int, scaled: bool, givens: boo
     (:func:`_givens_indices`; ``sign`` is ``None`` otherwise). The compiler traces
     ``_indices.__wrapped__``, which calls the uncached :func:`_factor_indices` too."""
     compiling = torch.compiler.is_compiling()
-    indices = (_factor_indices.__wrapped__ if compiling else _factor_indices)(d, structure, block_width, scaled, device)
-    if not givens:
-        return (*indices, None)
-    # the cached sign is made outside inference mode: the double backward saves it
+    # cached tensors are made outside inference mode, also when the first call is inside it:
+    # the double backward saves them (an inference tensor cannot be saved)
     with nullcontext() if compiling else torch.inference_mode(False):
+        indices = (_factor_indices.__wrapped__ if compiling else _factor_indices)(d, structure, block_width, scaled,
+                                                                                 device)
+        if not givens:
+            return (*indices, None)
         return _givens_indices(indices, param_offsets(d, structure)[-1], dtype)
 
 

@@ -6,6 +6,7 @@ forced with ``QGOFT_TORCH_PATH`` / ``QGOFT_DENSE_BLOCK`` as a user would.
 """
 import json
 import os
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -424,6 +425,36 @@ def test_scratch_buffers_made_in_inference_mode_serve_training(gen, monkeypatch)
     assert torch.equal(out, inferred)
     monkeypatch.setattr(dense, "SCRATCH_LIMIT_BYTES", 0)
     assert all(torch.equal(a, b) for a, b in zip(_layer_step(layer, x, dy), (out, *grads)))
+
+
+@pytest.mark.parametrize("block", ["quasi", "givens"])
+def test_factor_indices_cached_in_inference_mode_serve_the_double_backward(block, gen, monkeypatch):
+    """The factors' cached index (and sign) tensors, first made under ``torch.inference_mode``,
+    can be saved by a later double backward (an inference tensor cannot be), which then
+    gives what it gives when they were made outside it."""
+    monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = qk.GivensLinear(48, 8, block=block, scale=True)
+    with torch.no_grad():
+        for p in layer.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    x = torch.randn(20, 48, generator=gen)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def second_order():
+        xg = x.clone().requires_grad_()
+        grads = torch.autograd.grad(layer(xg).square().sum(), [xg, *params], create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), [xg, *params])
+
+    results = []
+    for first_call in (torch.inference_mode, nullcontext):
+        dense._indices.cache_clear()
+        dense._factor_indices.cache_clear()
+        with first_call():
+            layer(x)
+        results.append(second_order())
+    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 def test_scratch_buffers_are_per_thread(gen, monkeypatch):
