@@ -39,7 +39,6 @@ def layout(d: int, block_width: int) -> tuple[int, int, int]:
     return m, 1 << m, -(-d // (1 << m))
 
 
-@functools.lru_cache(maxsize=None)
 def _factor_indices(d: int, structure: str, block_width: int, scaled: bool, device: torch.device):
     """Where every nonzero of the blocks and of ``Q`` comes from and goes to (docs/math.md §5).
 
@@ -131,14 +130,12 @@ def _indices(d: int, structure: str, block_width: int, scaled: bool, givens: boo
              device: torch.device):
     """``(gather, pos, used, size, sign)`` for :func:`_build`: :func:`_factor_indices`, and for
     ``givens`` its gather into the angles' cosines and sines with the signs that takes out
-    (:func:`_givens_indices`; ``sign`` is ``None`` otherwise). The compiler traces
-    ``_indices.__wrapped__``, which calls the uncached :func:`_factor_indices` too."""
-    compiling = torch.compiler.is_compiling()
+    (:func:`_givens_indices`; ``sign`` is ``None`` otherwise). Cached per layout; the compiler
+    traces ``_indices.__wrapped__``."""
     # cached tensors are made outside inference mode, also when the first call is inside it:
     # the double backward saves them (an inference tensor cannot be saved)
-    with nullcontext() if compiling else torch.inference_mode(False):
-        indices = (_factor_indices.__wrapped__ if compiling else _factor_indices)(d, structure, block_width, scaled,
-                                                                                 device)
+    with nullcontext() if torch.compiler.is_compiling() else torch.inference_mode(False):
+        indices = _factor_indices(d, structure, block_width, scaled, device)
         if not givens:
             return (*indices, None)
         return _givens_indices(indices, param_offsets(d, structure)[-1], dtype)

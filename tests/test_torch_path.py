@@ -450,7 +450,6 @@ def test_factor_indices_cached_in_inference_mode_serve_the_double_backward(block
     results = []
     for first_call in (torch.inference_mode, nullcontext):
         dense._indices.cache_clear()
-        dense._factor_indices.cache_clear()
         with first_call():
             layer(x)
         results.append(second_order())
