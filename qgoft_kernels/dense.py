@@ -14,7 +14,8 @@ application works on the rows' own layout, with no copy of the activations
 (:class:`DenseRotation`); ``GivensLinear`` fuses it with its frozen layer and rotates the
 rows of ``W`` instead when that is cheaper (:class:`DenseLinear`). Both backwards
 are batched matmuls: nothing per stage is saved, and every reduction is a BLAS call or a
-serial ``index_add_`` (deterministic).
+serial ``index_add_`` (deterministic). On the CPU, :class:`DenseLinear`'s passes over the
+rows run as compiled kernels where they are built (:mod:`qgoft_kernels.native`, docs/math.md §6).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .schedule import num_stages, param_offsets, stage_counts
 
 #: Block width when nothing pins it (``QGOFT_DENSE_BLOCK``); measured in docs/benchmarks.md.
@@ -600,8 +602,17 @@ class DenseLinear(torch.autograd.Function):
         flat, saved = _build(params, scale, givens, x.dtype, indices)
         blocks, Q = _split(flat, nb, b)
         roots = delta = None
+        compiled = native.applies(x, blocks)
         if rotates_weight(weight.shape[0], x.shape[0]):
-            out = F.linear(x, _weight_rotated(_rows(weight), blocks, Q), bias)
+            if compiled:
+                # W R^T = W blockdiag(B^T) U^T, rows of W in one pass
+                rotated = native.rotate(_rows(weight), blocks.transpose(1, 2).contiguous(), Q, False,
+                                        _scratch("weight", tuple(weight.shape), weight))
+            else:
+                rotated = _weight_rotated(_rows(weight), blocks, Q)
+            out = F.linear(x, rotated, bias)
+        elif compiled:
+            out = F.linear(native.rotate(x, blocks, Q, True, _scratch("rows", tuple(x.shape), x)), weight, bias)
         elif x.shape[0] >= TRANSPOSED_ROWS:
             # x @ R is not kept: the backward starts again from x
             yT, roots, delta = _rows_forward_t(x, blocks, Q)
@@ -627,12 +638,10 @@ class DenseLinear(torch.autograd.Function):
         want_factors = want_params or want_scale
         with _without_autocast(dout.device.type):
             dout = _rows(dout)
-            if Q is not None and roots is None and want_factors:
-                roots, delta = _roots(x, Q, nb)
             dx = dparams = dscale = dw = dbias = None
             if want_x or want_factors:
                 # g = dout @ W, in a reused buffer
-                gb = _blocks(torch.mm(dout, weight, out=_scratch("grad", (dout.shape[0], weight.shape[1]), x)), nb)
+                g = torch.mm(dout, weight, out=_scratch("grad", (dout.shape[0], weight.shape[1]), x))
                 dflat, out = None, (None, None)
                 if want_factors:
                     # the factors' gradients go straight into the buffer _build_backward reads
@@ -640,8 +649,15 @@ class DenseLinear(torch.autograd.Function):
                     dflat = x.new_empty(size)
                     dflat[used:].zero_()
                     out = _split(dflat, nb, b)
-                dx, _, _ = _rows_forward_backward(gb, x, roots, delta, blocks, Q, want_x, want_factors,
-                                                  want_factors, out)
+                if native.applies(x, blocks):
+                    dx = x.new_empty(x.shape) if want_x else None
+                    partials = _scratch("partials", (native.scratch_size(nb, b, Q is not None),), x)
+                    native.backward(x, g, blocks, blocks.transpose(1, 2).contiguous(), Q, dx, *out, partials)
+                else:
+                    if Q is not None and roots is None and want_factors:
+                        roots, delta = _roots(x, Q, nb)
+                    dx, _, _ = _rows_forward_backward(_blocks(g, nb), x, roots, delta, blocks, Q, want_x,
+                                                      want_factors, want_factors, out)
                 if want_factors:
                     dparams, dscale = _build_backward(dflat, saved, params, scale, givens, indices, want_params,
                                                       want_scale)

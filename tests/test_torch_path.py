@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import qgoft_kernels as qk
-from qgoft_kernels import dense
+from qgoft_kernels import dense, native
 from qgoft_kernels.dense import DenseRotation, dense_factors, layout
 from qgoft_kernels.torch_path import choose, dense_block, formulation
 from qgoft_kernels.verify import Case, assert_close, check_case, random_inputs
@@ -53,6 +53,36 @@ def layouts(request, monkeypatch):
     """Both layouts of the fused layer's rotated rows: ``x @ R`` in the rows' layout (a few
     rows) or made as its transpose (many rows)."""
     monkeypatch.setattr(dense, "TRANSPOSED_ROWS", 1 << 30 if request.param == "rows" else 0)
+    return request.param
+
+
+def _use_compiled(monkeypatch, on: bool):
+    """The fused layer's row passes by the compiled kernels (qgoft_kernels.native) or ATen's ops."""
+    monkeypatch.setenv("QGOFT_NATIVE", "1" if on else "0")
+    if on and native.library() is None:
+        pytest.skip("no C compiler here: the compiled kernels are not built")
+
+
+@pytest.fixture(params=["compiled", "aten"])
+def kernels(request, monkeypatch):
+    _use_compiled(monkeypatch, request.param == "compiled")
+    return request.param
+
+
+#: the fused layer's row passes: the compiled kernels, or ATen's ops with both ways of calling
+#: the blocks (block_calls) and both layouts of x @ R (layouts)
+ROW_PASSES = {"compiled": None, "aten-batched-rows": ("batched", "rows"),
+              "aten-batched-transposed": ("batched", "transposed"), "aten-per-block-rows": ("per-block", "rows"),
+              "aten-per-block-transposed": ("per-block", "transposed")}
+
+
+@pytest.fixture(params=list(ROW_PASSES))
+def row_passes(request, monkeypatch):
+    _use_compiled(monkeypatch, request.param == "compiled")
+    if ROW_PASSES[request.param] is not None:
+        calls, layout_ = ROW_PASSES[request.param]
+        monkeypatch.setattr(dense, "SMALL_ROWS", 1 << 30 if calls == "batched" else 0)
+        monkeypatch.setattr(dense, "TRANSPOSED_ROWS", 1 << 30 if layout_ == "rows" else 0)
     return request.param
 
 
@@ -268,7 +298,7 @@ def test_choose_agrees_with_the_committed_crossover():
 # rotated when they are the cheaper operand (dense.rotates_weight), else x's rows
 @pytest.mark.parametrize("k, rows", [(16, 40), (100, 40), (24, 1), (24, 0)], ids=["W-side", "x-side", "T1", "T0"])
 @pytest.mark.parametrize("d", [64, 100, 192])
-def test_layer_against_the_oracle(d, k, rows, forced, block_calls, layouts, gen):
+def test_layer_against_the_oracle(d, k, rows, forced, row_passes, gen):
     """Output and the gradients of x, rotation and scale, and of an unfrozen weight and bias."""
     assert dense.rotates_weight(k, rows) == (k == 16)
     for block, scale, dtype in (("quasi", True, torch.float32), ("givens", False, torch.float64)):
@@ -297,7 +327,7 @@ def test_layer_against_the_oracle(d, k, rows, forced, block_calls, layouts, gen)
 
 @pytest.mark.parametrize("which", ["x", "rotation", "scale", "rotation+scale", "x+scale"])
 @pytest.mark.parametrize("k, rows", [(16, 40), (100, 40)], ids=["W-side", "x-side"])
-def test_layer_only_the_requested_gradients(k, rows, which, forced, gen):
+def test_layer_only_the_requested_gradients(k, rows, which, forced, kernels, gen):
     """The fused layer's backward computes only what autograd asks for (the factors' gradients
     are made only for the rotation or the scale); each subset must still be right."""
     d = 64
@@ -356,7 +386,7 @@ def test_layer_gradgradcheck(k, rows, forced, gen):
 
 
 @pytest.mark.parametrize("k", [64, 2000], ids=["W-side", "x-side"])
-def test_layer_bit_identical_repeats(k, forced, gen):
+def test_layer_bit_identical_repeats(k, forced, kernels, gen):
     assert dense.rotates_weight(k, 1000) == (k == 64)
     layer = qk.GivensLinear(384, k, block="quasi", scale=True)
     with torch.no_grad():
@@ -382,7 +412,7 @@ def _layer_step(layer, x, dy):
 # the intermediates of the fused layer live in reused per-thread buffers (dense._scratch): what
 # a call returns must never be one of them, whatever the shapes and dtypes that follow
 @pytest.mark.parametrize("rows", [40, 300], ids=["few-rows", "many-rows"])
-def test_scratch_buffers_never_reach_the_caller(rows, gen, monkeypatch):
+def test_scratch_buffers_never_reach_the_caller(rows, kernels, gen, monkeypatch):
     monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(dense, "_SCRATCH", dense._ScratchBuffers())

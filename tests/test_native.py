@@ -1,0 +1,153 @@
+"""The compiled CPU kernels (qgoft_kernels.native) against the dense formulation's ATen ops, and
+how they are built and turned off. The layer's tests (test_torch_path.py) run both ways too."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qgoft_kernels import dense, native
+
+pytestmark = pytest.mark.skipif(native.library() is None, reason="no C compiler here: the kernels are not built")
+
+
+def _aten_forward(x, blocks, Q):
+    return dense._rows_forward(x, blocks, Q)[0]
+
+
+def _aten_transposed(x, blocks, Q):
+    """``x @ blockdiag(blocks)^T @ U^T``."""
+    return dense._rows_transposed(x, blocks, Q)[0]
+
+
+def _aten_backward(x, g, blocks, Q):
+    nb = blocks.shape[0]
+    roots, delta = dense._roots(x, Q, nb) if Q is not None else (None, None)
+    return dense._rows_forward_backward(dense._blocks(g, nb), x, roots, delta, blocks, Q, True, True, True)
+
+
+def _inputs(rows, nb, b, dtype, gen, with_q=True):
+    x = torch.randn(rows, nb * b, generator=gen, dtype=dtype)
+    g = torch.randn(rows, nb * b, generator=gen, dtype=dtype)
+    blocks = torch.randn(nb, b, b, generator=gen, dtype=dtype)
+    Q = torch.randn(nb, nb, generator=gen, dtype=dtype) if with_q and nb > 1 else None
+    return x, g, blocks, Q
+
+
+def _close(a, b, dtype):
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    scale = b.abs().max().item() if b.numel() else 1.0
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(1.0, scale))
+
+
+# rows: whole tiles of 8 per thread, tails, one row, none; b: the vector widths (16, 32, 64
+# floats) and one done value by value (8); nb up to the roots' vector width and past it
+SHAPES = [(64, 12, 32), (37, 3, 32), (1, 5, 32), (0, 4, 32), (50, 16, 16), (16, 2, 64), (21, 18, 8), (30, 1, 32),
+          (41, 33, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("rows, nb, b", SHAPES)
+def test_rotate_matches_aten(rows, nb, b, dtype, gen):
+    x, _, blocks, Q = _inputs(rows, nb, b, dtype, gen)
+    _close(native.rotate(x, blocks, Q, True, torch.empty_like(x)), _aten_forward(x, blocks, Q), dtype)
+    transposed = native.rotate(x, blocks.transpose(1, 2).contiguous(), Q, False, torch.empty_like(x))
+    _close(transposed, _aten_transposed(x, blocks, Q), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("rows, nb, b", SHAPES)
+def test_backward_matches_aten(rows, nb, b, dtype, gen):
+    x, g, blocks, Q = _inputs(rows, nb, b, dtype, gen)
+    expected = _aten_backward(x, g, blocks, Q)
+    partials = torch.empty(native.scratch_size(nb, b, Q is not None), dtype=dtype)
+    blocks_t = blocks.transpose(1, 2).contiguous()
+    dx, dblocks = torch.empty_like(x), torch.empty_like(blocks)
+    dQ = torch.empty_like(Q) if Q is not None else None
+    native.backward(x, g, blocks, blocks_t, Q, dx, dblocks, dQ, partials)
+    for got, want in zip((dx, dblocks, dQ), expected):
+        if want is not None:
+            _close(got, want, dtype)
+    # without dx: the roots' gradient from the blocks' first rows alone
+    dblocks2 = torch.empty_like(blocks)
+    dQ2 = torch.empty_like(Q) if Q is not None else None
+    native.backward(x, g, blocks, blocks_t, Q, None, dblocks2, dQ2, partials)
+    assert torch.equal(dblocks2, dblocks)
+    if Q is not None:
+        _close(dQ2, expected[2], dtype)
+    # dx alone
+    dx2 = torch.empty_like(x)
+    native.backward(x, g, blocks, blocks_t, Q, dx2, None, None, partials)
+    assert torch.equal(dx2, dx)
+
+
+def test_strided_rows_and_outputs(gen):
+    """Rows with a stride past their width (a slice of wider rows), read and written in place."""
+    x, g, blocks, Q = _inputs(40, 6, 32, torch.float32, gen)
+    wide = torch.zeros(40, 250)
+    wide[:, 30:222] = x
+    out = torch.full((40, 300), 7.0)
+    native.rotate(wide[:, 30:222], blocks, Q, True, out[:, 50:242])
+    _close(out[:, 50:242], _aten_forward(x, blocks, Q), torch.float32)
+    assert (out[:, :50] == 7).all() and (out[:, 242:] == 7).all()
+
+
+def test_bit_identical_repeats(gen):
+    x, g, blocks, Q = _inputs(300, 12, 32, torch.float32, gen)
+    partials = torch.empty(native.scratch_size(12, 32, True))
+    results = []
+    for _ in range(2):
+        dx, dblocks, dQ = torch.empty_like(x), torch.empty_like(blocks), torch.empty_like(Q)
+        native.backward(x, g, blocks, blocks.transpose(1, 2).contiguous(), Q, dx, dblocks, dQ, partials)
+        results.append((dx, dblocks, dQ, native.rotate(x, blocks, Q, True, torch.empty_like(x))))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_applies_only_where_the_kernels_can_run():
+    blocks = torch.zeros(4, 32, 32)
+    assert native.applies(torch.zeros(8, 128), blocks)
+    assert not native.applies(torch.zeros(8, 128, dtype=torch.bfloat16), blocks)
+    assert not native.applies(torch.zeros(128, 8).T, blocks)  # features not of unit stride
+    assert not native.applies(torch.zeros(8, 128 * 32), torch.zeros(1, 128 * 32, 128 * 32)[:, :, :1].expand(
+        1, 128 * 32, 128 * 32))  # a block past MAX_BLOCK
+    assert not native.applies(torch.zeros(2, 2048), torch.zeros(2048, 1, 1))  # more blocks than MAX_BLOCKS
+
+
+def test_turned_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("QGOFT_NATIVE", "0")
+    assert native.library() is None
+    assert not native.applies(torch.zeros(8, 128), torch.zeros(4, 32, 32))
+
+
+def test_built_once_into_the_cache_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("QGOFT_CACHE_DIR", str(tmp_path))
+    compiler = native._compiler()
+    first = native._compile(compiler)
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert native._compile(compiler) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
+
+
+def test_without_a_compiler_the_aten_ops_run(tmp_path, monkeypatch, gen):
+    """No compiler (or a failed build): a warning, then the layer on ATen's ops, same numbers."""
+    import qgoft_kernels as qk
+
+    layer = qk.GivensLinear(64, 16, block="quasi", scale=True)
+    with torch.no_grad():
+        layer.rotation.add_(0.3 * torch.randn(layer.rotation.shape, generator=gen))
+    x = torch.randn(40, 64, generator=gen)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
+    expected = layer(x)
+    monkeypatch.setenv("QGOFT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    native._load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="did not build"):
+            assert native.library() is None
+        assert not native.applies(x, torch.zeros(2, 32, 32))
+        torch.testing.assert_close(layer(x), expected)
+    finally:
+        monkeypatch.undo()
+        native._load.cache_clear()
+    assert native.library() is not None
