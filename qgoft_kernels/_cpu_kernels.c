@@ -6,10 +6,12 @@
    and the roots as separate strided passes; here a tile of rows goes through every block and
    the roots while it is in the cache.
 
-   qgoft_rotate: y = x @ R ("premix": the roots mixed first) or y = x @ blockdiag(M) @ U^T
-   (the roots mixed after, by Q^T); M is B for the first, B^T for the second.
+   qgoft_rotate: y = x @ R ("premix": the roots mixed first, by the Q given) or y = x @
+   blockdiag(M) @ U^T (the roots mixed after: the matrix given is then Q^T); M is B for the
+   first, B^T for the second.
    qgoft_backward: for y = x @ R and g = dy: dx = g @ blockdiag(B^T) @ U^T, dB_j = x2_j^T g_j
-   (x2: x with its roots mixed) and dQ = roots^T droots (droots: the roots of g blockdiag(B^T)).
+   (x2: x with its roots mixed) and dQ = roots^T droots (droots: the roots of g blockdiag(B^T));
+   it takes both Q and Q^T (QT), and any of dx, dB, dQ may be NULL (not wanted).
 
    Every function comes in float (_f32) and double (_f64): this file includes itself once per
    type. Threads: OpenMP, the caller's count; each thread takes a fixed share of the rows and
