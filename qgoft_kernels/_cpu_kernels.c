@@ -123,13 +123,17 @@ static void QGOFT_NAME(roots_mm)(int nr, int nb, const real *A, ptrdiff_t lr, pt
             }
             for (int r = 0; r < TILE; r++) *(VEC *)(out[r] + j0) = acc[r];
         } else {
+            /* fewer than VL columns left, or a short tile: row by row, as axpys over the columns */
             int j1 = j0 + VL < nb ? j0 + VL : nb;
-            for (int r = 0; r < nr; r++)
-                for (int j = j0; j < j1; j++) {
-                    real s = 0;
-                    for (int i = 0; i < nb; i++) s += A[r * lr + i * lc] * M[(ptrdiff_t)i * nb + j];
-                    out[r][j] = s;
+            for (int r = 0; r < nr; r++) {
+                real *o = out[r];
+                for (int j = j0; j < j1; j++) o[j] = 0;
+                for (int i = 0; i < nb; i++) {
+                    real v = A[r * lr + i * lc];
+                    const real *m = M + (ptrdiff_t)i * nb;
+                    for (int j = j0; j < j1; j++) o[j] += v * m[j];
                 }
+            }
         }
     }
 }
@@ -250,15 +254,12 @@ void QGOFT_NAME(qgoft_backward)(long T, int nb, int b, const real *x, long ldx, 
                                 const real *B, const real *BT, const real *Q, const real *QT, real *dx, long lddx, real *dB,
                                 real *dQ, real *scratch, int threads) {
     const long nblock = (long)nb * b * b, nq = Q ? (long)nb * nb : 0, per = nblock + nq;
-    int team = 1;
 #pragma omp parallel num_threads(threads)
     {
 #ifdef _OPENMP
-#pragma omp single
-        team = omp_get_num_threads();
-        int me = omp_get_thread_num();
+        int me = omp_get_thread_num(), team = omp_get_num_threads();
 #else
-        int me = 0;
+        int me = 0, team = 1;
 #endif
         real *own = scratch + (ptrdiff_t)me * per;
         memset(own, 0, sizeof(real) * per);

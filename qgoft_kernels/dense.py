@@ -566,6 +566,12 @@ class DenseRotation(torch.autograd.Function):
 #: the same at d = 768 and 1024 with k = 4d, 1.6x at d = 4096 (docs/math.md §5).
 WEIGHT_ROWS_PER_ROW = 1.5
 
+#: The same with the compiled kernels (:mod:`qgoft_kernels.native`), which rotate a row of ``x``
+#: and a row of ``W`` by the same pass: at d = 1536, 1.2 µs per row of ``x`` (1280 rows) and 1.1
+#: per row of ``W`` (1536 rows), caches cleared first (docs/math.md §6); so the operand with fewer
+#: rows is rotated.
+NATIVE_WEIGHT_ROWS_PER_ROW = 1.0
+
 
 #: From this many rows, :class:`DenseLinear` makes ``x @ R`` as its transpose when it rotates ``x``
 #: (:func:`_rows_forward_t`; docs/math.md §5): one batched call where the rows' layout takes a
@@ -575,9 +581,10 @@ WEIGHT_ROWS_PER_ROW = 1.5
 TRANSPOSED_ROWS = 256
 
 
-def rotates_weight(k: int, rows: int) -> bool:
-    """Whether :class:`DenseLinear` rotates the ``k`` rows of the weight (else the ``rows`` of ``x``)."""
-    return k < WEIGHT_ROWS_PER_ROW * rows
+def rotates_weight(k: int, rows: int, compiled: bool = False) -> bool:
+    """Whether :class:`DenseLinear` rotates the ``k`` rows of the weight (else the ``rows`` of
+    ``x``), with the compiled kernels or with ATen's ops."""
+    return k < (NATIVE_WEIGHT_ROWS_PER_ROW if compiled else WEIGHT_ROWS_PER_ROW) * rows
 
 
 class DenseLinear(torch.autograd.Function):
@@ -603,7 +610,7 @@ class DenseLinear(torch.autograd.Function):
         blocks, Q = _split(flat, nb, b)
         roots = delta = None
         compiled = native.applies(x, blocks)
-        if rotates_weight(weight.shape[0], x.shape[0]):
+        if rotates_weight(weight.shape[0], x.shape[0], compiled):
             if compiled:
                 # W R^T = W blockdiag(B^T) U^T, rows of W in one pass
                 rotated = native.rotate(_rows(weight), blocks.transpose(1, 2).contiguous(), Q, False,
