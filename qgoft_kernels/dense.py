@@ -613,13 +613,12 @@ class DenseLinear(torch.autograd.Function):
         if rotates_weight(weight.shape[0], x.shape[0], compiled):
             if compiled:
                 # W R^T = W blockdiag(B^T) U^T, rows of W in one pass
-                rotated = native.rotate(_rows(weight), blocks.transpose(1, 2).contiguous(), Q, False,
-                                        _scratch("weight", tuple(weight.shape), weight))
+                rotated = native.rotate(_rows(weight), blocks, Q, True, _scratch("weight", tuple(weight.shape), weight))
             else:
                 rotated = _weight_rotated(_rows(weight), blocks, Q)
             out = F.linear(x, rotated, bias)
         elif compiled:
-            out = F.linear(native.rotate(x, blocks, Q, True, _scratch("rows", tuple(x.shape), x)), weight, bias)
+            out = F.linear(native.rotate(x, blocks, Q, False, _scratch("rows", tuple(x.shape), x)), weight, bias)
         elif x.shape[0] >= TRANSPOSED_ROWS:
             # x @ R is not kept: the backward starts again from x
             yT, roots, delta = _rows_forward_t(x, blocks, Q)
@@ -659,7 +658,7 @@ class DenseLinear(torch.autograd.Function):
                 if native.applies(x, blocks):
                     dx = x.new_empty(x.shape) if want_x else None
                     partials = _scratch("partials", (native.scratch_size(nb, b, Q is not None),), x)
-                    native.backward(x, g, blocks, blocks.transpose(1, 2).contiguous(), Q, dx, *out, partials)
+                    native.backward(x, g, blocks, Q, dx, *out, partials)
                 else:
                     if Q is not None and roots is None and want_factors:
                         roots, delta = _roots(x, Q, nb)

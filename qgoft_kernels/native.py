@@ -121,30 +121,36 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
-def rotate(x: torch.Tensor, M: torch.Tensor, Q: torch.Tensor | None, premix: bool, out: torch.Tensor) -> torch.Tensor:
-    """``out = x @ U @ blockdiag(M)`` (``premix``) or ``x @ blockdiag(M) @ U^T``, for rows ``x``
-    ``[T, nb * b]`` (unit stride along the features), contiguous ``M`` ``[nb, b, b]`` and
+def rotate(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None, transpose: bool,
+           out: torch.Tensor) -> torch.Tensor:
+    """``out = x @ R`` or, with ``transpose``, ``x @ R^T``, for ``R = U blockdiag(blocks)``:
+    rows ``x`` ``[T, nb * b]`` (unit stride along the features), ``blocks`` ``[nb, b, b]`` and
     ``Q`` ``[nb, nb]`` (``U``; ``None``: the identity), into ``out`` (rows of the same shape)."""
-    nb, b, _ = M.shape
+    nb, b, _ = blocks.shape
     fn = getattr(library(), f"qgoft_rotate_{_SUFFIX[x.dtype]}")
-    # mixing after the blocks, the kernel reads Q^T
-    mix = Q if premix or Q is None else Q.T.contiguous()
-    fn(x.shape[0], nb, b, _ptr(x), x.stride(0), _ptr(M), _ptr(mix), int(premix), _ptr(out), out.stride(0),
+    # x @ R^T = x @ blockdiag(B^T) @ U^T: the kernel reads the transposed blocks, then Q^T
+    M = blocks.transpose(1, 2).contiguous() if transpose else blocks.contiguous()
+    mix = None if Q is None else (Q.T if transpose else Q).contiguous()
+    fn(x.shape[0], nb, b, _ptr(x), x.stride(0), _ptr(M), _ptr(mix), int(not transpose), _ptr(out), out.stride(0),
        torch.get_num_threads())
     return out
 
 
-def backward(x, g, blocks, blocks_t, Q, dx, dblocks, dQ, scratch: torch.Tensor) -> None:
+def backward(x, g, blocks, Q, dx, dblocks, dQ, scratch: torch.Tensor) -> None:
     """For ``y = x @ U @ blockdiag(blocks)`` and ``g = dy``: ``dx`` (rows like ``x``),
     ``dblocks`` (``[nb, b, b]``) and ``dQ`` (``[nb, nb]``), each written where it is given
-    (``None``: not wanted). ``blocks_t`` is ``blocks`` with each block transposed, contiguous;
-    ``scratch`` holds at least :func:`scratch_size` values."""
+    (``None``: not wanted). ``scratch`` holds at least :func:`scratch_size` values."""
     nb, b, _ = blocks.shape
+    threads = torch.get_num_threads()
+    if scratch.numel() < scratch_size(nb, b, Q is not None):
+        raise ValueError(f"scratch: {scratch.numel()} values, fewer than the {scratch_size(nb, b, Q is not None)} "
+                         "the threads' sums need")
     fn = getattr(library(), f"qgoft_backward_{_SUFFIX[x.dtype]}")
-    QT = None if Q is None else Q.T.contiguous()
+    # kept in names until the call returns: the kernel reads them through their pointers
+    blocks, blocks_t = blocks.contiguous(), blocks.transpose(1, 2).contiguous()
+    Q, QT = (None, None) if Q is None else (Q.contiguous(), Q.T.contiguous())
     fn(x.shape[0], nb, b, _ptr(x), x.stride(0), _ptr(g), g.stride(0), _ptr(blocks), _ptr(blocks_t), _ptr(Q),
-       _ptr(QT), _ptr(dx), dx.stride(0) if dx is not None else 0, _ptr(dblocks), _ptr(dQ), _ptr(scratch),
-       torch.get_num_threads())
+       _ptr(QT), _ptr(dx), dx.stride(0) if dx is not None else 0, _ptr(dblocks), _ptr(dQ), _ptr(scratch), threads)
 
 
 def scratch_size(nb: int, b: int, with_q: bool) -> int:

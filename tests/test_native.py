@@ -49,8 +49,8 @@ SHAPES = [(64, 12, 32), (37, 3, 32), (1, 5, 32), (0, 4, 32), (50, 16, 16), (16, 
 @pytest.mark.parametrize("rows, nb, b", SHAPES)
 def test_rotate_matches_aten(rows, nb, b, dtype, gen):
     x, _, blocks, Q = _inputs(rows, nb, b, dtype, gen)
-    _close(native.rotate(x, blocks, Q, True, torch.empty_like(x)), _aten_forward(x, blocks, Q), dtype)
-    transposed = native.rotate(x, blocks.transpose(1, 2).contiguous(), Q, False, torch.empty_like(x))
+    _close(native.rotate(x, blocks, Q, False, torch.empty_like(x)), _aten_forward(x, blocks, Q), dtype)
+    transposed = native.rotate(x, blocks, Q, True, torch.empty_like(x))
     _close(transposed, _aten_transposed(x, blocks, Q), dtype)
 
 
@@ -60,23 +60,22 @@ def test_backward_matches_aten(rows, nb, b, dtype, gen):
     x, g, blocks, Q = _inputs(rows, nb, b, dtype, gen)
     expected = _aten_backward(x, g, blocks, Q)
     partials = torch.empty(native.scratch_size(nb, b, Q is not None), dtype=dtype)
-    blocks_t = blocks.transpose(1, 2).contiguous()
     dx, dblocks = torch.empty_like(x), torch.empty_like(blocks)
     dQ = torch.empty_like(Q) if Q is not None else None
-    native.backward(x, g, blocks, blocks_t, Q, dx, dblocks, dQ, partials)
+    native.backward(x, g, blocks, Q, dx, dblocks, dQ, partials)
     for got, want in zip((dx, dblocks, dQ), expected):
         if want is not None:
             _close(got, want, dtype)
     # without dx: the roots' gradient from the blocks' first rows alone
     dblocks2 = torch.empty_like(blocks)
     dQ2 = torch.empty_like(Q) if Q is not None else None
-    native.backward(x, g, blocks, blocks_t, Q, None, dblocks2, dQ2, partials)
+    native.backward(x, g, blocks, Q, None, dblocks2, dQ2, partials)
     assert torch.equal(dblocks2, dblocks)
     if Q is not None:
         _close(dQ2, expected[2], dtype)
     # dx alone
     dx2 = torch.empty_like(x)
-    native.backward(x, g, blocks, blocks_t, Q, dx2, None, None, partials)
+    native.backward(x, g, blocks, Q, dx2, None, None, partials)
     assert torch.equal(dx2, dx)
 
 
@@ -86,7 +85,7 @@ def test_strided_rows_and_outputs(gen):
     wide = torch.zeros(40, 250)
     wide[:, 30:222] = x
     out = torch.full((40, 300), 7.0)
-    native.rotate(wide[:, 30:222], blocks, Q, True, out[:, 50:242])
+    native.rotate(wide[:, 30:222], blocks, Q, False, out[:, 50:242])
     _close(out[:, 50:242], _aten_forward(x, blocks, Q), torch.float32)
     assert (out[:, :50] == 7).all() and (out[:, 242:] == 7).all()
 
@@ -97,8 +96,8 @@ def test_bit_identical_repeats(gen):
     results = []
     for _ in range(2):
         dx, dblocks, dQ = torch.empty_like(x), torch.empty_like(blocks), torch.empty_like(Q)
-        native.backward(x, g, blocks, blocks.transpose(1, 2).contiguous(), Q, dx, dblocks, dQ, partials)
-        results.append((dx, dblocks, dQ, native.rotate(x, blocks, Q, True, torch.empty_like(x))))
+        native.backward(x, g, blocks, Q, dx, dblocks, dQ, partials)
+        results.append((dx, dblocks, dQ, native.rotate(x, blocks, Q, False, torch.empty_like(x))))
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
@@ -151,3 +150,10 @@ def test_without_a_compiler_the_aten_ops_run(tmp_path, monkeypatch, gen):
         monkeypatch.undo()
         native._load.cache_clear()
     assert native.library() is not None
+
+
+def test_too_small_a_scratch_buffer_is_refused(gen):
+    x, g, blocks, Q = _inputs(16, 4, 32, torch.float32, gen)
+    short = torch.empty(native.scratch_size(4, 32, True) - 1)
+    with pytest.raises(ValueError, match="scratch"):
+        native.backward(x, g, blocks, Q, torch.empty_like(x), torch.empty_like(blocks), torch.empty_like(Q), short)
