@@ -48,14 +48,6 @@ def block_calls(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["rows", "transposed"])
-def layouts(request, monkeypatch):
-    """Both layouts of the fused layer's rotated rows: ``x @ R`` in the rows' layout (a few
-    rows) or made as its transpose (many rows)."""
-    monkeypatch.setattr(dense, "TRANSPOSED_ROWS", 1 << 30 if request.param == "rows" else 0)
-    return request.param
-
-
 def _use_compiled(monkeypatch, on: bool):
     """The fused layer's row passes by the compiled kernels (qgoft_kernels.native) or ATen's ops."""
     monkeypatch.setenv("QGOFT_NATIVE", "1" if on else "0")
@@ -70,7 +62,8 @@ def kernels(request, monkeypatch):
 
 
 #: the fused layer's row passes: the compiled kernels, or ATen's ops with both ways of calling
-#: the blocks (block_calls) and both layouts of x @ R (layouts)
+#: the blocks (block_calls: dense.SMALL_ROWS) and both layouts of x @ R, in the rows' layout or
+#: made as its transpose (dense.TRANSPOSED_ROWS)
 ROW_PASSES = {"compiled": None, "aten-batched-rows": ("batched", "rows"),
               "aten-batched-transposed": ("batched", "transposed"), "aten-per-block-rows": ("per-block", "rows"),
               "aten-per-block-transposed": ("per-block", "transposed")}
