@@ -12,13 +12,20 @@
    qgoft_backward: for y = x @ R and g = dy: dx = g @ blockdiag(B^T) @ U^T, dB_j = x2_j^T g_j
    (x2: x with its roots mixed) and dQ = roots^T droots (droots: the roots of g blockdiag(B^T));
    it takes both Q and Q^T (QT), and any of dx, dB, dQ may be NULL (not wanted).
+   qgoft_build: both factors' values from the parameters, in one call where ATen takes a
+   dozen small ops (dense.py's _build: the values H * cumprod(C), gathered from the angles'
+   cosines and sines or the blocks' entries, the identity and the scale, and scattered into
+   the factors, and into their transposes); qgoft_build_backward: its gradient
+   (dense.py's _build_backward). Both serial: they touch d (m + 1) values.
 
    Every function comes in float (_f32) and double (_f64): this file includes itself once per
    type. Threads: OpenMP, the caller's count; each thread takes a fixed share of the rows and
    sums into its own buffer, summed in thread order after: the same result on every call. */
 #ifndef QGOFT_REAL
 
+#include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -29,8 +36,10 @@
 /* the widest block and the most roots a tile keeps on the stack */
 #define MAX_B 64
 #define MAX_NB 1024
+/* the most factors in one column's product (K + 1 in dense.py: at most log2(d) + 1) */
+#define MAX_K1 64
 
-int qgoft_abi_version(void) { return 1; }
+int qgoft_abi_version(void) { return 2; }
 
 #define QGOFT_REAL float
 #define QGOFT_NAME(x) x##_f32
@@ -301,6 +310,83 @@ void QGOFT_NAME(qgoft_backward)(long T, int nb, int b, const real *x, long ldx, 
             }
         }
     }
+}
+
+
+/* The factors' values (dense.py's _build). source = [cos(angles), sin(angles)] (givens) or
+   the blocks' entries (4 count values), then the identity's 1, 0, 0, 1, then the scale
+   (nscale values, or none). Row i of the gather (N rows of 2 x K1 indices into source) gives
+   the factors C[i, l] and H[i, t] of column i's K1 values H[i, t] * prod_{l <= t} C[i, l]
+   (times sign[i, t] when sign is given), which go to flat[pos[i * K1 + t]] and, when flat_t
+   is given, to flat_t[pos_t[i * K1 + t]]; every other slot of flat and flat_t (size values
+   each) is zero. CH (N x 2 x K1: the gathered factors) and P (N x K1: the prefix products),
+   when given, keep what the backward reads. */
+void QGOFT_NAME(qgoft_build)(long count, int givens, const real *params, long nscale, const real *scale,
+                             real *source, long N, int K1, const int64_t *gather, const int64_t *pos,
+                             const real *sign, long size, real *flat, const int64_t *pos_t, real *flat_t,
+                             real *CH, real *P) {
+    long entries = givens ? 2 * count : 4 * count;
+    if (givens) {
+        for (long j = 0; j < count; j++) {
+            source[j] = cos(params[j]);
+            source[count + j] = sin(params[j]);
+        }
+    } else {
+        memcpy(source, params, (size_t)entries * sizeof(real));
+    }
+    source[entries] = 1;
+    source[entries + 1] = 0;
+    source[entries + 2] = 0;
+    source[entries + 3] = 1;
+    if (nscale) memcpy(source + entries + 4, scale, (size_t)nscale * sizeof(real));
+    memset(flat, 0, (size_t)size * sizeof(real));
+    if (flat_t) memset(flat_t, 0, (size_t)size * sizeof(real));
+    for (long i = 0; i < N; i++) {
+        const int64_t *gc = gather + i * 2 * K1, *gh = gc + K1;
+        real p = 1;
+        for (int t = 0; t < K1; t++) {
+            real c = source[gc[t]], h = source[gh[t]];
+            p *= c;
+            real v = h * p;
+            if (sign) v *= sign[i * K1 + t];
+            flat[pos[i * K1 + t]] = v;
+            if (flat_t) flat_t[pos_t[i * K1 + t]] = v;
+            if (CH) {
+                CH[i * 2 * K1 + t] = c;
+                CH[i * 2 * K1 + K1 + t] = h;
+            }
+            if (P) P[i * K1 + t] = p;
+        }
+    }
+}
+
+/* The gradient of qgoft_build (dense.py's _build_backward): dsource (nsource values) from
+   dflat (the gradient of flat), as the sum over every product that read each value. The
+   prefix products' gradient is the suffix recurrence S[l] = dP[l] + C[l + 1] S[l + 1], and
+   dC[l] = P[l - 1] S[l] (S[0] for l = 0). Serial, in a fixed order. With givens, dangles
+   (count values), when given, receives the angles' gradients, dsin cos - dcos sin. */
+void QGOFT_NAME(qgoft_build_backward)(long N, int K1, const real *dflat, const int64_t *gather,
+                                      const int64_t *pos, const real *sign, const real *CH, const real *P,
+                                      long nsource, real *dsource, long count, const real *source,
+                                      real *dangles) {
+    real S[MAX_K1];
+    memset(dsource, 0, (size_t)nsource * sizeof(real));
+    for (long i = 0; i < N; i++) {
+        const int64_t *gc = gather + i * 2 * K1, *gh = gc + K1;
+        const real *C = CH + i * 2 * K1, *H = C + K1, *Pi = P + i * K1;
+        for (int t = 0; t < K1; t++) {
+            real dv = dflat[pos[i * K1 + t]];
+            if (sign) dv *= sign[i * K1 + t];
+            dsource[gh[t]] += dv * Pi[t];
+            S[t] = dv * H[t];
+        }
+        for (int l = K1 - 2; l >= 0; l--) S[l] += C[l + 1] * S[l + 1];
+        dsource[gc[0]] += S[0];
+        for (int l = 1; l < K1; l++) dsource[gc[l]] += Pi[l - 1] * S[l];
+    }
+    if (dangles)
+        for (long j = 0; j < count; j++)
+            dangles[j] = dsource[count + j] * source[j] - dsource[j] * source[count + j];
 }
 
 #undef real

@@ -128,19 +128,34 @@ def _givens_indices(indices, count: int, dtype: torch.dtype):
 
 
 @functools.lru_cache(maxsize=None)
+def _transposed_positions(pos: torch.Tensor, nb: int, b: int, used: int) -> torch.Tensor:
+    """Where each of :func:`_factor_indices`' positions lies in ``cat(blocks^T, Q^T, spare)``."""
+    n = nb * b * b
+    block, within = pos // (b * b), pos % (b * b)
+    root = pos - n
+    return torch.where(pos < n, block * b * b + within % b * b + within // b,
+                       torch.where(pos < used, n + root % nb * nb + root // nb, pos))
+
+
+@functools.lru_cache(maxsize=None)
 def _indices(d: int, structure: str, block_width: int, scaled: bool, givens: bool, dtype: torch.dtype,
              device: torch.device):
-    """``(gather, pos, used, size, sign)`` for :func:`_build`: :func:`_factor_indices`, and for
-    ``givens`` its gather into the angles' cosines and sines with the signs that takes out
-    (:func:`_givens_indices`; ``sign`` is ``None`` otherwise). Cached per layout; the compiler
+    """``(gather, pos, used, size, sign, pos_t)`` for :func:`_build`: :func:`_factor_indices`,
+    and for ``givens`` its gather into the angles' cosines and sines with the signs that
+    takes out (:func:`_givens_indices`; ``sign`` is ``None`` otherwise), and the positions in
+    the transposed factors (:func:`_transposed_positions`). Cached per layout; the compiler
     traces ``_indices.__wrapped__``."""
     # cached tensors are made outside inference mode, also when the first call is inside it:
     # the double backward saves them (an inference tensor cannot be saved)
     with nullcontext() if torch.compiler.is_compiling() else torch.inference_mode(False):
         indices = _factor_indices(d, structure, block_width, scaled, device)
-        if not givens:
-            return (*indices, None)
-        return _givens_indices(indices, param_offsets(d, structure)[-1], dtype)
+        if givens:
+            indices = _givens_indices(indices, param_offsets(d, structure)[-1], dtype)
+        else:
+            indices = (*indices, None)
+        _, b, nb = layout(d, block_width)
+        gather, pos, used, size, sign = indices
+        return gather.contiguous(), pos.contiguous(), used, size, sign, _transposed_positions(pos, nb, b, used)
 
 
 def _source(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -161,7 +176,7 @@ def _source(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, dtyp
 def _factor_values(params, scale, givens: bool, dtype: torch.dtype, indices, nb: int, b: int):
     """``(blocks, Q)`` from the parameters in plain differentiable ops (what the compiler traces
     and the double backwards differentiate; :func:`_build` is the same map)."""
-    gather, pos, _, size, sign = indices
+    gather, pos, _, size, sign, _ = indices
     CH = _source(params, scale, givens, dtype)[gather]
     values = CH[:, 1] * torch.cumprod(CH[:, 0], 1)
     if sign is not None:
@@ -175,21 +190,29 @@ def _split(flat: torch.Tensor, nb: int, b: int):
     return flat[:n].view(nb, b, b), (flat[n:n + nb * nb].view(nb, nb) if nb > 1 else None)
 
 
-def _build(params, scale, givens: bool, dtype: torch.dtype, indices):
-    """Both factors' values as one flat buffer, ``cat(blocks.flatten(), Q.flatten(), spare)``
-    (:func:`_split` views it), and what :func:`_build_backward` needs.
+def _build(params, scale, givens: bool, dtype: torch.dtype, indices, transposed: bool = False):
+    """``(flat, flat_t, saved)``: both factors' values as one flat buffer, ``cat(blocks.flatten(),
+    Q.flatten(), spare)`` (:func:`_split` views it), with ``transposed`` the same for the
+    transposed factors (else ``None``), and what :func:`_build_backward` needs.
 
     ``flat[pos] = H * cumprod(C)``: one gather of ``C`` and ``H`` from ``source``
-    (:func:`_factor_indices`), one ``cumprod``, one scatter.
+    (:func:`_factor_indices`), one ``cumprod``, one scatter. On the CPU that is one call of
+    the compiled kernels (:func:`qgoft_kernels.native.build`) where they are built: a dozen
+    small ops cost more than the values, the more so with the caches cold after the layer's
+    matmuls.
     """
+    gather, pos, _, size, sign, pos_t = indices
+    if native.builds(params, scale, dtype, gather.shape[-1]):
+        return native.build(params, scale, givens, gather, pos, sign, size, pos_t if transposed else None)
     source = _source(params, scale, givens, dtype)
-    gather, pos, _, size, sign = indices
     CH = source.index_select(0, gather.view(-1)).view(gather.shape)
     P = torch.cumprod(CH[:, 0], 1)
     values = CH[:, 1] * P
     if sign is not None:
         values.mul_(sign)
-    return values.new_zeros(size).index_put_((pos,), values.view(-1)), (source, CH, P)
+    flat = values.new_zeros(size).index_put_((pos,), values.view(-1))
+    flat_t = values.new_zeros(size).index_put_((pos_t,), values.view(-1)) if transposed else None
+    return flat, flat_t, (source, CH, P)
 
 
 def _build_backward(dflat, saved, params, scale, givens: bool, indices, want_params: bool, want_scale: bool):
@@ -203,7 +226,14 @@ def _build_backward(dflat, saved, params, scale, givens: bool, indices, want_par
     cosines' and sines' (:func:`_givens_indices`).
     """
     source, CH, P = saved
-    gather, pos, _, _, sign = indices
+    gather, pos, _, _, sign, _ = indices
+    count = params.shape[0]
+    entries = 2 * count if givens else 4 * count
+    if native.builds(params, scale, source.dtype, gather.shape[-1]):
+        dsource, dangles = native.build_backward(dflat, saved, givens, count, gather, pos, sign)
+        dparams = (dangles if givens else dsource.narrow(0, 0, entries).view(params.shape)) if want_params else None
+        dscale = dsource.narrow(0, entries + 4, scale.shape[0]) if want_scale else None
+        return dparams, dscale
     dV = dflat.index_select(0, pos).view(P.shape)
     if sign is not None:
         dV.mul_(sign)
@@ -217,9 +247,7 @@ def _build_backward(dflat, saved, params, scale, givens: bool, indices, want_par
         columns[level].addcmul_(factors[level + 1], columns[level + 1])
     S.narrow(1, 1, S.shape[1] - 1).mul_(P.narrow(1, 0, P.shape[1] - 1))
     dsource = torch.zeros_like(source).index_add_(0, gather.view(-1), dCH.view(-1))
-    count = params.shape[0]
     dparams = dscale = None
-    entries = 2 * count if givens else 4 * count
     if want_params:
         if givens:
             # source starts with the cosines, then the sines: d/dθ = dsin cos - dcos sin
@@ -245,7 +273,7 @@ class FactorValues(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, params, scale, givens, dtype, indices, nb, b):
-        flat, saved = _build(params, scale, givens, dtype, indices)
+        flat, _, saved = _build(params, scale, givens, dtype, indices)
         ctx.save_for_backward(params, scale, *saved)
         ctx.setup = (givens, dtype, indices, nb, b)
         return _split(flat, nb, b)
@@ -606,14 +634,17 @@ class DenseLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, params, scale, givens, indices, nb, b):
         x = _rows(x)
-        flat, saved = _build(params, scale, givens, x.dtype, indices)
+        compiled = native.applies(x, (nb, b))
+        # the compiled kernels read the transposed factors too: built beside the factors
+        flat, flat_t, saved = _build(params, scale, givens, x.dtype, indices, transposed=compiled)
         blocks, Q = _split(flat, nb, b)
+        transposed = _split(flat_t, nb, b) if flat_t is not None else None
         roots = delta = None
-        compiled = native.applies(x, blocks)
         if rotates_weight(weight.shape[0], x.shape[0], compiled):
             if compiled:
                 # W R^T = W blockdiag(B^T) U^T, rows of W in one pass
-                rotated = native.rotate(_rows(weight), blocks, Q, True, _scratch("weight", tuple(weight.shape), weight))
+                rotated = native.rotate(_rows(weight), blocks, Q, True, _scratch("weight", tuple(weight.shape), weight),
+                                        transposed)
             else:
                 rotated = _weight_rotated(_rows(weight), blocks, Q)
             out = F.linear(x, rotated, bias)
@@ -626,13 +657,14 @@ class DenseLinear(torch.autograd.Function):
         else:
             y, roots, delta = _rows_forward(x, blocks, Q)
             out = F.linear(y, weight, bias)
-        ctx.save_for_backward(x, weight, bias, params, scale, blocks, Q, roots, delta, *saved)
+        blocks_t, Q_t = transposed or (None, None)
+        ctx.save_for_backward(x, weight, bias, params, scale, blocks, Q, blocks_t, Q_t, roots, delta, *saved)
         ctx.setup = (givens, indices, nb, b)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, weight, bias, params, scale, blocks, Q, roots, delta, *saved = ctx.saved_tensors
+        x, weight, bias, params, scale, blocks, Q, blocks_t, Q_t, roots, delta, *saved = ctx.saved_tensors
         givens, indices, nb, b = ctx.setup
         wants = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():
@@ -651,14 +683,14 @@ class DenseLinear(torch.autograd.Function):
                 dflat, out = None, (None, None)
                 if want_factors:
                     # the factors' gradients go straight into the buffer _build_backward reads
-                    _, _, used, size, _ = indices
+                    _, _, used, size, _, _ = indices
                     dflat = x.new_empty(size)
                     dflat[used:].zero_()
                     out = _split(dflat, nb, b)
-                if native.applies(x, blocks):
+                if blocks_t is not None:
                     dx = x.new_empty(x.shape) if want_x else None
                     partials = _scratch("partials", (native.scratch_size(nb, b, Q is not None),), x)
-                    native.backward(x, g, blocks, Q, dx, *out, partials)
+                    native.backward(x, g, blocks, Q, dx, *out, partials, (blocks_t, Q_t))
                 else:
                     if Q is not None and roots is None and want_factors:
                         roots, delta = _roots(x, Q, nb)

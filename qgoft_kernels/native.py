@@ -28,7 +28,10 @@ import torch
 SOURCE = Path(__file__).with_name("_cpu_kernels.c")
 #: The kernels' limits (``MAX_B`` and ``MAX_NB`` in the source).
 MAX_BLOCK, MAX_BLOCKS = 64, 1024
+#: The most factors in one value's product that :func:`build` takes (``MAX_K1``).
+MAX_FACTORS = 64
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+_LIBS = ["-lm"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
@@ -57,7 +60,7 @@ def _cpu_signature() -> str:
 
 def _compile(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_FLAGS), version, _cpu_signature()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_FLAGS + _LIBS), version, _cpu_signature()]).encode())
     target = _cache_dir() / f"qgoft_cpu_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
@@ -66,7 +69,7 @@ def _compile(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+        subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", tmp, *_LIBS], check=True, capture_output=True, text=True,
                        timeout=300)
         os.replace(tmp, target)
     finally:
@@ -91,7 +94,7 @@ def _load():
         warnings.warn(f"qgoft_kernels: the CPU kernels did not build ({detail}); using ATen ops instead",
                       RuntimeWarning, stacklevel=3)
         return None
-    if lib.qgoft_abi_version() != 1:
+    if lib.qgoft_abi_version() != 2:
         return None
     p, i, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     for suffix in _SUFFIX.values():
@@ -101,6 +104,12 @@ def _load():
         backward = getattr(lib, f"qgoft_backward_{suffix}")
         backward.argtypes = [long, i, i, p, long, p, long, p, p, p, p, p, long, p, p, p, i]
         backward.restype = None
+        build = getattr(lib, f"qgoft_build_{suffix}")
+        build.argtypes = [long, i, p, long, p, p, long, i, p, p, p, long, p, p, p, p, p]
+        build.restype = None
+        build_backward = getattr(lib, f"qgoft_build_backward_{suffix}")
+        build_backward.argtypes = [long, i, p, p, p, p, p, p, long, p, long, p, p]
+        build_backward.restype = None
     return lib
 
 
@@ -109,10 +118,11 @@ def library():
     return _load() if enabled() else None
 
 
-def applies(x: torch.Tensor, blocks: torch.Tensor) -> bool:
-    """Whether the kernels take rows ``x`` (``[T, nb * b]``) with these blocks: on the CPU, in
-    float32 or float64, unit stride along the features, and blocks within the kernels' limits."""
-    nb, b, _ = blocks.shape
+def applies(x: torch.Tensor, blocks: tuple[int, int]) -> bool:
+    """Whether the kernels take rows ``x`` (``[T, nb * b]``) with ``blocks = (nb, b)``: on the
+    CPU, in float32 or float64, unit stride along the features, and blocks within the
+    kernels' limits."""
+    nb, b = blocks
     return (x.device.type == "cpu" and x.dtype in _SUFFIX and x.dim() == 2 and x.stride(1) == 1
             and b <= MAX_BLOCK and nb <= MAX_BLOCKS and library() is not None)
 
@@ -122,24 +132,30 @@ def _ptr(t: torch.Tensor | None):
 
 
 def rotate(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None, transpose: bool,
-           out: torch.Tensor) -> torch.Tensor:
+           out: torch.Tensor, transposed: tuple | None = None) -> torch.Tensor:
     """``out = x @ R`` or, with ``transpose``, ``x @ R^T``, for ``R = U blockdiag(blocks)``:
     rows ``x`` ``[T, nb * b]`` (unit stride along the features), ``blocks`` ``[nb, b, b]`` and
-    ``Q`` ``[nb, nb]`` (``U``; ``None``: the identity), into ``out`` (rows of the same shape)."""
+    ``Q`` ``[nb, nb]`` (``U``; ``None``: the identity), into ``out`` (rows of the same shape).
+    ``transposed``: ``(blocks^T, Q^T)`` where the caller has them (:func:`build`), else they
+    are made here."""
     nb, b, _ = blocks.shape
     fn = getattr(library(), f"qgoft_rotate_{_SUFFIX[x.dtype]}")
     # x @ R^T = x @ blockdiag(B^T) @ U^T: the kernel reads the transposed blocks, then Q^T
-    M = blocks.transpose(1, 2).contiguous() if transpose else blocks.contiguous()
-    mix = None if Q is None else (Q.T if transpose else Q).contiguous()
+    if transpose:
+        M, mix = transposed or (blocks.transpose(1, 2), None if Q is None else Q.T)
+    else:
+        M, mix = blocks, Q
+    M, mix = M.contiguous(), None if mix is None else mix.contiguous()
     fn(x.shape[0], nb, b, _ptr(x), x.stride(0), _ptr(M), _ptr(mix), int(not transpose), _ptr(out), out.stride(0),
        torch.get_num_threads())
     return out
 
 
-def backward(x, g, blocks, Q, dx, dblocks, dQ, scratch: torch.Tensor) -> None:
+def backward(x, g, blocks, Q, dx, dblocks, dQ, scratch: torch.Tensor, transposed: tuple | None = None) -> None:
     """For ``y = x @ U @ blockdiag(blocks)`` and ``g = dy``: ``dx`` (rows like ``x``),
     ``dblocks`` (``[nb, b, b]``) and ``dQ`` (``[nb, nb]``), each written where it is given
-    (``None``: not wanted). ``scratch`` holds at least :func:`scratch_size` values."""
+    (``None``: not wanted). ``scratch`` holds at least :func:`scratch_size` values;
+    ``transposed`` is as for :func:`rotate`."""
     nb, b, _ = blocks.shape
     threads = torch.get_num_threads()
     if scratch.numel() < scratch_size(nb, b, Q is not None):
@@ -147,8 +163,9 @@ def backward(x, g, blocks, Q, dx, dblocks, dQ, scratch: torch.Tensor) -> None:
                          "the threads' sums need")
     fn = getattr(library(), f"qgoft_backward_{_SUFFIX[x.dtype]}")
     # kept in names until the call returns: the kernel reads them through their pointers
-    blocks, blocks_t = blocks.contiguous(), blocks.transpose(1, 2).contiguous()
-    Q, QT = (None, None) if Q is None else (Q.contiguous(), Q.T.contiguous())
+    blocks_t, QT = transposed or (blocks.transpose(1, 2), None if Q is None else Q.T)
+    blocks, blocks_t = blocks.contiguous(), blocks_t.contiguous()
+    Q, QT = (None, None) if Q is None else (Q.contiguous(), QT.contiguous())
     fn(x.shape[0], nb, b, _ptr(x), x.stride(0), _ptr(g), g.stride(0), _ptr(blocks), _ptr(blocks_t), _ptr(Q),
        _ptr(QT), _ptr(dx), dx.stride(0) if dx is not None else 0, _ptr(dblocks), _ptr(dQ), _ptr(scratch), threads)
 
@@ -156,3 +173,51 @@ def backward(x, g, blocks, Q, dx, dblocks, dQ, scratch: torch.Tensor) -> None:
 def scratch_size(nb: int, b: int, with_q: bool) -> int:
     """Values :func:`backward` needs for its threads' own sums."""
     return torch.get_num_threads() * (nb * b * b + (nb * nb if with_q else 0))
+
+
+def builds(params: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, factors: int) -> bool:
+    """Whether :func:`build` takes these parameters: on the CPU and already in ``dtype``
+    (float32 or float64), with at most :data:`MAX_FACTORS` factors per value."""
+    return (params.device.type == "cpu" and dtype in _SUFFIX and params.dtype == dtype
+            and (scale is None or scale.dtype == dtype) and factors <= MAX_FACTORS and library() is not None)
+
+
+def build(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, gather: torch.Tensor,
+          pos: torch.Tensor, sign: torch.Tensor | None, size: int, pos_t: torch.Tensor | None = None):
+    """``(flat, flat_t, (source, CH, P))``: dense.py's ``_build`` in one call (see there for
+    the layout), and with ``pos_t`` (the positions in the transposed factors) ``flat_t``, the
+    same values in ``cat(blocks^T, Q^T, spare)`` (else ``None``). ``gather`` ``[N, 2, K1]``,
+    ``pos`` ``[N * K1]`` and ``pos_t`` are contiguous int64, ``sign`` ``[N, K1]`` of the
+    parameters' dtype."""
+    fn = getattr(library(), f"qgoft_build_{_SUFFIX[params.dtype]}")
+    N, _, K1 = gather.shape
+    count = params.shape[0]
+    entries = (2 if givens else 4) * count
+    nscale = 0 if scale is None else scale.shape[0]
+    nsource = entries + 4 + nscale
+    # the values in one buffer, what the backward reads in another: the factors leave the call
+    values = params.new_empty(size * (1 if pos_t is None else 2))
+    kept = params.new_empty(nsource + 3 * N * K1)
+    flat, flat_t = values[:size], (None if pos_t is None else values[size:])
+    source, CH, P = kept.split([nsource, 2 * N * K1, N * K1])
+    CH, P = CH.view(N, 2, K1), P.view(N, K1)
+    params, scale = params.contiguous(), None if scale is None else scale.contiguous()
+    fn(count, int(givens), _ptr(params), nscale, _ptr(scale), _ptr(source), N, K1, _ptr(gather), _ptr(pos),
+       _ptr(sign), size, _ptr(flat), _ptr(pos_t), _ptr(flat_t), _ptr(CH), _ptr(P))
+    return flat, flat_t, (source, CH, P)
+
+
+def build_backward(dflat: torch.Tensor, saved, givens: bool, count: int, gather: torch.Tensor, pos: torch.Tensor,
+                   sign: torch.Tensor | None):
+    """``(dsource, dangles)``: dense.py's ``_build_backward`` up to the parameters, in one call,
+    from ``dflat`` (contiguous) and what :func:`build` kept; ``dangles`` (the angles'
+    gradients) with ``givens``, else ``None``."""
+    source, CH, P = saved
+    fn = getattr(library(), f"qgoft_build_backward_{_SUFFIX[source.dtype]}")
+    N, _, K1 = gather.shape
+    nsource = source.shape[0]
+    out = source.new_empty(nsource + (count if givens else 0))
+    dsource, dangles = out[:nsource], (out[nsource:] if givens else None)
+    fn(N, K1, _ptr(dflat), _ptr(gather), _ptr(pos), _ptr(sign), _ptr(CH), _ptr(P), nsource, _ptr(dsource), count,
+       _ptr(source), _ptr(dangles))
+    return dsource, dangles

@@ -102,19 +102,18 @@ def test_bit_identical_repeats(gen):
 
 
 def test_applies_only_where_the_kernels_can_run():
-    blocks = torch.zeros(4, 32, 32)
+    blocks = (4, 32)
     assert native.applies(torch.zeros(8, 128), blocks)
     assert not native.applies(torch.zeros(8, 128, dtype=torch.bfloat16), blocks)
     assert not native.applies(torch.zeros(128, 8).T, blocks)  # features not of unit stride
-    assert not native.applies(torch.zeros(8, 128 * 32), torch.zeros(1, 128 * 32, 128 * 32)[:, :, :1].expand(
-        1, 128 * 32, 128 * 32))  # a block past MAX_BLOCK
-    assert not native.applies(torch.zeros(2, 2048), torch.zeros(2048, 1, 1))  # more blocks than MAX_BLOCKS
+    assert not native.applies(torch.zeros(8, 128 * 32), (1, 128 * 32))  # a block past MAX_BLOCK
+    assert not native.applies(torch.zeros(2, 2048), (2048, 1))  # more blocks than MAX_BLOCKS
 
 
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("QGOFT_NATIVE", "0")
     assert native.library() is None
-    assert not native.applies(torch.zeros(8, 128), torch.zeros(4, 32, 32))
+    assert not native.applies(torch.zeros(8, 128), (4, 32))
 
 
 def test_built_once_into_the_cache_directory(tmp_path, monkeypatch):
@@ -144,7 +143,7 @@ def test_without_a_compiler_the_aten_ops_run(tmp_path, monkeypatch, gen):
     try:
         with pytest.warns(RuntimeWarning, match="did not build"):
             assert native.library() is None
-        assert not native.applies(x, torch.zeros(2, 32, 32))
+        assert not native.applies(x, (2, 32))
         torch.testing.assert_close(layer(x), expected)
     finally:
         monkeypatch.undo()
@@ -157,3 +156,65 @@ def test_too_small_a_scratch_buffer_is_refused(gen):
     short = torch.empty(native.scratch_size(4, 32, True) - 1)
     with pytest.raises(ValueError, match="scratch"):
         native.backward(x, g, blocks, Q, torch.empty_like(x), torch.empty_like(blocks), torch.empty_like(Q), short)
+
+
+def _build_inputs(d, givens, scaled, dtype, gen):
+    from qgoft_kernels.schedule import num_pairs
+    count = num_pairs(d, "tree")
+    params = (torch.randn(count, generator=gen, dtype=dtype) if givens
+              else torch.randn(count, 2, 2, generator=gen, dtype=dtype))
+    scale = torch.rand(d, generator=gen, dtype=dtype) + 0.5 if scaled else None
+    return params, scale
+
+
+def _aten_build(monkeypatch, *args, **kwargs):
+    with monkeypatch.context() as m:
+        m.setenv("QGOFT_NATIVE", "0")
+        return dense._build(*args, **kwargs)
+
+
+# d: one block (the dense R, no Q), whole blocks, a last block padded, Q padded past nb;
+# width: 32 and a narrow one with more Q stages than block stages
+BUILDS = [(20, 32), (64, 32), (100, 32), (96, 8), (1000, 32), (7, 4)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("givens", [True, False], ids=["givens", "quasi"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["", "scale"])
+@pytest.mark.parametrize("d, width", BUILDS)
+def test_build_matches_aten(d, width, scaled, givens, dtype, gen, monkeypatch):
+    """The factors (and their transposes) and the parameters' gradients, one call each, against
+    the ATen ops of dense._build and dense._build_backward."""
+    params, scale = _build_inputs(d, givens, scaled, dtype, gen)
+    _, b, nb = dense.layout(d, width)
+    indices = dense._indices(d, "tree", b, scaled, givens, dtype, params.device)
+    flat, flat_t, saved = dense._build(params, scale, givens, dtype, indices, transposed=True)
+    ref, ref_t, ref_saved = _aten_build(monkeypatch, params, scale, givens, dtype, indices, transposed=True)
+    used = indices[2]
+    _close(flat[:used], ref[:used], dtype)
+    _close(flat_t[:used], ref_t[:used], dtype)
+    blocks, Q = dense._split(flat, nb, b)
+    blocks_t, Q_t = dense._split(flat_t, nb, b)
+    assert torch.equal(blocks_t, blocks.transpose(1, 2)) and (Q is None or torch.equal(Q_t, Q.T))
+    dflat = torch.randn(flat.shape, generator=gen, dtype=dtype)
+    dflat[used:] = 0
+    got = dense._build_backward(dflat, saved, params, scale, givens, indices, True, scaled)
+    with monkeypatch.context() as m:
+        m.setenv("QGOFT_NATIVE", "0")
+        want = dense._build_backward(dflat, ref_saved, params, scale, givens, indices, True, scaled)
+    for a, e in zip(got, want):
+        if e is None:
+            assert a is None
+        else:
+            assert a.shape == e.shape and a.dtype == e.dtype
+            _close(a, e, dtype)
+
+
+def test_build_takes_its_own_dtype_only(gen):
+    """Parameters in another dtype than the factors (or off the CPU) take the ATen ops."""
+    params, scale = _build_inputs(64, True, True, torch.float32, gen)
+    assert native.builds(params, scale, torch.float32, 7)
+    assert not native.builds(params, scale, torch.float64, 7)
+    assert not native.builds(params, scale.double(), torch.float32, 7)
+    assert not native.builds(params.bfloat16(), None, torch.bfloat16, 7)
+    assert not native.builds(params, None, torch.float32, native.MAX_FACTORS + 1)
