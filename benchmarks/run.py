@@ -68,7 +68,10 @@ class Plan:
     # the peers table: (d, k) shapes and tokens (empty: no such table)
     peer_shapes: tuple[tuple[int, int], ...] = ()
     peer_tokens: int = 1280
-    peer_budget_s: float = 30.0
+    # rounds per shape: up to peer_rounds while within peer_budget_s, and at least peer_min_rounds
+    peer_rounds: int = 30
+    peer_min_rounds: int = 8
+    peer_budget_s: float = 60.0
 
 
 GPU_PLAN = Plan(torch.bfloat16, (768, 1024, 2048, 3072, 4096, 8192, 11008, 16384), (4096, 16384, 65536),
@@ -78,7 +81,7 @@ PEER_SHAPES = tuple((d, k) for d in (256, 384, 768, 1024, 1536, 4096) for k in (
 CPU_PLAN = Plan(torch.float32, (256, 1024), (1024, 4096), ((256, 256), (256, 1024), (1024, 1024), (1024, 4096)),
                 1024, (256, 1024), min_run_time=0.5, peer_shapes=PEER_SHAPES)
 QUICK_PLAN = Plan(torch.float32, (64,), (256,), ((64, 64),), 128, (64,), min_run_time=0.02,
-                  peer_shapes=((64, 64),), peer_tokens=128, peer_budget_s=1.0)
+                  peer_shapes=((64, 64),), peer_tokens=128, peer_rounds=15, peer_min_rounds=6, peer_budget_s=1.0)
 
 KERNEL_VARIANTS = (("quasi", True), ("givens", False))
 
@@ -302,9 +305,11 @@ def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> l
                 fns[(method.name, "infer")] = infer
         if quiet is not None:
             wait_for_quiet(quiet)
-        # at least 6 rounds: the fewest for a 95% interval of the per-round ratios (paired_ratio)
+        # at least 6 rounds give a 95% interval of the per-round ratios (paired_ratio); at the
+        # largest shapes, where the adapters' costs are a percent or two of the frozen matmuls'
+        # on either side, more rounds narrow it
         timed = interleaved_ms({f"{name}|{kind}": fn for (name, kind), fn in fns.items()},
-                               budget_s=plan.peer_budget_s, min_rounds=6)
+                               rounds=plan.peer_rounds, budget_s=plan.peer_budget_s, min_rounds=plan.peer_min_rounds)
         times = timed["times"]
         for row, _ in built:
             for kind in ("train", "infer"):
