@@ -6,7 +6,8 @@ a tile of rows through every block and the roots while it is in the cache: one p
 ``x @ R`` (or ``W @ R^T``), one for the whole backward (``dx`` and the blocks' and ``Q``'s
 gradients). They are built on first use with the C compiler that is there (``cc``,
 ``-O3 -march=native -fopenmp``), once per source, compiler and CPU, into a cache directory
-(``QGOFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/qgoft_kernels``, else ``~/.cache/qgoft_kernels``).
+(``QGOFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/qgoft_kernels``, else ``~/.cache/qgoft_kernels``;
+where that cannot be written, a private temporary directory, once per process).
 Without a compiler, or with ``QGOFT_NATIVE=0``, :func:`library` is ``None`` and the dense
 formulation uses its ATen ops instead (the same results up to rounding).
 """
@@ -64,9 +65,15 @@ def _compile(compiler: str) -> Path:
     target = _cache_dir() / f"qgoft_cpu_{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # built beside the target and renamed into place: another process may be building it too
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # built beside the target and renamed into place: another process may be building it too
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError:
+        # no cache to write (a read-only home, say): built for this process alone, in a
+        # directory of its own that only this user can write
+        target = Path(tempfile.mkdtemp(prefix="qgoft_kernels-")) / target.name
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
         subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", tmp, *_LIBS], check=True, capture_output=True, text=True,

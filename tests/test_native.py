@@ -218,3 +218,17 @@ def test_build_takes_its_own_dtype_only(gen):
     assert not native.builds(params, scale.double(), torch.float32, 7)
     assert not native.builds(params.bfloat16(), None, torch.bfloat16, 7)
     assert not native.builds(params, None, torch.float32, native.MAX_FACTORS + 1)
+
+
+def test_built_in_a_private_directory_when_the_cache_is_not_writable(tmp_path, monkeypatch):
+    """A cache directory that cannot be made (under a file here, as under a read-only home):
+    the kernels are built for this process in a temporary directory of its own instead."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("QGOFT_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    built = native._compile(native._compiler())
+    assert built.exists() and built.parent.parent == tmp_path and built.parent.name.startswith("qgoft_kernels-")
+    assert oct(built.parent.stat().st_mode & 0o777) == oct(0o700)
