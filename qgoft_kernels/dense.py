@@ -127,7 +127,6 @@ def _givens_indices(indices, count: int, dtype: torch.dtype):
     return trig, pos, used, size, sign
 
 
-@functools.lru_cache(maxsize=None)
 def _transposed_positions(pos: torch.Tensor, nb: int, b: int, used: int) -> torch.Tensor:
     """Where each of :func:`_factor_indices`' positions lies in ``cat(blocks^T, Q^T, spare)``."""
     n = nb * b * b
