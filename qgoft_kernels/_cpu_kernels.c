@@ -285,12 +285,20 @@ void QGOFT_NAME(qgoft_backward)(long T, int nb, int b, const real *x, long ldx, 
                 QGOFT_NAME(tile_blocks)(nr, nb, b, gt, ldg, NULL, BT, dxt, lddx);
                 if (Q) QGOFT_NAME(postmix)(nr, nb, b, dxt, lddx, QT, pre, mixed);
             } else if (Q && dQ) {
-                /* the roots of g blockdiag(B^T) alone: row 0 of each block of B */
+                /* the roots of g blockdiag(B^T) alone: row 0 of each block of B (whole vectors
+                   summed lane by lane, where the width allows: a scalar sum is one chain of b
+                   dependent multiply-adds) */
                 for (int r = 0; r < nr; r++)
                     for (int j = 0; j < nb; j++) {
                         const real *gj = gt + r * ldg + (ptrdiff_t)j * b, *bj = B + (ptrdiff_t)j * b * b;
                         real s = 0;
-                        for (int c = 0; c < b; c++) s += gj[c] * bj[c];
+                        if (b % VL == 0) {
+                            VEC acc = (VEC){0};
+                            for (int c = 0; c < b; c += VL) acc += *(const VEC *)(gj + c) * *(const VEC *)(bj + c);
+                            for (int k = 0; k < VL; k++) s += acc[k];
+                        } else {
+                            for (int c = 0; c < b; c++) s += gj[c] * bj[c];
+                        }
                         pre[r][j] = s;
                     }
             }
