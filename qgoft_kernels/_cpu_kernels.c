@@ -327,8 +327,8 @@ void QGOFT_NAME(qgoft_backward)(long T, int nb, int b, const real *x, long ldx, 
    the factors C[i, l] and H[i, t] of column i's K1 values H[i, t] * prod_{l <= t} C[i, l]
    (times sign[i, t] when sign is given), which go to flat[pos[i * K1 + t]] and, when flat_t
    is given, to flat_t[pos_t[i * K1 + t]]; every other slot of flat and flat_t (size values
-   each) is zero. CH (N x 2 x K1: the gathered factors) and P (N x K1: the prefix products),
-   when given, keep what the backward reads. */
+   each) is zero. CH (N x 2 x K1: the gathered factors) and P (N x K1: the prefix products)
+   keep what the backward reads. */
 void QGOFT_NAME(qgoft_build)(long count, int givens, const real *params, long nscale, const real *scale,
                              real *source, long N, int K1, const int64_t *gather, const int64_t *pos,
                              const real *sign, long size, real *flat, const int64_t *pos_t, real *flat_t,
@@ -359,11 +359,9 @@ void QGOFT_NAME(qgoft_build)(long count, int givens, const real *params, long ns
             if (sign) v *= sign[i * K1 + t];
             flat[pos[i * K1 + t]] = v;
             if (flat_t) flat_t[pos_t[i * K1 + t]] = v;
-            if (CH) {
-                CH[i * 2 * K1 + t] = c;
-                CH[i * 2 * K1 + K1 + t] = h;
-            }
-            if (P) P[i * K1 + t] = p;
+            CH[i * 2 * K1 + t] = c;
+            CH[i * 2 * K1 + K1 + t] = h;
+            P[i * K1 + t] = p;
         }
     }
 }

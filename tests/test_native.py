@@ -167,10 +167,11 @@ def _build_inputs(d, givens, scaled, dtype, gen):
     return params, scale
 
 
-def _aten_build(monkeypatch, *args, **kwargs):
+def _aten(monkeypatch, fn, *args, **kwargs):
+    """``fn`` with the compiled kernels turned off: dense.py's ATen ops."""
     with monkeypatch.context() as m:
         m.setenv("QGOFT_NATIVE", "0")
-        return dense._build(*args, **kwargs)
+        return fn(*args, **kwargs)
 
 
 # d: one block (the dense R, no Q), whole blocks, a last block padded, Q padded past nb;
@@ -189,7 +190,7 @@ def test_build_matches_aten(d, width, scaled, givens, dtype, gen, monkeypatch):
     _, b, nb = dense.layout(d, width)
     indices = dense._indices(d, "tree", b, scaled, givens, dtype, params.device)
     flat, flat_t, saved = dense._build(params, scale, givens, dtype, indices, transposed=True)
-    ref, ref_t, ref_saved = _aten_build(monkeypatch, params, scale, givens, dtype, indices, transposed=True)
+    ref, ref_t, ref_saved = _aten(monkeypatch, dense._build, params, scale, givens, dtype, indices, transposed=True)
     used = indices[2]
     _close(flat[:used], ref[:used], dtype)
     _close(flat_t[:used], ref_t[:used], dtype)
@@ -199,9 +200,7 @@ def test_build_matches_aten(d, width, scaled, givens, dtype, gen, monkeypatch):
     dflat = torch.randn(flat.shape, generator=gen, dtype=dtype)
     dflat[used:] = 0
     got = dense._build_backward(dflat, saved, params, scale, givens, indices, True, scaled)
-    with monkeypatch.context() as m:
-        m.setenv("QGOFT_NATIVE", "0")
-        want = dense._build_backward(dflat, ref_saved, params, scale, givens, indices, True, scaled)
+    want = _aten(monkeypatch, dense._build_backward, dflat, ref_saved, params, scale, givens, indices, True, scaled)
     for a, e in zip(got, want):
         if e is None:
             assert a is None
