@@ -551,6 +551,32 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 and x.stride(0) >= x.shape[-1] else x.contiguous()
 
 
+def _native_rotation_backward(x, g, blocks, Q, transpose: bool, want_x: bool, want_blocks: bool, want_q: bool):
+    """:class:`DenseRotation`'s gradients by the compiled kernels (:mod:`qgoft_kernels.native`).
+
+    For ``y = x @ R``, one pass gives ``dx = g @ R^T`` and the factors' gradients. For ``y = x
+    @ R^T``, ``dx = g @ R`` is the forward pass over ``g``; and since ``<x R^T, g> = <g R,
+    x>``, the factors' gradients are those of ``g @ R`` against ``x``: the same backward pass
+    with the two operands' roles swapped.
+    """
+    nb, b, _ = blocks.shape
+    want_q = want_q and Q is not None
+    dblocks = blocks.new_empty(blocks.shape) if want_blocks else None
+    dQ = Q.new_empty(Q.shape) if want_q else None
+    dx = None
+    if transpose:
+        if want_x:
+            dx = native.rotate(g, blocks, Q, False, g.new_empty(g.shape))
+        if want_blocks or want_q:
+            scratch = _scratch("partials", (native.scratch_size(nb, b, Q is not None),), x)
+            native.backward(g, x, blocks, Q, None, dblocks, dQ, scratch)
+    elif want_x or want_blocks or want_q:
+        dx = x.new_empty(x.shape) if want_x else None
+        scratch = _scratch("partials", (native.scratch_size(nb, b, Q is not None),), x)
+        native.backward(x, g, blocks, Q, dx, dblocks, dQ, scratch)
+    return dx, dblocks, dQ
+
+
 class DenseRotation(torch.autograd.Function):
     """``x @ U @ blockdiag(blocks)`` (or its transpose) for rows ``x`` of shape ``[T, nb * b]``.
 
@@ -563,9 +589,13 @@ class DenseRotation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, blocks, Q, transpose):
         x = _rows(x)
-        if transpose:
+        nb, b, _ = blocks.shape
+        ctx.compiled = native.applies(x, (nb, b)) and blocks.dtype == x.dtype
+        roots = delta = None
+        if ctx.compiled:
+            y = native.rotate(x, blocks, Q, transpose, x.new_empty(x.shape))
+        elif transpose:
             y, roots = _rows_transposed(x, blocks, Q)
-            delta = None
         else:
             y, roots, delta = _rows_forward(x, blocks, Q)
         ctx.save_for_backward(x, blocks, Q, roots, delta)
@@ -580,6 +610,8 @@ class DenseRotation(torch.autograd.Function):
             return _double_backward((x, blocks, Q), wants, lambda: _composite(x, blocks, Q, ctx.transpose),
                                     dy) + (None,)
         with _without_autocast(dy.device.type):
+            if ctx.compiled:
+                return _native_rotation_backward(x, _rows(dy), blocks, Q, ctx.transpose, *wants) + (None,)
             if ctx.transpose:
                 return _rows_transposed_backward(_rows(dy), x, roots, blocks, Q, *wants) + (None,)
             return _rows_forward_backward(_blocks(_rows(dy), blocks.shape[0]), x, roots, delta, blocks, Q,

@@ -40,19 +40,21 @@ def _ids(combo):
     return f"{block}{'-scale' if scale else ''}{'-T' if transpose else ''}"
 
 
-@pytest.fixture(params=["batched", "per-block"])
-def block_calls(request, monkeypatch):
-    """Both ways the dense blocks are applied to rows: one batched call into a block-major
-    buffer (a few rows) and ATen's call per block on the rows' layout (many rows)."""
-    monkeypatch.setattr(dense, "SMALL_ROWS", 1 << 30 if request.param == "batched" else 0)
-    return request.param
-
-
 def _use_compiled(monkeypatch, on: bool):
-    """The fused layer's row passes by the compiled kernels (qgoft_kernels.native) or ATen's ops."""
+    """The dense row passes by the compiled kernels (qgoft_kernels.native) or ATen's ops."""
     monkeypatch.setenv("QGOFT_NATIVE", "1" if on else "0")
     if on and native.library() is None:
         pytest.skip("no C compiler here: the compiled kernels are not built")
+
+
+@pytest.fixture(params=["compiled", "batched", "per-block"])
+def block_calls(request, monkeypatch):
+    """Every way the dense blocks are applied to rows: the compiled kernels, and with ATen's
+    ops one batched call into a block-major buffer (a few rows) or a call per block on the
+    rows' layout (many rows)."""
+    _use_compiled(monkeypatch, request.param == "compiled")
+    monkeypatch.setattr(dense, "SMALL_ROWS", 1 << 30 if request.param == "batched" else 0)
+    return request.param
 
 
 @pytest.fixture(params=["compiled", "aten"])
@@ -123,7 +125,7 @@ def test_other_dtypes(d, dtype, formulation, device, gen, monkeypatch):
 @pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
 @pytest.mark.parametrize("block", ["givens", "quasi"])
 @pytest.mark.parametrize("d", [1, 2, 3, 5, 8, 13])
-def test_gradcheck_and_gradgradcheck(d, block, transpose, forced, gen):
+def test_gradcheck_and_gradgradcheck(d, block, transpose, forced, kernels, gen):
     case = Case(d, 4, block, True, transpose, torch.float64)
     x, params, scale, _ = random_inputs(case, "cpu", gen)
     inputs = (x.requires_grad_(), params.double().requires_grad_(), scale.double().requires_grad_())
@@ -139,7 +141,7 @@ def test_gradcheck_and_gradgradcheck(d, block, transpose, forced, gen):
 
 @pytest.mark.parametrize("which", ["x", "params", "scale", "params+scale", "x+scale"])
 @pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
-def test_only_the_requested_gradients(which, transpose, forced, gen):
+def test_only_the_requested_gradients(which, transpose, forced, kernels, gen):
     """The backward computes only what autograd asks for; each subset must still be right."""
     case = Case(70, 20, "quasi", True, transpose, torch.float32)
     x, params, scale, dy = random_inputs(case, "cpu", gen)
@@ -156,7 +158,7 @@ def test_only_the_requested_gradients(which, transpose, forced, gen):
 
 
 @pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
-def test_bit_identical_repeats(transpose, forced, gen):
+def test_bit_identical_repeats(transpose, forced, kernels, gen):
     """Same inputs, same output and gradients to the bit (many rows: the parameter reductions run long)."""
     case = Case(300, 1500, "quasi", True, transpose, torch.float32)
     x, params, scale, dy = random_inputs(case, "cpu", gen)
@@ -207,6 +209,35 @@ def test_dense_factors_multiply_to_R(d, width, gen):
         U[::b, ::b] = Q
     R = (U @ torch.block_diag(*blocks))[:d, :d]
     assert_close(R, qk.givens_matrix(d, params.double(), block="quasi", scale=scale.double()), rtol=1e-13)
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["xR", "xRT"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_rotation_takes_the_compiled_kernels(transpose, dtype, monkeypatch, gen):
+    """``givens_rotate`` on CPU rows runs its dense passes, forward and backward, in the
+    compiled kernels where they are built, and agrees with ATen's ops on every output."""
+    _use_compiled(monkeypatch, True)
+    monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
+    calls = []
+    for name in ("rotate", "backward"):
+        original = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    case = Case(96, 70, "quasi", True, transpose, dtype)
+    x, params, scale, dy = random_inputs(case, "cpu", gen)
+    leaves = [t.requires_grad_() for t in (x, params, scale)]
+
+    def run():
+        y = qk.givens_rotate(x, params, block="quasi", scale=scale, transpose=transpose, backend="torch")
+        return (y, *torch.autograd.grad(y, leaves, dy))
+
+    compiled = run()
+    assert "rotate" in calls and "backward" in calls, calls
+    monkeypatch.setenv("QGOFT_NATIVE", "0")
+    calls.clear()
+    aten = run()
+    assert not calls
+    for a, b in zip(compiled, aten):
+        assert_close(a, b, rtol=1e-4 if dtype == torch.float32 else 1e-12)
 
 
 def test_double_backward_through_the_dense_function(gen):
