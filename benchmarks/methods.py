@@ -140,6 +140,28 @@ SWEEPS_METHODS = (
 )
 
 
+def own_work(module: nn.Module, frozen_out: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The adapter's own work in ``module`` (built by one of :func:`methods`' factories) as a
+    function of the layer's input, with the frozen layer's product left out; ``None`` for a
+    method without one here (the frozen layer, the sweeps, the paper's, BOFT).
+
+    Ours: ``x @ R`` (``GivensLinear.rotate``), which is all ``GivensLinear``
+    adds to the frozen layer where it rotates ``x`` (``k`` at least the rows; otherwise it
+    rotates the weight's rows instead, and this is not its work). PEFT's OFT: its rotation
+    module on ``x``, which is what its layer runs before the frozen one. LoRA: ``frozen_out +
+    B(A(x)) * scaling``, its two products and the sum into the layer's output.
+    """
+    if type(module) is GivensLinear:  # not the paper's subclass: its R is dense
+        return module.rotate
+    for sub in module.modules():
+        if hasattr(sub, "oft_R") and "default" in sub.oft_R:
+            return sub.oft_R["default"]
+        if hasattr(sub, "lora_A") and "default" in sub.lora_A:
+            a, b, s = sub.lora_A["default"], sub.lora_B["default"], sub.scaling["default"]
+            return lambda x: frozen_out + b(a(x)) * s
+    return None
+
+
 def lora_rank_for_budget(d: int, k: int) -> int:
     """The LoRA rank whose ``r (d + k)`` parameters come nearest qGOFT's ``4 (d - 1)``."""
     return max(1, round(4 * (d - 1) / (d + k)))

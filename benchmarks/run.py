@@ -34,6 +34,8 @@ from dataclasses import dataclass
 import torch
 
 import qgoft_kernels as qk
+from qgoft_kernels import native
+from qgoft_kernels.dense import rotates_weight
 from qgoft_kernels.torch_path import formulation
 from qgoft_kernels.verify import Case, check_case, rel_error
 
@@ -43,6 +45,7 @@ from .methods import (
     SweepsLinear,
     make_linear,
     methods,
+    own_work,
     peft_version,
     trainable_parameters,
 )
@@ -81,7 +84,7 @@ PEER_SHAPES = tuple((d, k) for d in (256, 384, 768, 1024, 1536, 4096) for k in (
 CPU_PLAN = Plan(torch.float32, (256, 1024), (1024, 4096), ((256, 256), (256, 1024), (1024, 1024), (1024, 4096)),
                 1024, (256, 1024), min_run_time=0.5, peer_shapes=PEER_SHAPES)
 QUICK_PLAN = Plan(torch.float32, (64,), (256,), ((64, 64),), 128, (64,), min_run_time=0.02,
-                  peer_shapes=((64, 64),), peer_tokens=128, peer_rounds=15, peer_min_rounds=6, peer_budget_s=1.0)
+                  peer_shapes=((64, 64), (64, 256)), peer_tokens=128, peer_rounds=15, peer_min_rounds=6, peer_budget_s=1.0)
 
 KERNEL_VARIANTS = (("quasi", True), ("givens", False))
 
@@ -281,6 +284,12 @@ def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> l
         x = torch.randn(plan.peer_tokens, d, device=device, dtype=plan.dtype)
         dy = torch.randn(plan.peer_tokens, k, device=device, dtype=plan.dtype)
         fns, built = {}, []
+        # where ours rotates x, its whole addition to the frozen layer is x @ R: then each
+        # adapter's own work is timed too, in the same rounds (own_work)
+        own = not rotates_weight(k, plan.peer_tokens, native.library() is not None)
+        with torch.no_grad():
+            frozen_out = base(x) if own else None
+        gx = torch.randn_like(x)
         for method in [m for m in [*methods(d, k, True), *SWEEPS_METHODS] if m.name in PEER_METHODS]:
             module, note = method.build(base)
             perturb(module)
@@ -303,6 +312,23 @@ def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> l
 
                 fns[(method.name, "train")] = step
                 fns[(method.name, "infer")] = infer
+                work = own_work(module, frozen_out) if own else None
+                if work is not None:
+                    xo = x.detach().clone().requires_grad_()
+
+                    def own_step(module=module, work=work, xo=xo):
+                        out = work(xo)
+                        torch.autograd.backward(out, dy if out.shape == dy.shape else gx)
+                        xo.grad = None
+                        for p in module.parameters():
+                            p.grad = None
+
+                    def own_infer(work=work):
+                        with torch.no_grad():
+                            work(x)
+
+                    fns[(method.name, "own-train")] = own_step
+                    fns[(method.name, "own-infer")] = own_infer
         if quiet is not None:
             wait_for_quiet(quiet)
         # at least 6 rounds give a 95% interval of the per-round ratios (paired_ratio); at the
@@ -312,14 +338,17 @@ def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> l
                                rounds=plan.peer_rounds, budget_s=plan.peer_budget_s, min_rounds=plan.peer_min_rounds)
         times = timed["times"]
         for row, _ in built:
-            for kind in ("train", "infer"):
+            for kind in ("train", "infer", "own-train", "own-infer"):
                 t = times.get(f"{row['method']}|{kind}")
-                row[f"{kind}_ms"] = None if t is None else {key: v for key, v in t.items() if key != "samples"}
+                if t is None and kind.startswith("own"):
+                    continue
+                field = kind.replace("-", "_")
+                row[f"{field}_ms"] = None if t is None else {key: v for key, v in t.items() if key != "samples"}
                 for key, (peer, _) in GOAL.items():
                     other = times.get(f"{peer}|{kind}")
                     if t is not None and other is not None:
-                        row[f"{kind}_vs_{key}"] = t["median"] / other["median"]
-                        row[f"{kind}_vs_{key}_paired"] = paired_ratio(t["samples"], other["samples"])
+                        row[f"{field}_vs_{key}"] = t["median"] / other["median"]
+                        row[f"{field}_vs_{key}_paired"] = paired_ratio(t["samples"], other["samples"])
             row["load"] = timed["load"]
             row["others_busy"] = timed["others_busy"]
             rows.append(row)
@@ -444,6 +473,25 @@ def tables(result: dict) -> str:
                          f"| {format_interval(r.get('train_vs_oft_paired'))} "
                          f"| {ratio('train_vs_lora')} | {_fmt_ms(r['infer_ms'])} | {ratio('infer_vs_oft')} "
                          f"| {ratio('infer_vs_lora')} | {goal} | {r['load'][0]:.1f} / {r['load'][1]:.1f} | {busy} |")
+    own = [r for r in peers if r.get("own_train_ms")]
+    if own:
+        lines += ["", "The adapters' own work in the same rounds, at the shapes where ours rotates x (its whole "
+                  "addition to the frozen layer is then x @ R): ours x @ R, OFT its rotation module, LoRA its two "
+                  "products and the sum; training = forward + backward incl. dx; the frozen layer's matmuls, the "
+                  "same calls for every method, left out:", "",
+                  "| d -> k | method | train ms | train / OFT | train / OFT, by round (95%) | train / frozen step "
+                  "| infer ms | infer / OFT | infer / OFT, by round (95%) | infer / frozen forward |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        frozen = {(r["d"], r["k"]): r for r in peers if r["family"] == "floor" and r["correct"]}
+        for r in own:
+            f = frozen.get((r["d"], r["k"]))
+            share = lambda kind: (f"{r[f'own_{kind}_ms']['median'] / f[f'{kind}_ms']['median']:.3f}"  # noqa: E731
+                                  if f and f.get(f"{kind}_ms") else "-")
+            ratio = lambda key: f"{r[key]:.2f}" if key in r else "-"  # noqa: E731
+            lines.append(f"| {r['d']} -> {r['k']} | {r['method']} | {_fmt_ms(r['own_train_ms'])} "
+                         f"| {ratio('own_train_vs_oft')} | {format_interval(r.get('own_train_vs_oft_paired'))} "
+                         f"| {share('train')} | {_fmt_ms(r.get('own_infer_ms'))} | {ratio('own_infer_vs_oft')} "
+                         f"| {format_interval(r.get('own_infer_vs_oft_paired'))} | {share('infer')} |")
     lines += ["", "Merge (W R^T for a d x d weight):", "",
               "| d | ours ms | ours / clone(W) | dense R ms | dense / ours | rel. err ours vs dense |",
               "|---|---|---|---|---|---|"]

@@ -64,6 +64,35 @@ def test_cli_quick(capsys):
     assert "Peers on the CPU" in out
     for name in ("qGOFT quasi+scale", "GOFT givens (sweeps)", "PEFT OFT b=32", "PEFT LoRA r=8"):
         assert f"| 64 -> 64 | {name} |" in out, name
+    # the adapters' own work: at 64 -> 256 on 128 tokens ours rotates x, at 64 -> 64 its weight
+    own = out.split("The adapters' own work")[1].split("Merge")[0]
+    for name in ("qGOFT quasi", "GOFT givens+scale", "PEFT OFT b=32", "PEFT LoRA r=8"):
+        assert f"| 64 -> 256 | {name} |" in own, name
+    assert "| 64 -> 64 |" not in own and "(sweeps)" not in own and "| frozen nn.Linear |" not in own
+
+
+@pytest.mark.skipif(peft_version() is None, reason="PEFT is not installed")
+def test_own_work_is_the_layer_without_its_frozen_product():
+    """What the own-work table times, then the frozen layer, is the method's layer."""
+    from benchmarks.methods import own_work
+
+    base = make_linear(D, 4 * K, "cpu", torch.float32)
+    x = torch.randn(TOKENS, D)
+    frozen_out = base(x)
+    found = set()
+    for method in METHODS:
+        module, _ = method.build(base)
+        run.perturb(module)
+        work = own_work(module, frozen_out)
+        if work is None:
+            assert method.family in ("floor", "paper") or "BOFT" in method.name, method.name
+            continue
+        found.add(method.family)
+        with torch.no_grad():
+            out = work(x)
+            whole = out if out.shape == frozen_out.shape else base(out)
+            assert_close(whole, module(x), rtol=1e-5, name=method.name)
+    assert found == {"qgoft", "peft"}
 
 
 def test_crossover_quick(capsys):
