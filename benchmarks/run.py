@@ -84,7 +84,8 @@ PEER_SHAPES = tuple((d, k) for d in (256, 384, 768, 1024, 1536, 4096) for k in (
 CPU_PLAN = Plan(torch.float32, (256, 1024), (1024, 4096), ((256, 256), (256, 1024), (1024, 1024), (1024, 4096)),
                 1024, (256, 1024), min_run_time=0.5, peer_shapes=PEER_SHAPES)
 QUICK_PLAN = Plan(torch.float32, (64,), (256,), ((64, 64),), 128, (64,), min_run_time=0.02,
-                  peer_shapes=((64, 64), (64, 256)), peer_tokens=128, peer_rounds=15, peer_min_rounds=6, peer_budget_s=1.0)
+                  peer_shapes=((64, 64), (64, 256)), peer_tokens=128, peer_rounds=15, peer_min_rounds=6,
+                  peer_budget_s=1.0)
 
 KERNEL_VARIANTS = (("quasi", True), ("givens", False))
 
