@@ -218,13 +218,20 @@ def perturb(module):
 
 
 def layer_rows(device: torch.device, plan: Plan) -> list[dict]:
+    """One training step and one inference forward of every method, against the frozen layer.
+
+    On a GPU each method is timed on its own (CUDA events). On a CPU all methods of a shape
+    run in the same interleaved rounds (:func:`benchmarks.timing.interleaved_ms`), as in the
+    peers table: timed one after another, a change of load between two methods would show
+    as a difference between them (a step of ours measured below the frozen layer's alone).
+    """
     rows = []
     has_peft = peft_version() is not None
     for d, k in plan.layer_shapes:
         base = make_linear(d, k, device, plan.dtype)
         x = torch.randn(plan.tokens, d, device=device, dtype=plan.dtype)
         dy = torch.randn(plan.tokens, k, device=device, dtype=plan.dtype)
-        frozen = None
+        shape_rows, fns = [], {}
         for method in methods(d, k, has_peft):
             module, note = method.build(base)
             perturb(module)
@@ -233,30 +240,44 @@ def layer_rows(device: torch.device, plan: Plan) -> list[dict]:
             row = {"d": d, "k": k, "tokens": plan.tokens, "method": method.name, "family": method.family,
                    "trainable": trainable_parameters(module), "note": note, "correct": correct}
             if correct:
-                def step():
+                def step(module=module, xg=xg):
                     torch.autograd.backward(module(xg), dy)
+                    xg.grad = None
+                    for p in module.parameters():
+                        p.grad = None
 
-                def infer():
+                def infer(module=module):
                     with torch.no_grad():
                         module(x)
 
-                row["train_ms"] = time_ms(step, device, plan.min_run_time)
-                row["infer_ms"] = time_ms(infer, device, plan.min_run_time)
                 row["saved_bytes"] = saved_bytes(lambda: module(xg))
                 row["peak_bytes"] = peak_bytes(step, device)
-                for p in module.parameters():
-                    p.grad = None
-            if method.family == "floor":
-                frozen = row
-            if frozen is not None and correct:
+                if device.type == "cpu":
+                    fns[f"{method.name}|train"], fns[f"{method.name}|infer"] = step, infer
+                else:
+                    row["train_ms"] = time_ms(step, device, plan.min_run_time)
+                    row["infer_ms"] = time_ms(infer, device, plan.min_run_time)
+                    # drop the layer before building the next (the closures hold the module)
+                    step = infer = module = None
+            shape_rows.append(row)
+        if fns:
+            times = interleaved_ms(fns, rounds=plan.peer_rounds, budget_s=plan.peer_budget_s / 3,
+                                   min_rounds=plan.peer_min_rounds)["times"]
+            for row in shape_rows:
+                for kind in ("train", "infer"):
+                    t = times.get(f"{row['method']}|{kind}")
+                    if t is not None:
+                        row[f"{kind}_ms"] = {key: v for key, v in t.items() if key != "samples"}
+        fns = None
+        frozen = next((r for r in shape_rows if r["family"] == "floor" and r["correct"]), None)
+        for row in shape_rows:
+            if frozen is not None and row["correct"]:
                 row["train_vs_frozen"] = row["train_ms"]["median"] / frozen["train_ms"]["median"]
                 row["infer_vs_frozen"] = row["infer_ms"]["median"] / frozen["infer_ms"]["median"]
                 row["saved_above_frozen"] = row["saved_bytes"] - frozen["saved_bytes"]
                 if row["peak_bytes"] is not None:
                     row["peak_above_frozen"] = row["peak_bytes"] - frozen["peak_bytes"]
             rows.append(row)
-            # drop the layer before building the next (the closures above hold the name, not a copy)
-            module = None
     return rows
 
 
