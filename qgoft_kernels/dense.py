@@ -580,10 +580,13 @@ def _native_rotation_backward(x, g, blocks, Q, transpose: bool, want_x: bool, wa
 class DenseRotation(torch.autograd.Function):
     """``x @ U @ blockdiag(blocks)`` (or its transpose) for rows ``x`` of shape ``[T, nb * b]``.
 
-    Saves ``x`` (no copy of it) and ``[T, nb]`` roots; the backward is one ``bmm`` for the
-    blocks' gradient, one for ``dx`` and small matmuls for the roots, only for the gradients
-    asked for. Under ``create_graph`` it differentiates :func:`_composite` instead. Inputs
-    are assumed valid (``x`` in the factors' dtype).
+    Where the compiled kernels take the rows (:func:`qgoft_kernels.native.applies`), the
+    forward is one pass of them and the backward one or two (:func:`_native_rotation_backward`),
+    saving only ``x`` (no copy of it). Otherwise ATen's ops: ``x`` and ``[T, nb]`` roots are
+    saved, and the backward is one ``bmm`` for the blocks' gradient, one for ``dx`` and small
+    matmuls for the roots. Either way only the gradients asked for are computed. Under
+    ``create_graph`` it differentiates :func:`_composite` instead. Inputs are assumed valid
+    (``x`` in the factors' dtype).
     """
 
     @staticmethod
