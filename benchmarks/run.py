@@ -217,6 +217,27 @@ def perturb(module):
                 p.add_(0.05 * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
 
 
+def step_and_infer(forward, module, x: torch.Tensor, grads: tuple[torch.Tensor, ...]):
+    """The two timed functions of ``forward`` (a layer, or an adapter's own work): a training
+    step (forward on a copy of ``x`` requiring grad, backward with the one of ``grads`` of
+    its output's shape, then ``module``'s gradients and the input's dropped, so that every
+    step starts alike) and an inference forward of ``x``."""
+    xg = x.detach().clone().requires_grad_()
+
+    def step():
+        out = forward(xg)
+        torch.autograd.backward(out, next(g for g in grads if g.shape == out.shape))
+        xg.grad = None
+        for p in module.parameters():
+            p.grad = None
+
+    def infer():
+        with torch.no_grad():
+            forward(x)
+
+    return step, infer
+
+
 def layer_rows(device: torch.device, plan: Plan) -> list[dict]:
     """One training step and one inference forward of every method, against the frozen layer.
 
@@ -236,20 +257,11 @@ def layer_rows(device: torch.device, plan: Plan) -> list[dict]:
             module, note = method.build(base)
             perturb(module)
             correct = check_layer(module, base, x[:64])
-            xg = x.detach().clone().requires_grad_()
             row = {"d": d, "k": k, "tokens": plan.tokens, "method": method.name, "family": method.family,
                    "trainable": trainable_parameters(module), "note": note, "correct": correct}
             if correct:
-                def step(module=module, xg=xg):
-                    torch.autograd.backward(module(xg), dy)
-                    xg.grad = None
-                    for p in module.parameters():
-                        p.grad = None
-
-                def infer(module=module):
-                    with torch.no_grad():
-                        module(x)
-
+                step, infer = step_and_infer(module, module, x, (dy,))
+                xg = x.detach().clone().requires_grad_()
                 row["saved_bytes"] = saved_bytes(lambda: module(xg))
                 row["peak_bytes"] = peak_bytes(step, device)
                 if device.type == "cpu":
@@ -311,7 +323,8 @@ def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> l
         own = not rotates_weight(k, plan.peer_tokens, native.library() is not None)
         with torch.no_grad():
             frozen_out = base(x) if own else None
-        gx = torch.randn_like(x)
+        # the gradient of an own-work output of x's shape (ours, OFT's); LoRA's has dy's
+        grads = (dy, torch.randn_like(x)) if own else (dy,)
         for method in [m for m in [*methods(d, k, True), *SWEEPS_METHODS] if m.name in PEER_METHODS]:
             module, note = method.build(base)
             perturb(module)
@@ -320,37 +333,11 @@ def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> l
                    "correct": check_layer(module, base, x[:64])}
             built.append((row, module))
             if row["correct"]:
-                xg = x.detach().clone().requires_grad_()
-
-                def step(module=module, xg=xg):
-                    torch.autograd.backward(module(xg), dy)
-                    xg.grad = None
-                    for p in module.parameters():
-                        p.grad = None
-
-                def infer(module=module):
-                    with torch.no_grad():
-                        module(x)
-
-                fns[(method.name, "train")] = step
-                fns[(method.name, "infer")] = infer
+                fns[(method.name, "train")], fns[(method.name, "infer")] = step_and_infer(module, module, x, grads)
                 work = own_work(module, frozen_out) if own else None
                 if work is not None:
-                    xo = x.detach().clone().requires_grad_()
-
-                    def own_step(module=module, work=work, xo=xo):
-                        out = work(xo)
-                        torch.autograd.backward(out, dy if out.shape == dy.shape else gx)
-                        xo.grad = None
-                        for p in module.parameters():
-                            p.grad = None
-
-                    def own_infer(work=work):
-                        with torch.no_grad():
-                            work(x)
-
-                    fns[(method.name, "own-train")] = own_step
-                    fns[(method.name, "own-infer")] = own_infer
+                    fns[(method.name, "own-train")], fns[(method.name, "own-infer")] = step_and_infer(
+                        work, module, x, grads)
         if quiet is not None:
             wait_for_quiet(quiet)
         # at least 6 rounds give a 95% interval of the per-round ratios (paired_ratio); at the

@@ -563,17 +563,14 @@ def _native_rotation_backward(x, g, blocks, Q, transpose: bool, want_x: bool, wa
     want_q = want_q and Q is not None
     dblocks = blocks.new_empty(blocks.shape) if want_blocks else None
     dQ = Q.new_empty(Q.shape) if want_q else None
-    dx = None
-    if transpose:
-        if want_x:
-            dx = native.rotate(g, blocks, Q, False, g.new_empty(g.shape))
-        if want_blocks or want_q:
-            scratch = _scratch("partials", (native.scratch_size(nb, b, Q is not None),), x)
-            native.backward(g, x, blocks, Q, None, dblocks, dQ, scratch)
-    elif want_x or want_blocks or want_q:
+    scratch = _scratch("partials", (native.scratch_size(nb, b, Q is not None),), x)
+    if not transpose:
         dx = x.new_empty(x.shape) if want_x else None
-        scratch = _scratch("partials", (native.scratch_size(nb, b, Q is not None),), x)
         native.backward(x, g, blocks, Q, dx, dblocks, dQ, scratch)
+        return dx, dblocks, dQ
+    dx = native.rotate(g, blocks, Q, False, g.new_empty(g.shape)) if want_x else None
+    if want_blocks or want_q:
+        native.backward(g, x, blocks, Q, None, dblocks, dQ, scratch)
     return dx, dblocks, dQ
 
 
