@@ -77,13 +77,28 @@ def interleaved_ms(fns: dict, rounds: int = 15, budget_s: float = 30.0, sample_s
             for _ in range(n):
                 fn()
             samples[name].append((time.perf_counter() - t) / n * 1e3)
-    out = {}
-    for name, times in samples.items():
-        q20, q80 = _quantiles(times)
-        out[name] = {"median": statistics.median(times), "q20": q20, "q80": q80,
-                     "runs": repeats[name] * len(times), "samples": times}
+    out = {name: _summary(times, repeats[name] * len(times)) for name, times in samples.items()}
     return {"times": out, "load": [round(load_before, 2), round(os.getloadavg()[0], 2)],
             "others_busy": _others_since(ticks)}
+
+
+def _summary(samples: list[float], runs: int) -> dict:
+    q20, q80 = _quantiles(samples)
+    return {"median": statistics.median(samples), "q20": q20, "q80": q80, "runs": runs, "samples": samples}
+
+
+def joined_rounds(first: dict, second: dict) -> dict:
+    """Two results of :func:`interleaved_ms` over the same functions as one: each function's
+    samples, the first session's rounds then the second's (so that round ``i`` of one function
+    still pairs with round ``i`` of another, :func:`paired_ratio`), the load before the first
+    and after the second, and the CPUs other processes kept busy, averaged over the two."""
+    times = {}
+    for name, a in first["times"].items():
+        b = second["times"][name]
+        times[name] = _summary(a["samples"] + b["samples"], a["runs"] + b["runs"])
+    busy = [first["others_busy"], second["others_busy"]]
+    return {"times": times, "load": [first["load"][0], second["load"][1]],
+            "others_busy": None if None in busy else (busy[0] + busy[1]) / 2}
 
 
 def paired_ratio(times, against, level: float = 0.95) -> dict | None:
