@@ -5,8 +5,9 @@ GPU: ``triton.testing.do_bench`` (CUDA events; median and 20/80% quantiles). CPU
 quantiles of the per-block times). Both return milliseconds. :func:`interleaved_ms` times
 several functions against each other on a shared CPU: round after round, each function
 once per round in a shuffled order, so a change of load hits them all alike;
-:func:`paired_ratio` compares two of them round by round. :func:`steady_allocator` keeps
-freed memory in the process, so that page faults do not depend on what ran before.
+:func:`paired_ratio` compares two of them round by round, and :func:`joined_rounds` makes
+two such sessions one. :func:`steady_allocator` keeps freed memory in the process, so that
+page faults do not depend on what ran before.
 """
 from __future__ import annotations
 
