@@ -221,9 +221,12 @@ class QGOFTLayer(BaseTunerLayer):
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """The qGOFT penalty of the active adapters (see :func:`qgoft_kernels.orthogonality_penalty`)."""
-        terms = [block_penalty(self.qgoft_rotation[a], self.qgoft_block[a])
-                 for a in self.active_adapters if a in self.qgoft_rotation]
+        terms = [block_penalty(rotation, block) for rotation, block in self._penalized()]
         return torch.stack(terms).sum() if terms else torch.zeros(())
+
+    def _penalized(self) -> list[tuple[torch.Tensor, str]]:
+        """The active adapters' rotations, with their block kinds (:func:`qgoft_kernels.orthogonality_penalty`)."""
+        return [(self.qgoft_rotation[a], self.qgoft_block[a]) for a in self.active_adapters if a in self.qgoft_rotation]
 
     def _rotate(self, x: torch.Tensor, adapter: str, transpose: bool = False, dropout: bool = False) -> torch.Tensor:
         check_features(x, self.in_features)

@@ -133,6 +133,42 @@ def test_model_penalty_sums_layers(gen):
     assert qk.orthogonality_penalty(nn.Linear(3, 3)).item() == 0
 
 
+def _graph_ops(t: torch.Tensor) -> int:
+    """The autograd nodes behind ``t``, the parameters' AccumulateGrad left out."""
+    seen, stack = set(), [t.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack += [n for n, _ in node.next_functions]
+    return sum(type(n).__name__ != "AccumulateGrad" for n in seen)
+
+
+@pytest.mark.parametrize("layers", [3, 12])
+def test_model_penalty_is_the_layers_sum_in_a_fixed_number_of_ops(gen, layers):
+    """The model's penalty concatenates every quasi rotation: its value and gradients are the
+    layers' own, strict rotations add nothing, and its graph does not grow with the layers."""
+    quasi = [qk.GivensLinear(5 + 3 * i, 4, block="quasi", scale=i % 2 == 0) for i in range(layers)]
+    strict = qk.GivensLinear(7, 7, block="givens")
+    for layer in (*quasi, strict):
+        randomize(layer, gen)
+    model = nn.ModuleList([*quasi, strict, nn.Linear(3, 3)])
+    total = qk.orthogonality_penalty(model)
+    total.backward()
+    grads = [layer.rotation.grad.clone() for layer in quasi]
+    assert strict.rotation.grad is None
+    model.zero_grad()
+    expected = torch.stack([layer.orthogonality_penalty() for layer in quasi]).sum()
+    expected.backward()
+    assert_close(total, expected, rtol=1e-6)
+    for layer, grad in zip(quasi, grads):
+        assert_close(grad, layer.rotation.grad, rtol=1e-6)
+    assert _graph_ops(total) == 7  # cat, two selects, mul, sum, and the square's mul and sum
+    # a model of strict rotations only: a zero of the rotations' dtype
+    assert qk.orthogonality_penalty(nn.ModuleList([strict])).item() == 0
+
+
 def test_training_steps_fit_a_rotation(backend, device, gen):
     """A few Adam steps move a qGOFT layer towards a rotated copy of its frozen layer."""
     d = 16
