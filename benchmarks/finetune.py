@@ -297,15 +297,19 @@ def accuracy(model, encode, texts, labels, setting: Setting) -> float:
 
 def epoch_timing(setting: Setting, device: torch.device, datasets, methods, rounds: int = 3,
                  progress: bool = True) -> dict:
-    """Seconds per training epoch of every method, all in one process, epochs interleaved.
+    """Seconds per training epoch of every method, all in one process, epochs interleaved
+    batch by batch.
 
     The accuracy runs (:func:`benchmark`) time each method in its own process, minutes apart,
     so on a shared machine their seconds per epoch also measure whatever else ran then. Here
     every method gets its model and optimizer (its first learning rate and penalty weight),
-    then each round trains one epoch of every method, in an order shuffled per round, on the
-    same batches. A first round warms up and is not counted; each method's figure is the
-    median of the ``rounds`` timed epochs. The epoch is :func:`run_one`'s: tokenization,
-    forward, loss (and penalty), backward, optimizer and scheduler steps.
+    then each round trains one epoch of every method on the same batches: batch after batch,
+    every method takes its step on it, in an order shuffled per batch, and a method's epoch
+    is the sum of its steps. So a change of load hits every method's epoch of a round alike
+    (epoch after epoch, a method's whole epoch of some seconds could fall in a busy spell
+    that the next method's missed). A first round warms up and is not counted; each
+    method's figure is the median of the ``rounds`` timed epochs. A step is :func:`run_one`'s:
+    tokenization, forward, loss (and penalty), backward, optimizer and scheduler steps.
     """
     tokenizer, base = load_encoder(setting.layers)
     encode = encoder_inputs(tokenizer, setting, device)
@@ -324,19 +328,23 @@ def epoch_timing(setting: Setting, device: torch.device, datasets, methods, roun
         seconds = {name: [] for name in runs}
         shuffle = random.Random(0)
         load = [os.getloadavg()[0]]
+        for model, *_ in runs.values():
+            model.train()
         for r in range(rounds + 1):
-            names = list(runs)
-            shuffle.shuffle(names)
-            for name in names:
-                model, opt, sched, penalty = runs[name]
-                model.train()
-                start = time.time()
-                for idx in batches:
+            epoch = dict.fromkeys(runs, 0.0)
+            for idx in batches:
+                names = list(runs)
+                shuffle.shuffle(names)
+                for name in names:
+                    model, opt, sched, penalty = runs[name]
+                    start = time.perf_counter()
                     train_step(model, opt, sched, encode([train_x[i] for i in idx]), train_y[idx].to(device), penalty)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                if r:
-                    seconds[name].append(time.time() - start)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize()
+                    epoch[name] += time.perf_counter() - start
+            if r:
+                for name, spent in epoch.items():
+                    seconds[name].append(spent)
             if progress:
                 print(f"{dataset}: round {r + 1}/{rounds + 1} (the first is a warm-up)", flush=True)
         load.append(os.getloadavg()[0])
@@ -344,7 +352,7 @@ def epoch_timing(setting: Setting, device: torch.device, datasets, methods, roun
             rows.append({"dataset": dataset, "method": name, "epoch_seconds": times,
                          "median_seconds": statistics.median(times), "load": [round(v, 2) for v in load]})
         runs = None
-    return {"rows": rows, "rounds": rounds}
+    return {"rows": rows, "rounds": rounds, "interleaved": "batch"}
 
 
 def timing_table(result: dict) -> str:
@@ -355,11 +363,13 @@ def timing_table(result: dict) -> str:
     by = {(r["dataset"], r["method"]): r for r in result["rows"]}
     methods = list(dict.fromkeys(r["method"] for r in result["rows"]))
     loads = [v for r in result["rows"] for v in r["load"]]
+    # results from before the batch-by-batch interleaving alternated whole epochs
+    how = "batch by batch " if result.get("interleaved") == "batch" else ""
+    kept = "; freed memory kept in the process" if meta.get("allocator") else ""
     lines = [f"Setting `{setting['name']}` ({setting['train']} training examples, batch {setting['batch']}, "
              f"sequences cut at {setting['max_len']} tokens); {meta['device']}; commit {meta['commit']}; median of "
-             f"{result['rounds']} epochs per method, every method's epochs interleaved in one process after a warm-up "
-             f"round{'; freed memory kept in the process' if meta.get('allocator') else ''}; 1-minute load average "
-             f"{min(loads):.2f} to {max(loads):.2f}.", "",
+             f"{result['rounds']} epochs per method, every method's epochs interleaved in one process {how}after a "
+             f"warm-up round{kept}; 1-minute load average {min(loads):.2f} to {max(loads):.2f}.", "",
              "| method | " + " | ".join(f"{d} s / epoch | {d} / OFT | {d} / OFT, by round" for d in datasets) + " |",
              "|---|" + "---|---|---|" * len(datasets)]
     for method in methods:

@@ -47,6 +47,30 @@ def test_epoch_timing_interleaves_every_method():
     text = finetune.timing_table({**result, "meta": {"device": "cpu", "commit": "x"},
                                   "setting": asdict(finetune.SETTINGS["smoke"])})
     assert all(text.count(f"| {m.name} |") == 1 for m in methods)
+    assert "interleaved in one process batch by batch after a warm-up round" in text
+    # a result from before the batch-by-batch interleaving says only that epochs were interleaved
+    older = {**result, "meta": {"device": "cpu", "commit": "x"}, "setting": asdict(finetune.SETTINGS["smoke"])}
+    del older["interleaved"]
+    assert "interleaved in one process after a warm-up round" in finetune.timing_table(older)
+
+
+def test_epoch_timing_takes_every_method_s_step_batch_by_batch(monkeypatch):
+    """Within a round, each batch sees every method's step before the next batch is used."""
+    from benchmarks import finetune
+
+    seen = []
+    monkeypatch.setattr(finetune, "train_step", lambda model, opt, sched, batch, labels, penalty: seen.append(
+        (id(model), tuple(batch["input_ids"].flatten().tolist()))))
+    methods = [m for m in finetune.METHODS if m.name.startswith(("OFT", "GOFT all"))]
+    setting = finetune.SETTINGS["smoke"]
+    finetune.epoch_timing(setting, torch.device("cpu"), ["trec"], methods, rounds=1, progress=False)
+    batches = -(-setting.train // setting.batch)
+    assert len(seen) == 2 * batches * len(methods)  # the warm-up round, then one timed
+    for i in range(0, len(seen), len(methods)):
+        step = seen[i:i + len(methods)]
+        assert len({model for model, _ in step}) == len(methods)  # every method once
+        assert len({ids for _, ids in step}) == 1  # on the same batch
+    assert len({ids for _, ids in seen[:batches * len(methods)]}) == batches  # the batches of an epoch
 
 
 def test_qgoft_loss_falls():
