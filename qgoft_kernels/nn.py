@@ -39,7 +39,7 @@ class _RotationAdapter(nn.Module):
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """``sum_p <alpha_p, beta_p>^2`` over the quasi blocks' columns; 0 for strict rotations."""
-        return block_penalty(self.rotation, self.block)
+        return penalty_of(self._penalized())
 
     def _penalized(self) -> list[tuple[torch.Tensor, str]]:
         """The rotations that :func:`orthogonality_penalty` sums over, with their block kinds."""
@@ -238,28 +238,12 @@ def _quasi_penalty(rotations: list[torch.Tensor]) -> torch.Tensor:
     return (inner * inner).sum()
 
 
-def block_penalty(rotation: torch.Tensor, block: str) -> torch.Tensor:
-    """The soft-orthogonality penalty of one rotation: ``sum_p <alpha_p, beta_p>^2`` over the
-    columns of its quasi blocks; 0 for strict rotations."""
-    if block == "givens":
-        # a plain zero, also for a DTensor rotation (FSDP2), so that it adds to any loss
-        return torch.zeros((), dtype=rotation.dtype, device=rotation.device)
-    return _quasi_penalty([_full(rotation)])
-
-
-def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
-    """The qGOFT penalty summed over every adapted layer of ``model`` (``GivensLinear``,
-    ``GivensWrapper``, and the active adapters of every qGOFT layer of a PEFT model).
-
-    Add ``lam * orthogonality_penalty(model)`` to the loss; the paper uses ``lam`` in
-    ``[1e-3, 5e-2]``. A model without such layers gives a float32 zero. The quasi blocks of
-    all layers are concatenated and penalized at once (per device and dtype): a handful of
-    ops for the whole model, where a few ops per layer would cost a model of a hundred
-    adapted layers milliseconds per step on a CPU, and as many kernel launches on a GPU.
-    """
-    # PEFT's layers exist only once qgoft_kernels.peft is imported; no need to import it here
-    peft_layer = getattr(sys.modules.get("qgoft_kernels.peft"), "QGOFTLayer", ())
-    pairs = [pair for m in model.modules() if isinstance(m, (*ADAPTED, peft_layer)) for pair in m._penalized()]
+def penalty_of(pairs: list[tuple[torch.Tensor, str]]) -> torch.Tensor:
+    """The soft-orthogonality penalty of ``(rotation, block)`` pairs: ``sum_p <alpha_p,
+    beta_p>^2`` over the columns of every quasi block, the quasi rotations concatenated and
+    penalized at once per device and dtype; strict rotations add nothing. Without quasi
+    rotations, a zero of the first rotation's dtype and device (a plain zero also for a DTensor
+    rotation, so that it adds to any loss), or a float32 zero without any."""
     if not pairs:
         return torch.zeros(())
     groups: dict[tuple, list[torch.Tensor]] = {}
@@ -268,9 +252,25 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
             rotation = _full(rotation)
             groups.setdefault((rotation.device, rotation.dtype), []).append(rotation)
     if not groups:
-        return block_penalty(*pairs[0])
+        return torch.zeros((), dtype=pairs[0][0].dtype, device=pairs[0][0].device)
     terms = [_quasi_penalty(rotations) for rotations in groups.values()]
     return terms[0] if len(terms) == 1 else torch.stack([t.to(terms[0].device) for t in terms]).sum()
+
+
+def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
+    """The qGOFT penalty summed over every adapted layer of ``model`` (``GivensLinear``,
+    ``GivensWrapper``, and the active adapters of every qGOFT layer of a PEFT model).
+
+    Add ``lam * orthogonality_penalty(model)`` to the loss; the paper uses ``lam`` in
+    ``[1e-3, 5e-2]``. A model without such layers gives a float32 zero. The quasi blocks of
+    all layers are concatenated and penalized at once (per device and dtype, :func:`penalty_of`):
+    a handful of ops for the whole model, where a few ops per layer would cost a model of a
+    hundred adapted layers milliseconds per step on a CPU, and as many kernel launches on a GPU.
+    """
+    # PEFT's layers exist only once qgoft_kernels.peft is imported; no need to import it here
+    peft_layer = getattr(sys.modules.get("qgoft_kernels.peft"), "QGOFTLayer", ())
+    return penalty_of([pair for m in model.modules() if isinstance(m, (*ADAPTED, peft_layer))
+                       for pair in m._penalized()])
 
 
 def inject(model: nn.Module, target_modules, *, block: str = "quasi", structure: str = "tree",

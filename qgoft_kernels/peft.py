@@ -53,7 +53,7 @@ from . import bases  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .checks import check_features, check_options, rotation_shape  # noqa: E402
 from .function import givens_rotate  # noqa: E402
-from .nn import block_penalty, module_uses, reset_identity  # noqa: E402
+from .nn import module_uses, penalty_of, reset_identity  # noqa: E402
 from .schedule import num_stages  # noqa: E402
 
 PREFIX = "qgoft_"
@@ -221,8 +221,7 @@ class QGOFTLayer(BaseTunerLayer):
 
     def orthogonality_penalty(self) -> torch.Tensor:
         """The qGOFT penalty of the active adapters (see :func:`qgoft_kernels.orthogonality_penalty`)."""
-        terms = [block_penalty(rotation, block) for rotation, block in self._penalized()]
-        return torch.stack(terms).sum() if terms else torch.zeros(())
+        return penalty_of(self._penalized())
 
     def _penalized(self) -> list[tuple[torch.Tensor, str]]:
         """The active adapters' rotations, with their block kinds (:func:`qgoft_kernels.orthogonality_penalty`)."""
