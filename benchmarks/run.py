@@ -394,9 +394,10 @@ def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> l
     return rows
 
 
-def meets_goal(row: dict, kind: str) -> bool:
-    """No slower than OFT and within ``LORA_FACTOR`` of LoRA (for ``kind`` "train" or "infer")."""
-    return all(row.get(f"{kind}_vs_{key}", 2.0) <= bound for key, (_, bound) in GOAL.items())
+def meets_goal(row: dict, kind: str, peers: tuple[str, ...] = tuple(GOAL)) -> bool:
+    """By the medians, no slower than OFT and within ``LORA_FACTOR`` of LoRA (for ``kind``
+    "train" or "infer"); ``peers`` (keys of :data:`GOAL`) checks only those bounds."""
+    return all(row.get(f"{kind}_vs_{key}", 2.0) <= GOAL[key][1] for key in peers)
 
 
 def held_to_goal(row: dict) -> bool:
@@ -427,8 +428,7 @@ def goal_verdict(row: dict, kind: str) -> str:
     if not all(p["lo"] <= bound for p, bound in paired):
         return "NO"
     own = row.get(f"own_{kind}_vs_oft_paired")
-    lora_met = row.get(f"{kind}_vs_lora", 2.0) <= GOAL["lora"][1]
-    if lora_met and own and own["level"] and own["hi"] < GOAL["oft"][1]:
+    if meets_goal(row, kind, ("lora",)) and own and own["level"] and own["hi"] < GOAL["oft"][1]:
         return BY_OWN_WORK
     return "noise"
 
