@@ -35,6 +35,7 @@ import argparse
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import datetime
 import importlib
 import json
@@ -45,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from unittest import mock
 
 import torch
 import triton
@@ -58,31 +60,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from benchmarks import sm90  # noqa: E402
 from benchmarks.environ import scoped  # noqa: E402
 from qgoft_kernels import ops  # noqa: E402
 from qgoft_kernels.planning import planning  # noqa: E402
 from qgoft_kernels.schedule import num_pairs  # noqa: E402
 
-# --- the machine (H200 SXM; measured on the lent machine where stated, docs/tuning.md) ---
-#: device-to-device copy bandwidth, bytes read plus written (torch.clone, measured on an H200 here)
-COPY_BW = 4.3e12
-#: multiprocessors, clock (Hz; the SM clock read under load on the same machine)
-SMS, CLOCK = 132, 1.98e9
-#: warp-instructions issued per clock per SM (four schedulers, one each)
-ISSUE_PER_CLOCK = 4
-#: DRAM latency a loaded memory system shows (seconds): public pointer-chasing figures for
-#: H100-class parts are ~500-600 ns idle; under full bandwidth queues add to it
-LATENCY = 800e-9
-#: fixed cost of one launch (seconds): the kernel boundary, its ramp-up and tail
-LAUNCH = 1.5e-6
-#: per-SM limits of sm_90
-REGS_PER_SM, MAX_WARPS, MAX_CTAS, SMEM_PER_SM, SMEM_RESERVED = 65536, 64, 32, 233472, 1024
-
+#: multiprocessors of both cards (H100 SXM and H200): the launchers plan for this many
+SMS = 132
 TARGET = triton.backends.compiler.GPUTarget("cuda", 90, 32)
 V2_COMMIT = "e3e8bcf"
+#: the v3 kernels, the "before" of v4 (docs/tuning.md)
+V3_COMMIT = "1e680c0"
 OPS = ("forward", "forward_t", "backward", "merge")
-DIMS = (1024, 4096, 8192, 11008, 16384)
-BLOCKS = (("quasi", True), ("givens", False))
+DIMS = (1024, 2048, 4096, 8192, 11008, 16384)
+#: ``(block, scale)`` variants by name
+VARIANTS = {"quasi+scale": ("quasi", True), "quasi": ("quasi", False), "givens+scale": ("givens", True),
+            "givens": ("givens", False)}
+DTYPES = ("bfloat16", "float16")
 DEFAULT_OUT = os.path.join(ROOT, "benchmarks", "results", "sass-sm90.json")
 
 
@@ -161,14 +156,18 @@ def _meta_inputs(op, d, rows, dtype, block, scale):
     return x, params, s
 
 
-def record(op, d, rows, dtype, block, scale, env=None):
-    """The launches of ``op`` at ``rows x d`` (``merge``: a ``rows x d`` weight)."""
+def record(op, d, rows, dtype, block, scale, env=None, kernels=None):
+    """The launches of ``op`` at ``rows x d`` (``merge``: a ``rows x d`` weight).
+
+    ``kernels`` replaces the package's kernels module (an older version's, rebuilt from git).
+    """
     import qgoft_kernels as qk
 
     launches = []
     x, params, s = _meta_inputs(op, d, rows, dtype, block, scale)
+    swap = mock.patch.object(ops, "_kernels", lambda: kernels) if kernels is not None else contextlib.nullcontext()
     # the compiled path with its runtime specialisation: no interpreter, no poisoning fills
-    with scoped({"QGOFT_POISON": None, "TRITON_INTERPRET": None, **(env or {})}), capture(launches):
+    with scoped({"QGOFT_POISON": None, "TRITON_INTERPRET": None, **(env or {})}), swap, capture(launches):
         if op == "forward":
             ops.launch_forward(x, params, s, block, "tree", False)
         elif op == "forward_t":
@@ -214,18 +213,10 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
 
 
 _LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+#: the second 64-bit word of an instruction, on the line after it: its scheduling fields
+_CONTROL = re.compile(r"^\s+/\*\s*0x([0-9a-f]{16})\s*\*/\s*$")
 _REG = re.compile(r"\bR(\d+)(\.64)?\b")
-
-
-def _opcode(text):
-    return re.sub(r"^@!?U?P[T0-9]+\s+", "", text).split(" ")[0]
-
-
-def _width(opcode):
-    for token, size in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
-        if token in opcode:
-            return size
-    return 4
+_opcode, _width = sm90.opcode, sm90.width
 
 
 @dataclass
@@ -235,6 +226,7 @@ class Sass:
     regs: int
     stack: int
     smem: int
+    words: list = None  # each instruction's second encoding word (its scheduling fields), when read
 
     def multiplicity(self, trips):
         """Times each instruction runs per program, the ``i``-th loop running ``trips[i]`` times."""
@@ -246,6 +238,11 @@ class Sass:
                     m *= n
             out.append(m)
         return out
+
+    def scheduled(self):
+        """The instructions with their scheduling fields, for :func:`sm90.timeline`."""
+        words = self.words or [None] * len(self.instrs)
+        return [sm90.make_instr(a, t, w) for (a, t), w in zip(self.instrs, words)]
 
     def in_flight_bytes(self):
         """Peak global-load bytes one thread has issued and not yet waited for.
@@ -295,27 +292,38 @@ def _registers(operands):
     return out
 
 
-def read_sass(compiled) -> Sass:
-    cubin = compiled.asm["cubin"]
-    usage = _cuobjdump(cubin, "--dump-resource-usage")
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
-    instrs = [(int(m.group(1), 16), m.group(2)) for m in map(_LINE.match, _cuobjdump(cubin, "--dump-sass").splitlines())
-              if m]
+def parse_sass(text: str):
+    """``(instrs, words, loops)`` from ``cuobjdump --dump-sass`` output."""
+    instrs, words = [], []
+    for line in text.splitlines():
+        m = _LINE.match(line)
+        if m:
+            instrs.append((int(m.group(1), 16), m.group(2)))
+            words.append(None)
+            continue
+        c = _CONTROL.match(line)
+        if c and instrs and words[-1] is None:
+            words[-1] = int(c.group(1), 16)
     loops = []
     for addr, text in instrs:
         target = re.search(r"BRA\s+(?:`\()?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < addr:
             loops.append((int(target.group(1), 16), addr))
+    return instrs, words, loops
+
+
+def read_sass(compiled) -> Sass:
+    cubin = compiled.asm["cubin"]
+    usage = _cuobjdump(cubin, "--dump-resource-usage")
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+)", usage)
+    instrs, words, loops = parse_sass(_cuobjdump(cubin, "--dump-sass"))
+    if any(w is None for w in words):
+        raise RuntimeError("cuobjdump printed an instruction without its scheduling word")
     smem = max(int(found.group(3)), compiled.metadata.shared)
-    return Sass(instrs, loops, int(found.group(1)), int(found.group(2)), smem)
+    return Sass(instrs, loops, int(found.group(1)), int(found.group(2)), smem, words)
 
 
-def ctas_per_sm(regs, warps, smem):
-    """Resident CTAs per SM: registers (256 per warp granule), warps, CTA slots, shared memory."""
-    per_warp = -(-regs * 32 // 256) * 256
-    by_regs = (REGS_PER_SM // per_warp) // warps
-    by_smem = SMEM_PER_SM // (smem + SMEM_RESERVED)
-    return max(0, min(MAX_CTAS, MAX_WARPS // warps, by_regs, by_smem))
+ctas_per_sm = sm90.ctas_per_sm
 
 
 # ------------------------------------------------------------------------------------------
@@ -329,6 +337,9 @@ def _hbm_bytes(launch: Launch) -> tuple[int, int]:
     """``(read, written)`` HBM bytes of a Triton launch, from its arguments."""
     a = launch.kwargs
     name = launch.name
+    if "hbm" in launch.info:
+        # a kernel that states its own traffic (the model's tests)
+        return launch.info["hbm"]
     if name == "_copy_kernel":
         return _nbytes(a["x"]), _nbytes(a["y"])
     if name == "_givens_angles_kernel":
@@ -369,7 +380,7 @@ def _hbm_bytes(launch: Launch) -> tuple[int, int]:
 # the model
 
 def kernel_row(launch: Launch, rows: int, cache: dict) -> dict:
-    """Static counts and the three bounds for one Triton launch."""
+    """Static counts, one warp's path and, per card and constant set, the time of one Triton launch."""
     key = (launch.fn.fn.__name__, id(launch.fn), _spec_key(launch.kwargs))
     if key not in cache:
         cache[key] = read_sass(compile_kernel(launch.fn, launch.kwargs))
@@ -379,8 +390,10 @@ def kernel_row(launch: Launch, rows: int, cache: dict) -> dict:
     trips = _trips(launch, sass)
     mult = sass.multiplicity(trips)
     per_program = collections.Counter()
+    issue = sm90.IssueCounts()
     for (_, text), m in zip(sass.instrs, mult):
         op = _opcode(text)
+        issue.add(op, m)
         per_program["all"] += m
         per_program["bar"] += m * op.startswith("BAR")
         per_program["smem"] += m * op.startswith(("LDS", "STS", "LDSM", "STSM"))
@@ -389,10 +402,10 @@ def kernel_row(launch: Launch, rows: int, cache: dict) -> dict:
     resident = max(1, min(ctas, -(-programs // SMS)))
     in_flight = sass.in_flight_bytes() * 32 * warps * resident
     read, written = _hbm_bytes(launch)
-    memory = (read + written) / COPY_BW
-    issue = per_program["all"] * warps * programs / (ISSUE_PER_CLOCK * SMS * CLOCK)
-    latency = read * LATENCY / (SMS * in_flight) if in_flight else float("inf")
-    bounds = {"memory": memory, "issue": issue, "latency": latency}
+    instrs = sass.scheduled()
+    paths = {k.name: sm90.timeline(instrs, sass.loops, trips, k) for k in sm90.SETS}
+    cards = {c.name: {k.name: sm90.launch_time(paths[k.name], issue, programs, warps, ctas, read + written, c, k)
+                      for k in c.sets} for c in sm90.CARDS}
     widths = collections.Counter(_opcode(t) for _, t in sass.instrs if _opcode(t).startswith(("LDG", "STG")))
     return {
         "launch": launch.name, "grid": list(launch.grid), "num_warps": warps,
@@ -405,9 +418,11 @@ def kernel_row(launch: Launch, rows: int, cache: dict) -> dict:
         "global_access_widths": dict(sorted(widths.items())),
         "in_flight_bytes_per_sm": in_flight,
         "hbm_bytes_per_row": (read + written) / rows,
-        "seconds": {k: v for k, v in bounds.items()},
-        "bound": max(bounds, key=bounds.get),
-        "time": max(bounds.values()) + LAUNCH,
+        "round_trips": paths["pess"].round_trips,
+        "path": {name: {"cycles": p.cycles, "iteration_cycles": p.iteration, "iterations": p.iterations}
+                 for name, p in paths.items()},
+        "issue": {"instructions_per_warp": issue.instructions, "pipes": dict(issue.pipes), "mio_cycles": issue.mio},
+        "cards": cards,
     }
 
 
@@ -458,35 +473,54 @@ def _spec_key(kwargs):
 
 
 def torch_row(launch: Launch) -> dict:
-    memory = launch.torch_bytes / COPY_BW
-    return {"launch": launch.name, "hbm_bytes": launch.torch_bytes, "seconds": {"memory": memory},
-            "bound": "memory", "time": memory + LAUNCH}
+    """A PyTorch op's launch: its bytes at the copy bandwidth, on every card and constant set."""
+    cards = {c.name: {k.name: {"time": launch.torch_bytes / c.copy_bw + k.launch, "waves": 0.0, "bound": "memory",
+                               "seconds": {"memory": launch.torch_bytes / c.copy_bw}} for k in c.sets}
+             for c in sm90.CARDS}
+    return {"launch": launch.name, "hbm_bytes": launch.torch_bytes, "cards": cards}
 
 
-def clone_time(rows, d, elem):
-    return 2 * rows * d * elem / COPY_BW + LAUNCH
-
-
-def evaluate(op, d, rows, dtype, block, scale, launches, cache, **extra) -> dict:
-    """The JSON row of one op: its launches and the predicted ratio to ``torch.clone``."""
+def evaluate(op, d, rows, dtype, block, scale, launches, cache, **extra) -> list[dict]:
+    """The JSON rows of one op, one per card: its launches and the predicted ratios to ``torch.clone``."""
     elem = torch.empty(0, dtype=dtype).element_size()
     parts = [kernel_row(launch, rows, cache) if launch.fn is not None else torch_row(launch) for launch in launches]
-    total = sum(p["time"] for p in parts)
-    clone = clone_time(rows, d, elem)
-    # the configuration reported is the longest Triton launch's
-    timed = [(p["time"], launch) for p, launch in zip(parts, launches) if launch.fn is not None]
-    main = max(timed, key=lambda t: t[0])[1] if timed else None
-    cfg = {k: v for k, v in (main.kwargs if main else {}).items()
-           if k in ("LE", "LG", "BLOCK_N", "num_warps", "STAGES", "LC", "n_iters")}
-    if main is not None:
-        cfg["programs"] = main.grid[0]
-        cfg["main_launch"] = main.name
-    return {"kernel": op, "d": d, "rows": rows, "dtype": str(dtype).removeprefix("torch."), "block": block,
-            "scale": scale, "config": cfg, "launches": parts, "predicted_seconds": total,
-            "clone_seconds": clone, "predicted_over_clone": total / clone,
+    out = []
+    for c in sm90.CARDS:
+        times = {k.name: sum(p["cards"][c.name][k.name]["time"] for p in parts) for k in c.sets}
+        clone = {k.name: sm90.clone_time(rows * d * elem, c, k) for k in c.sets}
+        # the configuration reported is the longest Triton launch's (pessimistic constants)
+        timed = [(p["cards"][c.name]["pess"]["time"], launch) for p, launch in zip(parts, launches)
+                 if launch.fn is not None]
+        main = max(timed, key=lambda t: t[0])[1] if timed else None
+        cfg = {k: v for k, v in (main.kwargs if main else {}).items()
+               if k in ("LE", "LG", "BLOCK_N", "num_warps", "STAGES", "LC", "n_iters")}
+        if main is not None:
+            cfg["programs"] = main.grid[0]
+            cfg["main_launch"] = main.name
+        launches_out = []
+        for p in parts:
+            mine = {k: v for k, v in p.items() if k != "cards"}
+            for name in ("opt", "pess"):
+                mine[f"time_{name}"] = p["cards"][c.name][name]["time"]
+                mine[f"seconds_{name}"] = p["cards"][c.name][name]["seconds"]
+            mine["bound"] = p["cards"][c.name]["pess"]["bound"]
+            mine["waves"] = p["cards"][c.name]["pess"]["waves"]
+            launches_out.append(mine)
+        opt, pess = times["opt"] / clone["opt"], times["pess"] / clone["pess"]
+        longest = max(launches_out, key=lambda p: p["time_pess"])
+        out.append({
+            "kernel": op, "d": d, "rows": rows, "dtype": str(dtype).removeprefix("torch."), "block": block,
+            "scale": scale, "gpu": c.name, "config": cfg, "launches": launches_out,
+            "predicted_seconds": times["pess"], "predicted_seconds_opt": times["opt"],
+            "clone_seconds": clone["pess"], "clone_seconds_opt": clone["opt"],
+            "predicted_over_clone": pess, "predicted_over_clone_opt": opt, "predicted_over_clone_pess": pess,
+            "waves": max((p["waves"] for p in launches_out), default=0.0),
+            "round_trips": max((p.get("round_trips", 0) for p in launches_out), default=0),
+            "bound": longest["bound"],
             "hbm_bytes_per_row": sum(p.get("hbm_bytes_per_row", p.get("hbm_bytes", 0) / rows) for p in parts),
             "warp_instructions_per_row": sum(p.get("warp_instructions_per_row", 0) for p in parts),
-            "barriers_per_row": sum(p.get("barriers_per_row", 0) for p in parts), **extra}
+            "barriers_per_row": sum(p.get("barriers_per_row", 0) for p in parts), **extra})
+    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -549,38 +583,67 @@ def v2_launches(op, d, rows, dtype, block):
     return out
 
 
+def _git_package(commit: str, name: str, files: dict) -> str:
+    """Write ``files`` (``{path in the package: path in the repository}``) as of ``commit`` into a
+    new package ``name`` on ``sys.path``; returns its name."""
+    tmp = tempfile.mkdtemp(prefix=f"{name}_")
+    for dest, src in files.items():
+        path = os.path.join(tmp, name, dest)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        text = "" if src is None else subprocess.run(["git", "show", f"{commit}:{src}"], cwd=ROOT,
+                                                      capture_output=True, text=True, check=True).stdout
+        with open(path, "w") as fh:
+            fh.write(text)
+    sys.path.insert(0, tmp)
+    return name
+
+
 def _v2_modules():
     global _V2
     if _V2 is None:
-        tmp = tempfile.mkdtemp(prefix="qgoft_v2_")
-        pkg = os.path.join(tmp, "qgoft_v2_kernels")
-        os.makedirs(pkg)
-        open(os.path.join(pkg, "__init__.py"), "w").close()
-        for name in ("stages", "forward", "backward", "launch"):
-            src = subprocess.run(["git", "show", f"{V2_COMMIT}:qgoft_kernels/kernels/{name}.py"], cwd=ROOT,
-                                 capture_output=True, text=True, check=True).stdout
-            with open(os.path.join(pkg, f"{name}.py"), "w") as fh:
-                fh.write(src)
-        sys.path.insert(0, tmp)
-        _V2 = {name: importlib.import_module(f"qgoft_v2_kernels.{name}") for name in ("launch", "forward", "backward")}
+        files = {"__init__.py": None, **{f"{m}.py": f"qgoft_kernels/kernels/{m}.py"
+                                         for m in ("stages", "forward", "backward", "launch")}}
+        pkg = _git_package(V2_COMMIT, "qgoft_v2_kernels", files)
+        _V2 = {name: importlib.import_module(f"{pkg}.{name}") for name in ("launch", "forward", "backward")}
     return _V2
 
 
 _V2 = None
 
 
+def v3_kernels():
+    """The v3 kernels module (commit ``V3_COMMIT``), planning as the package does."""
+    global _V3
+    if _V3 is None:
+        names = ("__init__", "angles", "backward", "forward", "launch", "tree")
+        files = {"__init__.py": None, "kernels/__init__.py": "qgoft_kernels/kernels/__init__.py",
+                 **{f"kernels/{m}.py": f"qgoft_kernels/kernels/{m}.py" for m in names[1:]}}
+        pkg = _git_package(V3_COMMIT, "qgoft_v3", files)
+        # v3's launchers ask the package's planning module (``from .. import planning``): the same state
+        sys.modules[f"{pkg}.planning"] = importlib.import_module("qgoft_kernels.planning")
+        importlib.import_module(pkg).planning = sys.modules[f"{pkg}.planning"]
+        _V3 = importlib.import_module(f"{pkg}.kernels")
+    return _V3
+
+
+_V3 = None
+
+
 # ------------------------------------------------------------------------------------------
 # the matrix, the JSON and the table
 
-TARGETS = {"forward": 1.15, "forward_t": 1.15, "backward": 1.8, "merge": 2.0}
-#: d where the forward target is relaxed: 11008 pads to 16384, a quarter of it past d
-RELAXED = {11008: 1.5}
+#: the targets of the default configurations, pessimistic constants, both cards (``merge``: end to end)
+TARGETS = {"forward": 1.15, "forward_t": 1.15, "backward": 1.8, "merge": 1.5}
+#: dependent global round trips a row-loop iteration may wait for, at most
+MAX_ROUND_TRIPS = 2
 
 
 def target(op, d):
-    if op in ("forward", "forward_t") and d in RELAXED:
-        return RELAXED[d]
     return TARGETS[op]
+
+
+def variant_name(block, scale):
+    return block + ("+scale" if scale else "")
 
 
 @dataclass(frozen=True)
@@ -594,7 +657,7 @@ class Task:
     env: tuple = ()
     reference: str = ""
 
-    def run(self, cache=None) -> dict:
+    def run(self, cache=None) -> list[dict]:
         cache = {} if cache is None else cache
         dtype = getattr(torch, self.dtype)
         extra = dict(default=not self.env and not self.reference, env=dict(self.env))
@@ -602,25 +665,35 @@ class Task:
             launches = copy_launches(self.rows, self.d, dtype)
         elif self.reference == "v2":
             launches = v2_launches(self.op, self.d, self.rows, dtype, self.block)
+        elif self.reference == "v3":
+            launches = record(self.op, self.d, self.rows, dtype, self.block, self.scale, kernels=v3_kernels())
         else:
             launches = record(self.op, self.d, self.rows, dtype, self.block, self.scale, dict(self.env))
-        row = evaluate(self.op, self.d, self.rows, dtype, self.block, self.scale, launches, cache, **extra)
-        if self.reference:
-            row["reference"] = self.reference
-        else:
-            row["target_over_clone"] = target(self.op, self.d)
-            row["meets_target"] = row["predicted_over_clone"] <= row["target_over_clone"]
-        return row
+        rows = evaluate(self.op, self.d, self.rows, dtype, self.block, self.scale, launches, cache, **extra)
+        for row in rows:
+            if self.reference:
+                row["reference"] = self.reference
+            else:
+                row["target_over_clone"] = target(self.op, self.d)
+                row["meets_target"] = (row["predicted_over_clone"] <= row["target_over_clone"]
+                                       and row["round_trips"] <= MAX_ROUND_TRIPS)
+        return rows
 
 
-def matrix(dims, ops_, blocks, rows, references=("copy", "v2"), sweep=True):
+#: the v3 reference rows: every op at the widths of the review's findings (docs/tuning.md)
+V3_ROWS = [(op, d, v) for d in (1024, 4096, 16384) for op in ("forward", "forward_t", "backward")
+           for v in ("quasi+scale", "givens")] + [("merge", 4096, v) for v in ("quasi+scale", "givens")]
+
+
+def matrix(dims, ops_, variants, rows, dtypes=DTYPES, references=("copy", "v2", "v3"), sweep=True):
     tasks = []
     for d in dims:
         for op in ops_:
-            for block, scale in blocks:
-                if op == "merge" and d != 4096:
-                    continue
-                tasks.append(Task(op, d, 4096 if op == "merge" else rows, "bfloat16", block, scale))
+            for dtype in dtypes:
+                for name in variants:
+                    if op == "merge" and d != 4096:
+                        continue
+                    tasks.append(Task(op, d, 4096 if op == "merge" else rows, dtype, *VARIANTS[name]))
     if sweep and 4096 in dims:
         # a few alternatives to the default configuration, for the record
         for op in [o for o in ("forward", "backward") if o in ops_]:
@@ -632,6 +705,9 @@ def matrix(dims, ops_, blocks, rows, references=("copy", "v2"), sweep=True):
     if "v2" in references:
         for op, d in (("forward", 1024), ("forward", 4096), ("forward_t", 4096), ("backward", 4096)):
             tasks.append(Task(op, d, rows, "bfloat16", "quasi", True, reference="v2"))
+    if "v3" in references:
+        for op, d, name in V3_ROWS:
+            tasks.append(Task(op, d, 4096 if op == "merge" else rows, "bfloat16", *VARIANTS[name], reference="v3"))
     return tasks
 
 
@@ -649,29 +725,44 @@ def _commit():
         return "unknown"
 
 
-def table(rows) -> str:
-    """The markdown table of the default configurations and the references."""
-    head = ("| op | d | block | tile (E x G, rows, warps) | regs | CTAs x warps / SM | warp-instr / row "
-            "| barriers / row | in flight / SM | bound | predicted / clone | target |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
-    lines = []
+def _key(r):
+    return (r["kernel"], r["d"], r["dtype"], r["block"], r["scale"], r.get("reference", ""), r.get("default"),
+            tuple(sorted(r.get("env", {}).items())))
+
+
+def table(rows, dtypes=("bfloat16",)) -> str:
+    """The markdown table of the default configurations and the references: one line per op, both cards."""
+    head = ("| op | d | variant | tile (E x G, rows, warps) | regs | CTAs x warps / SM | waves | round trips "
+            "| warp-instr / row | barriers / row | bound | H100 opt - pess | H200 opt - pess | target |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    by = collections.defaultdict(dict)
     for r in rows:
-        if not (r.get("default") or r.get("reference")):
-            continue
+        if (r.get("default") or r.get("reference")) and r["dtype"] in dtypes:
+            by[_key(r)][r["gpu"]] = r
+    lines = []
+    for key, cards in by.items():
+        h100, h200 = cards.get("H100-SXM"), cards.get("H200")
+        r = h200 or h100
         kernels = [p for p in r["launches"] if "regs" in p]
         if not kernels:
             continue
-        main = max(kernels, key=lambda p: p["time"])
+        main = max(kernels, key=lambda p: p["time_pess"])
         c = r["config"]
         tile = (f"{1 << c['LE']} x {1 << c['LG']}, {c['BLOCK_N']}, {c['num_warps']}" if "LE" in c
                 else f"{c.get('BLOCK_N', '-')} rows, {c.get('num_warps', '-')} warps")
         name = r["kernel"] + (f" ({r['reference']})" if r.get("reference") else "")
-        goal = f"<= {r['target_over_clone']:g}" + (" met" if r["meets_target"] else " **missed**") \
-            if "target_over_clone" in r else "-"
-        lines.append(f"| {name} | {r['d']} | {r['block']} | {tile} | {main['regs']} | "
-                     f"{main['ctas_per_sm']} x {main['num_warps']} | {r['warp_instructions_per_row']:,.0f} | "
-                     f"{r['barriers_per_row']:.1f} | {main['in_flight_bytes_per_sm'] / 1024:.1f} KB | "
-                     f"{main['bound']} | {r['predicted_over_clone']:.2f} | {goal} |")
+        if "target_over_clone" in r:
+            met = all(x["meets_target"] for x in cards.values())
+            goal = f"<= {r['target_over_clone']:g}" + (" met" if met else " **missed**")
+        else:
+            goal = "-"
+
+        def both(x):
+            return "-" if x is None else f"{x['predicted_over_clone_opt']:.2f} - {x['predicted_over_clone_pess']:.2f}"
+        lines.append(f"| {name} | {r['d']} | {variant_name(r['block'], r['scale']) if r['block'] != '-' else '-'} "
+                     f"| {tile} | {main['regs']} | {main['ctas_per_sm']} x {main['num_warps']} | {r['waves']:.2f} "
+                     f"| {r['round_trips']} | {r['warp_instructions_per_row']:,.0f} | {r['barriers_per_row']:.1f} "
+                     f"| {r['bound']} | {both(h100)} | {both(h200)} | {goal} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -691,28 +782,28 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sass", description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS))
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
-    parser.add_argument("--blocks", nargs="+", default=[b for b, _ in BLOCKS], choices=[b for b, _ in BLOCKS])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--rows", type=int, default=16384)
-    parser.add_argument("--references", nargs="*", default=["copy", "v2"], choices=["copy", "v2"],
+    parser.add_argument("--references", nargs="*", default=["copy", "v2", "v3"], choices=["copy", "v2", "v3"],
                         help="the reference points to add (none: --references)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the non-default configurations")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--out", default=DEFAULT_OUT, help="the JSON file to write")
     parser.add_argument("--table", default=None, help="a markdown file whose sass markers get the table")
     args = parser.parse_args(argv)
-    blocks = [(b, s) for b, s in BLOCKS if b in args.blocks]
-    tasks = matrix(args.dims, args.ops, blocks, args.rows, args.references, not args.no_sweep)
+    tasks = matrix(args.dims, args.ops, args.variants, args.rows, args.dtypes, args.references, not args.no_sweep)
     print(f"{len(tasks)} ops to compile for sm_90 with triton {triton.__version__} ({args.jobs} processes)",
           flush=True)
     if args.jobs > 1:
         with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
-            rows = list(pool.map(_run_task, tasks))
+            rows = [r for out in pool.map(_run_task, tasks) for r in out]
     else:
-        rows = [task.run() for task in tasks]
+        rows = [r for task in tasks for r in task.run()]
     meta = dict(tool="benchmarks/sass.py", arch="sm_90", triton=triton.__version__, torch=torch.__version__,
                 commit=_commit(), date=datetime.date.today().isoformat(),
-                constants=dict(copy_bw=COPY_BW, sms=SMS, clock=CLOCK, issue_per_clock=ISSUE_PER_CLOCK,
-                               latency=LATENCY, launch=LAUNCH))
+                cards={c.name: dict(sms=c.sms, copy_bw=c.copy_bw) for c in sm90.CARDS},
+                constants={k.name: dataclasses.asdict(k) for k in sm90.SETS})
     for row in rows:
         row.update(commit=meta["commit"], triton=meta["triton"])
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
