@@ -63,7 +63,7 @@ if ROOT not in sys.path:
 from benchmarks import sm90  # noqa: E402
 from benchmarks.environ import scoped  # noqa: E402
 from qgoft_kernels import ops  # noqa: E402
-from qgoft_kernels.planning import planning  # noqa: E402
+from qgoft_kernels.planning import launch_key, planning  # noqa: E402
 from qgoft_kernels.schedule import num_pairs  # noqa: E402
 
 #: multiprocessors of both cards (H100 SXM and H200): the launchers plan for this many
@@ -97,6 +97,7 @@ class Launch:
 
 _VIEWS = {"view", "_unsafe_view", "reshape", "as_strided", "t", "transpose", "select", "slice", "expand", "alias",
           "detach", "unsqueeze", "squeeze", "permute", "split", "unbind", "empty", "empty_strided", "empty_like",
+          "new_empty",
           "_to_copy_noop", "lift_fresh", "_reshape_alias", "view_as_real", "split_with_sizes", "narrow"}
 
 
@@ -142,10 +143,23 @@ def capture(launches):
 
     jit.run = run
     try:
-        with planning(SMS), _Recorder(launches):
+        with planning(SMS, resources), _Recorder(launches):
             yield
     finally:
         jit.run = original
+
+
+_RESOURCES: dict = {}
+
+
+def resources(fn, kwargs):
+    """``(registers, shared bytes)`` of ``fn`` compiled for sm_90 with these arguments (the
+    launchers size their grids from it while planning)."""
+    key = launch_key(fn, kwargs)
+    if key not in _RESOURCES:
+        sass = read_sass(compile_kernel(fn, kwargs))
+        _RESOURCES[key] = (sass.regs, sass.smem)
+    return _RESOURCES[key]
 
 
 def _meta_inputs(op, d, rows, dtype, block, scale):
@@ -292,8 +306,33 @@ def _registers(operands):
     return out
 
 
+_BRANCH = re.compile(r"^@!?P\d BRA (?:`\()?0x([0-9a-f]+)")
+
+
+def _cold(instrs):
+    """The address ranges of libdevice's huge-argument paths, assumed never taken: a rotation
+    angle that large (``|theta| >= 105615``) does not occur. libdevice's single-precision sine
+    and cosine reduce such arguments on a slow path (Payne-Hanek: a table in local memory, a
+    read-only table of 2/pi, a double-precision product) that a conditional branch jumps over;
+    a forward branch whose skipped code reads through the read-only path (``LDG.E.CONSTANT``,
+    which the kernels do not use otherwise) or converts a 64-bit integer to double and
+    multiplies in double precision (they compute in single precision) is that path."""
+    ranges = []
+    for i, (addr, text) in enumerate(instrs):
+        m = _BRANCH.match(text)
+        if not m or int(m.group(1), 16) <= addr:
+            continue
+        end = int(m.group(1), 16)
+        skipped = [_opcode(t) for a, t in instrs[i + 1:] if a < end]
+        if any(op.startswith("LDG.E.CONSTANT") for op in skipped) or (
+                any(op.startswith("I2F.F64") for op in skipped) and any(op.startswith("DMUL") for op in skipped)):
+            ranges.append((addr, end))
+    return ranges
+
+
 def parse_sass(text: str):
-    """``(instrs, words, loops)`` from ``cuobjdump --dump-sass`` output."""
+    """``(instrs, words, loops)`` from ``cuobjdump --dump-sass`` output, without the code of
+    libdevice's huge-argument paths (:func:`_cold`)."""
     instrs, words = [], []
     for line in text.splitlines():
         m = _LINE.match(line)
@@ -304,6 +343,9 @@ def parse_sass(text: str):
         c = _CONTROL.match(line)
         if c and instrs and words[-1] is None:
             words[-1] = int(c.group(1), 16)
+    cold = _cold(instrs)
+    hot = [i for i, (addr, _) in enumerate(instrs) if not any(start < addr < end for start, end in cold)]
+    instrs, words = [instrs[i] for i in hot], [words[i] for i in hot]
     loops = []
     for addr, text in instrs:
         target = re.search(r"BRA\s+(?:`\()?0x([0-9a-f]+)", text)
@@ -379,9 +421,15 @@ def _hbm_bytes(launch: Launch) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------
 # the model
 
+#: launches whose wide loads read only what the op's launch before them wrote, a few MB at most:
+#: the partial gradient rows and the chunk roots' carries, L2 hits (50 MB of L2 on both cards; the
+#: backward roots kernel's other loads, 2-byte gathers of x, are priced as L2 hits anyway)
+L2_RESIDENT = {"_givens_grad_sum_kernel", "_givens_fwd_roots_kernel", "_givens_bwd_roots_kernel"}
+
+
 def kernel_row(launch: Launch, rows: int, cache: dict) -> dict:
     """Static counts, one warp's path and, per card and constant set, the time of one Triton launch."""
-    key = (launch.fn.fn.__name__, id(launch.fn), _spec_key(launch.kwargs))
+    key = launch_key(launch.fn, launch.kwargs)
     if key not in cache:
         cache[key] = read_sass(compile_kernel(launch.fn, launch.kwargs))
     sass = cache[key]
@@ -403,7 +451,8 @@ def kernel_row(launch: Launch, rows: int, cache: dict) -> dict:
     in_flight = sass.in_flight_bytes() * 32 * warps * resident
     read, written = _hbm_bytes(launch)
     instrs = sass.scheduled()
-    paths = {k.name: sm90.timeline(instrs, sass.loops, trips, k) for k in sm90.SETS}
+    resident = launch.name in L2_RESIDENT
+    paths = {k.name: sm90.timeline(instrs, sass.loops, trips, k, resident) for k in sm90.SETS}
     cards = {c.name: {k.name: sm90.launch_time(paths[k.name], issue, programs, warps, ctas, read + written, c, k)
                       for k in c.sets} for c in sm90.CARDS}
     widths = collections.Counter(_opcode(t) for _, t in sass.instrs if _opcode(t).startswith(("LDG", "STG")))
@@ -438,18 +487,24 @@ def _trips(launch: Launch, sass: Sass) -> list:
     """
     a = launch.kwargs
     n_loops = len(sass.loops)
+    # an integer argument equal to 1 becomes a constant, unless the kernel keeps it a runtime value
+    fixed = {p.name for p in getattr(launch.fn, "params", ()) if p.do_not_specialize}
+
+    def one(name):
+        return a[name] == 1 and name not in fixed
+
     if "n_parts" in a:
         # the reduction's loop over the partial rows, BLOCK_P at a time
         loops = [(-(-a["n_parts"] // a["BLOCK_P"]), True)] + [(1, True)] * (n_loops - 1)
         return [n for n, _ in loops]
     if name_is(launch, "_givens_angles_kernel"):
-        # libdevice's slow path for huge angles (a loop per reduction step): assumed not taken
+        # (v3's separate (cos, sin) launch) libdevice's slow path for huge angles: assumed not taken
         return [0] * n_loops
     if "n_full" in a:
         # the whole blocks, then the masked tail
-        loops = [(a["n_full"], a["n_full"] != 1), (a["n_iters"] - a["n_full"], a["n_full"] != 1 or a["n_iters"] != 1)]
+        loops = [(a["n_full"], not one("n_full")), (a["n_iters"] - a["n_full"], not (one("n_full") and one("n_iters")))]
     elif "n_iters" in a:
-        loops = [(a["n_iters"], a["n_iters"] != 1)]
+        loops = [(a["n_iters"], not one("n_iters"))]
     elif launch.name == "_givens_fwd_kernel_v2":  # v2 x @ R^T walks its K chunks (a constant loop)
         loops = [(1 << (a["L"] - a["LC"]), True)] * n_loops
     elif launch.name.endswith("_v2"):  # v2 backward: range(program_id, cdiv(n_rows, BLOCK_N), num_programs)
@@ -460,16 +515,6 @@ def _trips(launch: Launch, sass: Sass) -> list:
     if n_loops != len(trips):
         raise RuntimeError(f"{launch.name}: {n_loops} loops in the SASS, expected {len(trips)} (trip counts {trips})")
     return trips
-
-
-def _spec_key(kwargs):
-    def one(v):
-        if isinstance(v, torch.Tensor):
-            return (str(v.dtype), v.data_ptr() % 16 == 0)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return ("int", v % 16 == 0, v == 1)
-        return repr(v)
-    return tuple(sorted((k, one(v)) for k, v in kwargs.items()))
 
 
 def torch_row(launch: Launch) -> dict:

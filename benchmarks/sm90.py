@@ -25,8 +25,8 @@ import math
 import re
 from dataclasses import dataclass, field
 
-#: per-SM limits of sm_90
-REGS_PER_SM, MAX_WARPS, MAX_CTAS, SMEM_PER_SM, SMEM_RESERVED = 65536, 64, 32, 233472, 1024
+from qgoft_kernels import planning
+
 SCHEDULERS = 4
 
 
@@ -130,10 +130,11 @@ def base(op: str) -> str:
     return op.split(".")[0]
 
 
-def latency_cycles(op: str, k: Constants) -> float:
-    """Cycles from issue until a variable-latency instruction's result is there."""
+def latency_cycles(op: str, k: Constants, resident: bool = False) -> float:
+    """Cycles from issue until a variable-latency instruction's result is there (``resident``:
+    the kernel's wide loads read what the launch before it wrote, small enough to be in L2)."""
     name = base(op)
-    if name == "LDGSTS" or (name == "LDG" and width(op) == 16):
+    if (name == "LDGSTS" or (name == "LDG" and width(op) == 16)) and not resident:
         return k.dram_ns * 1e-9 * k.clock
     if name == "LDG":
         return k.l2_ns * 1e-9 * k.clock
@@ -224,8 +225,9 @@ class Path:
 class _Warp:
     """The scheduler's view of one warp: its next issue cycle and its six scoreboards."""
 
-    def __init__(self, k: Constants):
+    def __init__(self, k: Constants, resident: bool = False):
         self.k = k
+        self.resident = resident
         self.t = 0.0
         # per scoreboard: outstanding operations as [done, depth, iteration]
         self.sb = [[] for _ in range(6)]
@@ -260,7 +262,7 @@ class _Warp:
         if ins.rbar >= 0:
             self.sb[ins.rbar].append([issue + self.k.operand_read, 0, self.iteration])
         if op.startswith("LDGSTS"):
-            done, depth = issue + latency_cycles(op, self.k), self.depth + 1
+            done, depth = issue + latency_cycles(op, self.k, self.resident), self.depth + 1
             self.group = [max(done, self.group[0]), max(depth, self.group[1])] if self.group else [done, depth]
         if op.startswith("LDGDEPBAR"):
             # closes the open group of asynchronous copies: it counts on its scoreboard until all are in
@@ -268,7 +270,7 @@ class _Warp:
             self.group = None
             self.sb[max(ins.wbar, 0)].append([done, depth, self.iteration])
         elif ins.wbar >= 0:
-            done = issue + latency_cycles(op, self.k)
+            done = issue + latency_cycles(op, self.k, self.resident)
             depth = self.depth + 1 if is_global_load(op) else 0
             self.sb[ins.wbar].append([done, depth, self.iteration])
 
@@ -302,9 +304,10 @@ def _nest(loops):
 WALKED, STEADY = 8, 4
 
 
-def timeline(instrs: list[Instr], loops: list, trips: list, k: Constants) -> Path:
-    """One warp's path through a program whose ``i``-th loop runs ``trips[i]`` times."""
-    warp = _Warp(k)
+def timeline(instrs: list[Instr], loops: list, trips: list, k: Constants, resident: bool = False) -> Path:
+    """One warp's path through a program whose ``i``-th loop runs ``trips[i]`` times (``resident``:
+    see :func:`latency_cycles`)."""
+    warp = _Warp(k, resident)
     addrs = [ins.addr for ins in instrs]
     index = {a: i for i, a in enumerate(addrs)}
     counts = [trips[i] if i < len(trips) else 1 for i in range(len(loops))]
@@ -360,11 +363,9 @@ def timeline(instrs: list[Instr], loops: list, trips: list, k: Constants) -> Pat
 # a launch on a card
 
 def ctas_per_sm(regs: int, warps: int, smem: int) -> int:
-    """Resident CTAs per SM: registers (256 per warp granule), warps, CTA slots, shared memory."""
-    per_warp = -(-max(regs, 1) * 32 // 256) * 256
-    by_regs = (REGS_PER_SM // per_warp) // warps
-    by_smem = SMEM_PER_SM // (smem + SMEM_RESERVED)
-    return max(0, min(MAX_CTAS, MAX_WARPS // warps, by_regs, by_smem))
+    """Resident CTAs per SM: registers (256 per warp granule), warps, CTA slots, shared memory
+    (the arithmetic the package's launchers size their grids with)."""
+    return planning.resident_ctas(regs, warps, smem, planning.SM90)
 
 
 def launch_time(path: Path, issue: IssueCounts, programs: int, warps: int, ctas: int, hbm_bytes: int,

@@ -27,17 +27,15 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
-def _coefs(params: torch.Tensor, block: str, x_dtype: torch.dtype) -> torch.Tensor:
-    """What the kernels read per pair: the blocks ``[P, 2, 2]``, or ``(cos, sin)`` ``[P, 2]``
-    (computed in float32, float64 for float64 ``x``, whatever the angles' dtype)."""
-    if block == "quasi":
-        return params.contiguous()
-    return _kernels().givens_coefs(params, torch.float64 if x_dtype == torch.float64 else torch.float32)
+def _coefs(params: torch.Tensor) -> torch.Tensor:
+    """What the kernels read per pair: the blocks ``[P, 2, 2]`` or the angles ``[P]`` (whose
+    cosines and sines each program takes in float32, float64 for float64 ``x``)."""
+    return params.contiguous()
 
 
 def launch_forward(x, params, scale, block: str, structure: str, transpose: bool) -> torch.Tensor:
     """``x @ R`` (or ``x @ R^T``) by the Triton kernels; a new contiguous tensor of ``x``'s shape."""
-    y = _kernels().givens_fwd(_as_rows(x), _coefs(params, block, x.dtype),
+    y = _kernels().givens_fwd(_as_rows(x), _coefs(params),
                               None if scale is None else scale.contiguous(),
                               quasi=block == "quasi", transpose=transpose)
     return y.view(x.shape)
@@ -47,7 +45,7 @@ def launch_backward(x, dy, params, scale, block: str, structure: str, transpose:
                     need_dx: bool, need_dparams: bool, need_dscale: bool):
     """``(dx, dparams, dscale)`` by the Triton kernels, ``None`` where not asked for."""
     dx, dparams, dscale = _kernels().givens_bwd(
-        _as_rows(x), _as_rows(dy), _coefs(params, block, x.dtype),
+        _as_rows(x), _as_rows(dy), _coefs(params),
         None if scale is None else scale.contiguous(), quasi=block == "quasi",
         transpose=transpose, need_dx=need_dx, need_dparams=need_dparams, need_dscale=need_dscale)
     return (None if dx is None else dx.view(x.shape),

@@ -1,7 +1,6 @@
 """Triton kernels and their launchers. Importing this module defines the kernels, so under
 the interpreter ``TRITON_INTERPRET=1`` must be set first."""
-from .angles import givens_coefs
 from .backward import givens_bwd
 from .forward import givens_fwd
 
-__all__ = ["givens_fwd", "givens_bwd", "givens_coefs"]
+__all__ = ["givens_fwd", "givens_bwd"]

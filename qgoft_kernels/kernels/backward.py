@@ -22,19 +22,24 @@ import triton
 import triton.language as tl
 
 from .forward import givens_fwd
-from .launch import acc_dtype, config, new_output, roots_config, round_bf16
+from .launch import acc_dtype, config, fit_grid, new_output, roots_config, round_bf16, wide_words
 from .tree import (
-    _chain,
-    _chain_blocks,
     _chunk,
+    _chunk_root,
     _count,
+    _down_blocks,
     _exchange_blocks,
+    _first,
+    _gather,
+    _groups_down,
     _groups_up,
-    _load_tile,
+    _load_raw,
     _offset,
     _owned_pair,
+    _pair_scale,
     _rows,
     _store_tile,
+    _tile,
     _to_output,
     _vector_down,
     _vector_merge,
@@ -43,32 +48,47 @@ from .tree import (
 
 
 @triton.jit
-def _pair_grad(b_b0, b_b1, b_a0, b_a1, c_cos, c_sin, QUASI: tl.constexpr):
-    """One pair's gradient terms: ``dB = [[b0 a0, b0 a1], [b1 a0, b1 a1]]`` (quasi), or the angle's
-    ``cos * (dB10 - dB01) - sin * (dB00 + dB11)`` (givens, as the first of four)."""
-    if QUASI:
-        return b_b0 * b_a0, b_b0 * b_a1, b_b1 * b_a0, b_b1 * b_a1
+def _acc_rows(acc, b, a):
+    """``acc`` plus ``b * a`` summed over the rows (axis 0): one multiply-add per row, the rows
+    being each thread's register repetitions."""
+    if b.shape[0] == 2:
+        if len(b.shape) == 3:
+            b0, b1 = tl.split(tl.permute(b, (1, 2, 0)))
+            a0, a1 = tl.split(tl.permute(a, (1, 2, 0)))
+        else:
+            b0, b1 = tl.split(tl.permute(b, (1, 0)))
+            a0, a1 = tl.split(tl.permute(a, (1, 0)))
+        return acc + b0 * a0 + b1 * a1
     else:
-        g = c_cos * (b_b1 * b_a0 - b_b0 * b_a1) - c_sin * (b_b0 * b_a0 + b_b1 * b_a1)
-        return g, g, g, g
+        return acc + tl.sum(b * a, axis=0)
 
 
 @triton.jit
-def _add_grad(acc, g):
-    """``acc + g`` summed over the rows (axis 0), entry by entry."""
-    return (acc[0] + tl.sum(g[0], axis=0), acc[1] + tl.sum(g[1], axis=0),
-            acc[2] + tl.sum(g[2], axis=0), acc[3] + tl.sum(g[3], axis=0))
-
-
-@triton.jit
-def _store_grad(p_part, o_slot, m_slot, acc, D: tl.constexpr, QUASI: tl.constexpr):
-    """Write a partial gradient at padded slots ``o_slot``: entry ``e`` of a block goes to
-    ``p_part[e * D + o_slot]`` (quasi: four entries; givens: one angle)."""
-    tl.store(p_part + o_slot, acc[0], mask=m_slot)
+def _acc_pair(acc, b_b0, b_b1, b_a0, b_a1, QUASI: tl.constexpr):
+    """``acc`` plus one pair's gradient summed over the rows: ``dB = [[b0 a0, b0 a1], [b1 a0,
+    b1 a1]]`` (quasi); for givens the two sums ``b1 a0 - b0 a1`` and ``b0 a0 + b1 a1`` in the first
+    two entries (the angle's gradient is ``cos`` times the first less ``sin`` times the second,
+    formed once, when stored: :func:`_store_grad`)."""
     if QUASI:
+        return (_acc_rows(acc[0], b_b0, b_a0), _acc_rows(acc[1], b_b0, b_a1), _acc_rows(acc[2], b_b1, b_a0),
+                _acc_rows(acc[3], b_b1, b_a1))
+    else:
+        return (_acc_rows(_acc_rows(acc[0], b_b1, b_a0), -b_b0, b_a1), _acc_rows(_acc_rows(acc[1], b_b0, b_a0),
+                                                                                   b_b1, b_a1), acc[2], acc[3])
+
+
+@triton.jit
+def _store_grad(p_part, o_slot, m_slot, acc, c_cos, c_sin, D: tl.constexpr, QUASI: tl.constexpr):
+    """Write a partial gradient at padded slots ``o_slot``: entry ``e`` of a block goes to
+    ``p_part[e * D + o_slot]`` (quasi: four entries; givens: one angle, from the sums of
+    :func:`_acc_pair` and the pairs' ``(cos, sin)``)."""
+    if QUASI:
+        tl.store(p_part + o_slot, acc[0], mask=m_slot)
         tl.store(p_part + D + o_slot, acc[1], mask=m_slot)
         tl.store(p_part + 2 * D + o_slot, acc[2], mask=m_slot)
         tl.store(p_part + 3 * D + o_slot, acc[3], mask=m_slot)
+    else:
+        tl.store(p_part + o_slot, c_cos * acc[0] - c_sin * acc[1], mask=m_slot)
 
 
 @triton.jit
@@ -78,49 +98,75 @@ def _slot_start(r: tl.constexpr, L: tl.constexpr):
 
 
 @triton.jit
-def _bwd_block(x, dy, dx, roots, i_b, i_c, n_rows, stride_x, stride_dy, stride_dx, b_s, o_g, o_c, m_c,
-               vector_cs, chain_cs, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds,
+def _bwd_loads(x, dy, o_n, m_n, stride_x, stride_dy, o_c, m_c, o_r, m_r, TRANSPOSE: tl.constexpr,
+               MASKED: tl.constexpr, WIDE: tl.constexpr):
+    """What one row block reads, as loaded: the ``x`` and ``dy`` tiles ``[BLOCK_N, G * E]`` and the
+    ``b`` side's (``x``, or ``dy`` for ``x @ R^T``) inputs at the chunk roots ``o_r`` ``[BLOCK_N, K]``
+    (masked by ``m_n``, ``m_c``, ``m_r`` where ``MASKED``; ``WIDE``: see :func:`_gather`)."""
+    t_x = _load_raw(x, o_n, stride_x, o_c, m_n, m_c, MASKED)
+    t_dy = _load_raw(dy, o_n, stride_dy, o_c, m_n, m_c, MASKED)
+    m_r = m_n[:, None] & m_r[None, :] if MASKED else None
+    if TRANSPOSE:
+        t_r = _gather(dy, o_n[:, None] * stride_dy + o_r[None, :], m_r, WIDE)
+    else:
+        t_r = _gather(x, o_n[:, None] * stride_x + o_r[None, :], m_r, WIDE)
+    return t_x, t_dy, t_r
+
+
+@triton.jit
+def _bwd_block(dx, roots, o_n, m_n, i_c, stride_dx, t_x, t_dy, t_r, b_s, pair_scale, o_g, o_c, m_c, o_k,
+               vector_cs, downs, downs_k, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds,
                L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr, QUASI: tl.constexpr,
                HAS_SCALE: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_DX: tl.constexpr, HAS_DPARAMS: tl.constexpr,
                HAS_DSCALE: tl.constexpr, ACC: tl.constexpr, ROUND_BF16: tl.constexpr, MASKED: tl.constexpr):
-    """One row block of :func:`_givens_bwd_kernel`; returns the updated gradient sums.
-
-    ``MASKED`` rows may run past ``n_rows`` (the last block); the others need no row mask.
-    """
+    """One row block of :func:`_givens_bwd_kernel` from its loads (:func:`_bwd_loads`); returns
+    the updated gradient sums. ``MASKED`` rows and columns may run past the tensor."""
     E: tl.constexpr = 1 << LE
     G: tl.constexpr = 1 << LG
     K: tl.constexpr = 1 << (L - LE - LG)
-    o_n, m_n = _rows(i_b, n_rows, BLOCK_N, MASKED)
-    b_x = _load_tile(x, o_n, stride_x, o_c, m_n, m_c, BLOCK_N, G, E, ACC)
-    b_dy = _load_tile(dy, o_n, stride_dy, o_c, m_n, m_c, BLOCK_N, G, E, ACC)
+    b_x = _tile(t_x, BLOCK_N, G, E, ACC)
+    b_dy = _tile(t_dy, BLOCK_N, G, E, ACC)
     if TRANSPOSE:
-        p_b = dy + o_n[:, None] * stride_dy
         b_b = b_dy
         b_a = b_x
     else:
-        p_b = x + o_n[:, None] * stride_x
         b_b = b_x
         b_a = b_dy
-    if HAS_SCALE:
-        b_a = b_a * b_s
-    # the b side top-down: its chain gives each root's value and the operands of the pair it owns
-    b_w, b_wo, b_ho = _chain(p_b, m_n[:, None], chain_cs, L - LE, ACC)
-    b_z, los, his = _vector_down(b_b, b_w, vector_cs, BLOCK_N, G, E, LE)
+    # the b side top-down: the chunk stages on the chunk roots give the chunk's first column, the
+    # group stages exchange the groups' first columns; each group owns the pair whose right
+    # operand is its own first input and whose left operand its partner sent it
+    b_first = _first(b_b, BLOCK_N, G, E, LE)
+    if K > 1:
+        b_top = tl.where(tl.arange(0, G)[None, :] == 0,
+                         _chunk_root(t_r, downs_k, o_k, i_c, BLOCK_N, K, L - LE - LG, ACC)[:, None], b_first)
+    else:
+        b_top = b_first
+    b_w, b_wo = _groups_down(b_top, downs, BLOCK_N, G, LG)
+    b_z, los, his, _ = _vector_down(b_b, b_w, vector_cs, BLOCK_N, G, E, LE)
     # the a side bottom-up, meeting the b side's operands stage by stage
-    b_c, outs, v0s, v1s = _vector_up(b_a, vector_cs, BLOCK_N, G, E, LE)
-    b_c, b_root, b_al, b_ar = _groups_up(b_c, group_cs, BLOCK_N, G, LG)
+    if HAS_SCALE and LE > 0:
+        # the scale multiplies the a side's columns as stage 1 splits them
+        b_c, outs, v0s, v1s = _vector_up(b_a, vector_cs, BLOCK_N, G, E, LE, pair_scale)
+    else:
+        if HAS_SCALE:
+            b_a = b_a * b_s
+        b_c, outs, v0s, v1s = _vector_up(b_a, vector_cs, BLOCK_N, G, E, LE)
+    b_root, b_al, b_ar = _groups_up(b_c, group_cs, BLOCK_N, G, LG)
+    b_c = b_root
     if HAS_DPARAMS:
         new_acc = ()
         for t in tl.static_range(1, LE + 1):
-            c00, _, c10, _ = vector_cs[t - 1]
-            new_acc = new_acc + (_add_grad(vector_acc[t - 1], _pair_grad(los[t - 1], his[t - 1], v0s[t - 1],
-                                                                          v1s[t - 1], c00, c10, QUASI)),)
+            new_acc = new_acc + (_acc_pair(vector_acc[t - 1], los[t - 1], his[t - 1], v0s[t - 1], v1s[t - 1],
+                                           QUASI),)
         vector_acc = new_acc
-        group_acc = _add_grad(group_acc, _pair_grad(b_wo, b_ho, b_al, b_ar, own_cos, own_sin, QUASI))
+        group_acc = _acc_pair(group_acc, b_wo, b_first, b_al, b_ar, QUASI)
     if K > 1:
         # the chunk root's a carry goes on through the coarse stages in the roots kernel
-        tl.store(roots + o_n[:, None] * K + i_c + 0 * o_g[None, :], b_c,
-                 mask=m_n[:, None] & (tl.arange(0, G) == 0)[None, :])
+        if MASKED:
+            tl.store(roots + o_n[:, None] * K + i_c + 0 * o_g[None, :], b_c,
+                     mask=m_n[:, None] & (tl.arange(0, G) == 0)[None, :])
+        else:
+            tl.store(roots + o_n[:, None] * K + i_c + 0 * o_g[None, :], b_c, mask=(tl.arange(0, G) == 0)[None, :])
     if HAS_DX:
         if TRANSPOSE:
             b_dx = b_z
@@ -130,37 +176,47 @@ def _bwd_block(x, dy, dx, roots, i_b, i_c, n_rows, stride_x, stride_dy, stride_d
             # with several chunks the chunk root is final only after the roots kernel
             b_dx = _vector_merge(b_root, outs, BLOCK_N, G, E, LE)
         _store_tile(dx, o_n, stride_dx, o_c, m_n, m_c, _to_output(b_dx, dx.dtype.element_ty, ROUND_BF16), BLOCK_N,
-                    G, E)
+                    G, E, MASKED)
     if HAS_DSCALE:
         if TRANSPOSE:
-            b_ds += tl.sum(b_x * b_z, axis=0)
+            b_ds = _acc_rows(b_ds, b_x, b_z)
         else:
-            b_ds += tl.sum(b_z * b_dy, axis=0)
+            b_ds = _acc_rows(b_ds, b_z, b_dy)
     return vector_acc, group_acc, b_ds
 
 
-@triton.jit
+# the row loops' trip counts stay runtime values: one binary for every row count
+@triton.jit(do_not_specialize=["n_full", "n_iters"])
 def _givens_bwd_kernel(x, dy, dx, roots, coefs, scale, partials, n_rows, d, stride_x, stride_dy, stride_dx,
                        n_full, n_iters, stride_part, ds_start,
                        L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr,
                        QUASI: tl.constexpr, HAS_SCALE: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_DX: tl.constexpr,
                        HAS_DPARAMS: tl.constexpr, HAS_DSCALE: tl.constexpr, ACC: tl.constexpr,
-                       ROUND_BF16: tl.constexpr, STAGES: tl.constexpr):
+                       ROUND_BF16: tl.constexpr, STAGES: tl.constexpr, FULL: tl.constexpr, WIDE: tl.constexpr):
     """Gradients for chunk ``program_id(1)`` over the row blocks of program ``program_id(0)``.
 
-    Tile ``[BLOCK_N, G, E]`` of ``x`` and of ``dy``. The program walks row blocks
-    ``program_id(0) + it * num_programs(0)``: the first ``n_full`` are whole, the rest (up to
-    ``n_iters``) masked. Its gradient sums (``[G, E/2]``, ``[G, E/4]``, ... per vector stage,
-    ``[G]`` for the group-stage pair each group owns, ``[G, E]`` for the scale) go to row
-    ``program_id(0)`` of ``partials``: the block gradients by entry and padded slot (see
-    :func:`_store_grad`), the scale's from column ``ds_start``.
+    Tile ``[BLOCK_N, G, E]`` of ``x`` and of ``dy``, plus the ``b`` side's inputs at the ``K``
+    chunk roots ``[BLOCK_N, K]``. The program walks row blocks ``program_id(0) + it *
+    num_programs(0)``: the first ``n_full`` are whole, each one's loads issued during the block
+    before it, so that no wait in a block is for a load issued in it; the rest (up to
+    ``n_iters``) are masked. ``FULL``: ``d == 2**L``, no column masks. Its gradient sums
+    (``[G, E/2]``, ``[G, E/4]``, ... per vector stage, ``[G]`` for the group-stage pair each
+    group owns, ``[G, E]`` for the scale) go to row ``program_id(0)`` of ``partials``: the
+    block gradients by entry and padded slot (see :func:`_store_grad`), the scale's from
+    column ``ds_start``.
     """
     E: tl.constexpr = 1 << LE
     G: tl.constexpr = 1 << LG
+    K: tl.constexpr = 1 << (L - LE - LG)
     i_g, i_c = tl.program_id(0), tl.program_id(1)
     n_groups = tl.num_programs(0)
     o_g, o_c, m_c, b_s, vector_cs = _chunk(coefs, scale, d, i_c, LE, LG, HAS_SCALE, QUASI, ACC)
-    chain_cs = _chain_blocks(coefs, d, o_g * E, L, LE, LE + LG, QUASI, ACC)
+    pair_scale = _pair_scale(scale, d, o_g, E, ACC) if HAS_SCALE and LE > 0 else None
+    downs = _down_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
+    o_k = tl.arange(0, K)
+    o_r = o_k * (G * E)
+    m_r = o_r < d
+    downs_k = _down_blocks(coefs, d, o_k, L - LE - LG, LE + LG, QUASI, ACC)
     group_cs = _exchange_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
     o_own, own_cos, own_sin = _owned_pair(coefs, d, o_g, L, LG, LE, QUASI, ACC)
     vector_acc = ()
@@ -170,29 +226,42 @@ def _givens_bwd_kernel(x, dy, dx, roots, coefs, scale, partials, n_rows, d, stri
     z = tl.zeros((G,), ACC)
     group_acc = (z, z, z, z)
     b_ds = tl.zeros((G, E), ACC)
+    # the whole blocks: the compiler's software pipelining issues each block's loads STAGES - 1
+    # blocks ahead, as asynchronous copies into shared memory (WIDE: the 16-bit chunk-root
+    # inputs as words, so that they take that path too); no row masks
     for it in tl.range(0, n_full, num_stages=STAGES):
+        o_n, m_n = _rows(i_g + it * n_groups, n_rows, BLOCK_N, False)
+        t_x, t_dy, t_r = _bwd_loads(x, dy, o_n, m_n, stride_x, stride_dy, o_c, m_c, o_r, m_r, TRANSPOSE, not FULL,
+                                    WIDE)
         vector_acc, group_acc, b_ds = _bwd_block(
-            x, dy, dx, roots, i_g + it * n_groups, i_c, n_rows, stride_x, stride_dy, stride_dx, b_s, o_g, o_c,
-            m_c, vector_cs, chain_cs, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds, L, LE, LG, BLOCK_N,
-            QUASI, HAS_SCALE, TRANSPOSE, HAS_DX, HAS_DPARAMS, HAS_DSCALE, ACC, ROUND_BF16, False)
+            dx, roots, o_n, m_n, i_c, stride_dx, t_x, t_dy, t_r, b_s, pair_scale, o_g, o_c, m_c, o_k, vector_cs,
+            downs, downs_k, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds, L, LE, LG, BLOCK_N, QUASI,
+            HAS_SCALE, TRANSPOSE, HAS_DX, HAS_DPARAMS, HAS_DSCALE, ACC, ROUND_BF16, not FULL)
     for it in range(n_full, n_iters):
+        o_n, m_n = _rows(i_g + it * n_groups, n_rows, BLOCK_N, True)
+        t_x, t_dy, t_r = _bwd_loads(x, dy, o_n, m_n, stride_x, stride_dy, o_c, m_c, o_r, m_r, TRANSPOSE, True,
+                                    WIDE)
         vector_acc, group_acc, b_ds = _bwd_block(
-            x, dy, dx, roots, i_g + it * n_groups, i_c, n_rows, stride_x, stride_dy, stride_dx, b_s, o_g, o_c,
-            m_c, vector_cs, chain_cs, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds, L, LE, LG, BLOCK_N,
-            QUASI, HAS_SCALE, TRANSPOSE, HAS_DX, HAS_DPARAMS, HAS_DSCALE, ACC, ROUND_BF16, True)
+            dx, roots, o_n, m_n, i_c, stride_dx, t_x, t_dy, t_r, b_s, pair_scale, o_g, o_c, m_c, o_k, vector_cs, downs,
+            downs_k, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds, L, LE, LG, BLOCK_N, QUASI, HAS_SCALE,
+            TRANSPOSE, HAS_DX, HAS_DPARAMS, HAS_DSCALE, ACC, ROUND_BF16, True)
 
     p_part = partials + i_g.to(tl.int64) * stride_part
     if HAS_DPARAMS:
         # every padded slot of the chunk is written (pairs past d hold zeros): no masks
         for t in tl.static_range(1, LE + 1):
             o_k = o_g[:, None] * (E >> t) + tl.arange(0, E >> t)[None, :]
-            _store_grad(p_part, _slot_start(t, L) + o_k, o_k >= 0, vector_acc[t - 1], 1 << L, QUASI)
-        _store_grad(p_part, o_own, o_own >= 0, group_acc, 1 << L, QUASI)
+            c00, _, c10, _ = vector_cs[t - 1]
+            _store_grad(p_part, _slot_start(t, L) + o_k, o_k >= 0, vector_acc[t - 1], tl.reshape(c00, (G, E >> t)),
+                        tl.reshape(c10, (G, E >> t)), 1 << L, QUASI)
+        _store_grad(p_part, o_own, o_own >= 0, group_acc, tl.reshape(own_cos, (G,)), tl.reshape(own_sin, (G,)),
+                    1 << L, QUASI)
     if HAS_DSCALE:
         tl.store(p_part + ds_start + o_c, tl.reshape(b_ds, (G * E,)))
 
 
-@triton.jit
+# the row loops' trip counts stay runtime values: one binary for every row count
+@triton.jit(do_not_specialize=["n_iters"])
 def _givens_bwd_roots_kernel(x, dy, dx, roots, coefs, partials, n_rows, d, stride_x, stride_dy, stride_dx,
                              n_iters, n_chunks, stride_part,
                              L: tl.constexpr, R0: tl.constexpr, BLOCK_N: tl.constexpr, QUASI: tl.constexpr,
@@ -200,14 +269,15 @@ def _givens_bwd_roots_kernel(x, dy, dx, roots, coefs, partials, n_rows, d, strid
                              ACC: tl.constexpr, ROUND_BF16: tl.constexpr):
     """The coarse stages ``R0 + 1 .. L`` on the chunk roots: tile ``[BLOCK_N, K]``.
 
-    The ``a`` side comes from the roots buffer, the ``b`` side from the roots' chains in ``x``
-    (or ``dy``); writes these stages' partial gradients and, for ``y = x @ R``, ``dx[:, ::2**R0]``.
+    The ``a`` side comes from the roots buffer, the ``b`` side from the top-down stages on the
+    chunk roots' inputs in ``x`` (or ``dy``); writes these stages' partial gradients and, for
+    ``y = x @ R``, ``dx[:, ::2**R0]``.
     """
     K: tl.constexpr = 1 << (L - R0)
     i_g = tl.program_id(0)
     n_groups = tl.num_programs(0)
     o_k = tl.arange(0, K)
-    chain_cs = _chain_blocks(coefs, d, o_k << R0, L, R0, L, QUASI, ACC)
+    downs = _down_blocks(coefs, d, o_k, L - R0, R0, QUASI, ACC)
     group_cs = _exchange_blocks(coefs, d, o_k, L - R0, R0, QUASI, ACC)
     o_own, own_cos, own_sin = _owned_pair(coefs, d, o_k, L, L - R0, R0, QUASI, ACC)
     z = tl.zeros((K,), ACC)
@@ -222,17 +292,20 @@ def _givens_bwd_roots_kernel(x, dy, dx, roots, coefs, partials, n_rows, d, strid
             p_b = dy + o_n[:, None] * stride_dy
         else:
             p_b = x + o_n[:, None] * stride_x
-        _, b_wo, b_ho = _chain(p_b, m_n[:, None], chain_cs, L - R0, ACC)
-        _, b_out, b_al, b_ar = _groups_up(b_c, group_cs, BLOCK_N, K, L - R0)
+        b_h = tl.load(p_b + (o_k << R0)[None, :], mask=m_n[:, None] & ((o_k << R0) < d)[None, :],
+                      other=0.0).to(ACC)
+        _, b_wo = _groups_down(b_h, downs, BLOCK_N, K, L - R0)
+        b_out, b_al, b_ar = _groups_up(b_c, group_cs, BLOCK_N, K, L - R0)
         if HAS_DPARAMS:
-            group_acc = _add_grad(group_acc, _pair_grad(b_wo, b_ho, b_al, b_ar, own_cos, own_sin, QUASI))
+            group_acc = _acc_pair(group_acc, b_wo, b_h, b_al, b_ar, QUASI)
         if HAS_DX:
             if not TRANSPOSE:
                 tl.store(dx + o_n[:, None] * stride_dx + (o_k << R0)[None, :],
                          _to_output(b_out, dx.dtype.element_ty, ROUND_BF16),
                          mask=m_n[:, None] & ((o_k << R0) < d)[None, :])
     if HAS_DPARAMS:
-        _store_grad(partials + i_g.to(tl.int64) * stride_part, o_own, o_own >= 0, group_acc, 1 << L, QUASI)
+        _store_grad(partials + i_g.to(tl.int64) * stride_part, o_own, o_own >= 0, group_acc,
+                    tl.reshape(own_cos, (K,)), tl.reshape(own_sin, (K,)), 1 << L, QUASI)
 
 
 @triton.jit
@@ -271,7 +344,8 @@ def givens_bwd(x: torch.Tensor, dy: torch.Tensor, coefs: torch.Tensor, scale: to
                quasi: bool, transpose: bool, need_dx: bool, need_dparams: bool, need_dscale: bool):
     """Gradients of :func:`givens_fwd` with respect to ``x``, the parameters and ``scale``.
 
-    ``x`` and ``dy`` are 2-D with unit column stride. Returns ``(dx, dparams, dscale)``, each
+    ``x`` and ``dy`` are 2-D with unit column stride; ``coefs`` as for :func:`givens_fwd`.
+    Returns ``(dx, dparams, dscale)``, each
     ``None`` where not asked for: ``dparams`` is ``dB`` ``[P, 2, 2]`` (quasi) or ``dtheta``
     ``[P]`` (givens), and ``dparams``/``dscale`` are float32 (float64 for float64 ``x``).
     """
@@ -288,33 +362,38 @@ def givens_bwd(x: torch.Tensor, dy: torch.Tensor, coefs: torch.Tensor, scale: to
     dx = new_output((n_rows, d), x.dtype, x.device) if need_dx else None
     dparams = new_output((n_params, 2, 2) if quasi else (n_params,), acc, x.device) if need_dparams else None
     dscale = new_output((d,), acc, x.device) if need_dscale else None
-    # one partial row per program: block gradients by entry and padded slot, then the scale's
     ds_start = per_pair * D if need_dparams else 0
     width = ds_start + (D if need_dscale else 0)
     cfg = config("bwd", D, n_rows, x.element_size(), x.device, n_chunks=lambda k: -(-d * k // D))
     n_chunks = triton.cdiv(d, cfg.chunk)
     K = D // cfg.chunk
-    partials = new_output((cfg.programs, width), acc, x.device)
     flags = dict(QUASI=quasi, TRANSPOSE=transpose, HAS_DX=need_dx, HAS_DPARAMS=need_dparams,
                  ACC=acc_dtype(x.dtype), ROUND_BF16=round_bf16(x))
-    roots = new_output((n_rows, K), acc, x.device) if K > 1 else partials
-    tensors = dict(x=x, dy=dy, dx=dx if need_dx else x, roots=roots, coefs=coefs, partials=partials)
+    # no roots buffer with one chunk: any tensor of its dtype stands in (the kernel never touches it)
+    roots = new_output((n_rows, K), acc, x.device) if K > 1 else x.new_empty(0, dtype=acc)
+    tensors = dict(x=x, dy=dy, dx=dx if need_dx else x, roots=roots, coefs=coefs, partials=roots)
     sizes = dict(n_rows=n_rows, d=d, stride_x=x.stride(0), stride_dy=dy.stride(0),
                  stride_dx=dx.stride(0) if need_dx else 0, stride_part=width)
+    args = dict(**tensors, **sizes, scale=scale if scale is not None else coefs, ds_start=ds_start, L=L, LE=cfg.le,
+                LG=cfg.lg, BLOCK_N=cfg.block_n, HAS_SCALE=scale is not None, HAS_DSCALE=need_dscale,
+                STAGES=cfg.stages, FULL=d == D, WIDE=K > 1 and wide_words(dy if transpose else x), **flags)
+    cfg = fit_grid(cfg, _givens_bwd_kernel, args, n_rows, n_chunks, x.device)
+    # one partial row per program: block gradients by entry and padded slot, then the scale's
+    partials = new_output((cfg.programs, width), acc, x.device)
+    tensors["partials"] = args["partials"] = partials
     # with no rows the programs still run once, to write their (zero) partial rows
-    _givens_bwd_kernel[(cfg.programs, n_chunks)](
-        **tensors, **sizes, scale=scale if scale is not None else coefs, n_full=cfg.n_full, n_iters=cfg.n_iters,
-        ds_start=ds_start, L=L, LE=cfg.le, LG=cfg.lg, BLOCK_N=cfg.block_n, HAS_SCALE=scale is not None,
-        HAS_DSCALE=need_dscale, STAGES=cfg.stages, num_warps=cfg.num_warps, **flags)
+    _givens_bwd_kernel[(cfg.programs, n_chunks)](**args, n_full=cfg.n_full, n_iters=cfg.n_iters,
+                                                 num_warps=cfg.num_warps)
     if K > 1:
         block_n, _, _, num_warps = roots_config(n_rows, K, x.device)
         # the same programs as the chunk launch: each partial row gets the coarse stages too
         _givens_bwd_roots_kernel[(cfg.programs,)](
             **tensors, **sizes, n_iters=-(-triton.cdiv(n_rows, block_n) // cfg.programs), n_chunks=n_chunks,
             L=L, R0=cfg.le + cfg.lg, BLOCK_N=block_n, num_warps=num_warps, **flags)
-    # all partial rows of a column block in one tile where they fit: the loads go out at once
+    # all partial rows of a column block in one tile where they fit, 32 values per thread: every
+    # load goes out at once (with more, the compiler reuses registers and waits between batches)
     block_p = min(512, triton.next_power_of_2(cfg.programs))
-    block = max(16, 8192 // block_p)
+    block = max(16, 4096 // block_p)
     _givens_grad_sum_kernel[(triton.cdiv(width, block),)](
         partials=partials, dparams=dparams if need_dparams else partials,
         dscale=dscale if need_dscale else partials, n_parts=cfg.programs,

@@ -11,16 +11,21 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import acc_dtype, config, new_output, roots_config, round_bf16
+from .launch import acc_dtype, config, fit_grid, new_output, roots_config, round_bf16, wide_words
 from .tree import (
-    _chain,
-    _chain_blocks,
     _chunk,
+    _chunk_root,
+    _down_blocks,
     _exchange_blocks,
+    _first,
+    _fold_scale,
+    _gather,
+    _groups_down,
     _groups_up,
-    _load_tile,
+    _load_raw,
     _rows,
     _store_tile,
+    _tile,
     _to_output,
     _vector_down,
     _vector_merge,
@@ -29,62 +34,109 @@ from .tree import (
 
 
 @triton.jit
-def _fwd_block(x, y, roots, i_b, i_c, n_rows, stride_x, stride_y, b_s, o_g, o_c, m_c, vector_cs, group_cs,
-               chain_cs, L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr,
-               HAS_SCALE: tl.constexpr, TRANSPOSE: tl.constexpr, ACC: tl.constexpr, ROUND_BF16: tl.constexpr,
-               MASKED: tl.constexpr):
-    """One row block of :func:`_givens_fwd_kernel` (``MASKED``: it may run past ``n_rows``)."""
+def _fwd_block(y, roots, o_n, m_n, i_c, stride_y, t_x, t_r, b_s, o_g, o_c, m_c, o_k, vector_cs, group_cs, downs_k,
+               L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr, HAS_SCALE: tl.constexpr,
+               TRANSPOSE: tl.constexpr, ACC: tl.constexpr, ROUND_BF16: tl.constexpr, MASKED: tl.constexpr):
+    """One row block of :func:`_givens_fwd_kernel` from its loads: the ``x`` tile ``t_x`` and, for
+    ``x @ R`` with several chunks, the inputs at the chunk roots ``t_r`` (``MASKED``: rows and
+    columns may run past the tensor). ``group_cs``: the group stages' blocks, bottom-up
+    (:func:`_exchange_blocks`) for ``x @ R^T``, top-down (:func:`_down_blocks`) for ``x @ R``.
+    With ``LE > 0`` the scale is folded into ``vector_cs``; ``b_s`` is used only without.
+    """
     E: tl.constexpr = 1 << LE
     G: tl.constexpr = 1 << LG
     K: tl.constexpr = 1 << (L - LE - LG)
-    o_n, m_n = _rows(i_b, n_rows, BLOCK_N, MASKED)
-    b_x = _load_tile(x, o_n, stride_x, o_c, m_n, m_c, BLOCK_N, G, E, ACC)
+    b_x = _tile(t_x, BLOCK_N, G, E, ACC)
     if TRANSPOSE:
-        if HAS_SCALE:
+        if HAS_SCALE and LE == 0:
             b_x = b_x * b_s
         b_c, outs, _, _ = _vector_up(b_x, vector_cs, BLOCK_N, G, E, LE)
-        b_c, b_root, _, _ = _groups_up(b_c, group_cs, BLOCK_N, G, LG)
+        b_root, _, _ = _groups_up(b_c, group_cs, BLOCK_N, G, LG)
         if K > 1:
             # the chunk's root is final only after the coarse stages: the roots kernel
             # finishes it and overwrites y there
-            tl.store(roots + o_n[:, None] * K + i_c + 0 * o_g[None, :], b_c,
-                     mask=m_n[:, None] & (tl.arange(0, G) == 0)[None, :])
+            if MASKED:
+                m_root = m_n[:, None] & (tl.arange(0, G) == 0)[None, :]
+            else:
+                m_root = (tl.arange(0, G) == 0)[None, :]
+            tl.store(roots + o_n[:, None] * K + i_c + 0 * o_g[None, :], b_root, mask=m_root)
         b_y = _vector_merge(b_root, outs, BLOCK_N, G, E, LE)
     else:
-        b_w, _, _ = _chain(x + o_n[:, None] * stride_x, m_n[:, None], chain_cs, L - LE, ACC)
-        b_y, _, _ = _vector_down(b_x, b_w, vector_cs, BLOCK_N, G, E, LE)
-        if HAS_SCALE:
+        # top-down: the chunk stages on the chunk roots give the chunk's first column, the
+        # group stages exchange the groups' first columns, the vector stages run in registers
+        b_top = _first(b_x, BLOCK_N, G, E, LE)
+        if K > 1:
+            b_top = tl.where(tl.arange(0, G)[None, :] == 0,
+                             _chunk_root(t_r, downs_k, o_k, i_c, BLOCK_N, K, L - LE - LG, ACC)[:, None], b_top)
+        b_w, _ = _groups_down(b_top, group_cs, BLOCK_N, G, LG)
+        b_y, _, _, _ = _vector_down(b_x, b_w, vector_cs, BLOCK_N, G, E, LE)
+        if HAS_SCALE and LE == 0:
             b_y = b_y * b_s
-    _store_tile(y, o_n, stride_y, o_c, m_n, m_c, _to_output(b_y, y.dtype.element_ty, ROUND_BF16), BLOCK_N, G, E)
+    _store_tile(y, o_n, stride_y, o_c, m_n, m_c, _to_output(b_y, y.dtype.element_ty, ROUND_BF16), BLOCK_N, G, E,
+                MASKED)
 
 
-@triton.jit
+# the row loops' trip counts stay runtime values: one binary for every row count
+@triton.jit(do_not_specialize=["n_full", "n_iters"])
 def _givens_fwd_kernel(x, y, roots, coefs, scale, n_rows, d, stride_x, stride_y, n_full, n_iters,
                        L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr,
                        QUASI: tl.constexpr, HAS_SCALE: tl.constexpr, TRANSPOSE: tl.constexpr,
-                       ACC: tl.constexpr, ROUND_BF16: tl.constexpr, STAGES: tl.constexpr):
+                       ACC: tl.constexpr, ROUND_BF16: tl.constexpr, STAGES: tl.constexpr, FULL: tl.constexpr,
+                       WIDE: tl.constexpr):
     """``y = x @ R`` or ``x @ R^T`` on chunk ``program_id(1)`` of the rows of program ``program_id(0)``.
 
-    Tile ``[BLOCK_N, G, E]`` (``G = 2**LG`` vectors of ``E = 2**LE`` columns); the program
-    loads its coefficients once (``[G, E/2]``, ``[G, E/4]``, ... per vector stage, ``[G]`` per
-    group or chain stage) and walks row blocks ``program_id(0) + it * num_programs(0)``: the
-    first ``n_full`` whole, the rest (up to ``n_iters``) masked.
+    Tile ``[BLOCK_N, G, E]`` (``G = 2**LG`` vectors of ``E = 2**LE`` columns); for ``x @ R`` with
+    ``K`` chunks also the rows' inputs at the chunk roots ``[BLOCK_N, K]``. The program loads its
+    coefficients once (``[G, E/2]``, ``[G, E/4]``, ... per vector stage, ``[G]`` per group stage,
+    ``[K]`` per chunk stage) and walks row blocks ``program_id(0) + it * num_programs(0)``: the
+    first ``n_full`` whole, their loads issued ``STAGES - 1`` blocks ahead by the compiler's
+    software pipelining (asynchronous copies; ``WIDE``: the 16-bit chunk-root inputs read as
+    words, so that they take that path too), the rest (up to ``n_iters``) masked. ``FULL``:
+    ``d == 2**L``, so no column is masked.
     """
     E: tl.constexpr = 1 << LE
+    G: tl.constexpr = 1 << LG
+    K: tl.constexpr = 1 << (L - LE - LG)
     i_g, i_c = tl.program_id(0), tl.program_id(1)
     n_groups = tl.num_programs(0)
     o_g, o_c, m_c, b_s, vector_cs = _chunk(coefs, scale, d, i_c, LE, LG, HAS_SCALE, QUASI, ACC)
-    group_cs = _exchange_blocks(coefs, d, o_g, LG, LE, QUASI, ACC) if TRANSPOSE else None
-    chain_cs = None if TRANSPOSE else _chain_blocks(coefs, d, o_g * E, L, LE, 0, QUASI, ACC)
+    if HAS_SCALE and LE > 0:
+        vector_cs = _fold_scale(vector_cs, scale, d, o_g, E, LE, ACC)
+    if TRANSPOSE:
+        group_cs = _exchange_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
+    else:
+        group_cs = _down_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
+    o_k = tl.arange(0, K)
+    o_r = o_k * (G * E)
+    m_r = o_r < d
+    downs_k = _down_blocks(coefs, d, o_k, L - LE - LG, LE + LG, QUASI, ACC)
     for it in tl.range(0, n_full, num_stages=STAGES):
-        _fwd_block(x, y, roots, i_g + it * n_groups, i_c, n_rows, stride_x, stride_y, b_s, o_g, o_c, m_c,
-                   vector_cs, group_cs, chain_cs, L, LE, LG, BLOCK_N, HAS_SCALE, TRANSPOSE, ACC, ROUND_BF16, False)
+        o_n, m_n = _rows(i_g + it * n_groups, n_rows, BLOCK_N, False)
+        t_x, t_r = _fwd_loads(x, o_n, m_n, stride_x, o_c, m_c, o_r, m_r, K, TRANSPOSE, not FULL, WIDE)
+        _fwd_block(y, roots, o_n, m_n, i_c, stride_y, t_x, t_r, b_s, o_g, o_c, m_c, o_k, vector_cs, group_cs,
+                   downs_k, L, LE, LG, BLOCK_N, HAS_SCALE, TRANSPOSE, ACC, ROUND_BF16, not FULL)
     for it in range(n_full, n_iters):
-        _fwd_block(x, y, roots, i_g + it * n_groups, i_c, n_rows, stride_x, stride_y, b_s, o_g, o_c, m_c,
-                   vector_cs, group_cs, chain_cs, L, LE, LG, BLOCK_N, HAS_SCALE, TRANSPOSE, ACC, ROUND_BF16, True)
+        o_n, m_n = _rows(i_g + it * n_groups, n_rows, BLOCK_N, True)
+        t_x, t_r = _fwd_loads(x, o_n, m_n, stride_x, o_c, m_c, o_r, m_r, K, TRANSPOSE, True, WIDE)
+        _fwd_block(y, roots, o_n, m_n, i_c, stride_y, t_x, t_r, b_s, o_g, o_c, m_c, o_k, vector_cs, group_cs,
+                   downs_k, L, LE, LG, BLOCK_N, HAS_SCALE, TRANSPOSE, ACC, ROUND_BF16, True)
 
 
 @triton.jit
+def _fwd_loads(x, o_n, m_n, stride_x, o_c, m_c, o_r, m_r, K: tl.constexpr, TRANSPOSE: tl.constexpr,
+               MASKED: tl.constexpr, WIDE: tl.constexpr):
+    """One row block's reads, as loaded: the tile ``[BLOCK_N, G * E]`` and, for ``x @ R`` with
+    ``K > 1`` chunks, the inputs at the chunk roots ``o_r`` ``[BLOCK_N, K]`` (else an empty tuple)."""
+    t_x = _load_raw(x, o_n, stride_x, o_c, m_n, m_c, MASKED)
+    if TRANSPOSE or K == 1:
+        t_r = ()
+    else:
+        t_r = _gather(x, o_n[:, None] * stride_x + o_r[None, :], m_n[:, None] & m_r[None, :] if MASKED else None, WIDE)
+    return t_x, t_r
+
+
+# the row loops' trip counts stay runtime values: one binary for every row count
+@triton.jit(do_not_specialize=["n_iters"])
 def _givens_fwd_roots_kernel(y, roots, coefs, n_rows, d, stride_y, n_iters, n_chunks,
                              L: tl.constexpr, R0: tl.constexpr, BLOCK_N: tl.constexpr, QUASI: tl.constexpr,
                              ACC: tl.constexpr, ROUND_BF16: tl.constexpr):
@@ -104,7 +156,7 @@ def _givens_fwd_roots_kernel(y, roots, coefs, n_rows, d, stride_y, n_iters, n_ch
         # of the missing pairs leave alone
         b_c = tl.load(roots + o_n[:, None] * K + o_k[None, :], mask=m_n[:, None] & (o_k < n_chunks)[None, :],
                       other=0.0)
-        _, b_out, _, _ = _groups_up(b_c, group_cs, BLOCK_N, K, L - R0)
+        b_out, _, _ = _groups_up(b_c, group_cs, BLOCK_N, K, L - R0)
         tl.store(y + o_n[:, None] * stride_y + (o_k << R0)[None, :],
                  _to_output(b_out, y.dtype.element_ty, ROUND_BF16), mask=m_n[:, None] & ((o_k << R0) < d)[None, :])
 
@@ -113,8 +165,9 @@ def givens_fwd(x: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None,
                transpose: bool) -> torch.Tensor:
     """``x @ R`` (``transpose=False``) or ``x @ R^T`` for a 2-D ``x`` with unit column stride.
 
-    ``coefs`` (contiguous) holds the blocks ``[P, 2, 2]`` when ``quasi``, else the
-    ``(cos, sin)`` of each angle ``[P, 2]``. Returns a new contiguous tensor of ``x``'s dtype.
+    ``coefs`` (contiguous) holds the blocks ``[P, 2, 2]`` when ``quasi``, else the angles ``[P]``
+    (each program takes the cosines and sines it needs). Returns a new contiguous tensor of
+    ``x``'s dtype.
     """
     n_rows, d = x.shape
     y = new_output((n_rows, d), x.dtype, x.device)
@@ -128,11 +181,13 @@ def givens_fwd(x: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None,
     roots = new_output((n_rows, K), torch.float64 if x.dtype == torch.float64 else torch.float32, x.device) \
         if transpose and K > 1 else y
     acc, rounding = acc_dtype(x.dtype), round_bf16(x)
-    _givens_fwd_kernel[(cfg.programs, n_chunks)](
-        x=x, y=y, roots=roots, coefs=coefs, scale=scale if scale is not None else coefs, n_rows=n_rows, d=d,
-        stride_x=x.stride(0), stride_y=y.stride(0), n_full=cfg.n_full, n_iters=cfg.n_iters, L=L, LE=cfg.le,
-        LG=cfg.lg, BLOCK_N=cfg.block_n, QUASI=quasi, HAS_SCALE=scale is not None, TRANSPOSE=transpose, ACC=acc,
-        ROUND_BF16=rounding, STAGES=cfg.stages, num_warps=cfg.num_warps)
+    args = dict(x=x, y=y, roots=roots, coefs=coefs, scale=scale if scale is not None else coefs, n_rows=n_rows, d=d,
+                stride_x=x.stride(0), stride_y=y.stride(0), L=L, LE=cfg.le, LG=cfg.lg, BLOCK_N=cfg.block_n,
+                QUASI=quasi, HAS_SCALE=scale is not None, TRANSPOSE=transpose, ACC=acc, ROUND_BF16=rounding,
+                STAGES=cfg.stages, FULL=d == 1 << L, WIDE=not transpose and K > 1 and wide_words(x))
+    cfg = fit_grid(cfg, _givens_fwd_kernel, args, n_rows, n_chunks, x.device)
+    _givens_fwd_kernel[(cfg.programs, n_chunks)](**args, n_full=cfg.n_full, n_iters=cfg.n_iters,
+                                                 num_warps=cfg.num_warps)
     if transpose and K > 1:
         rcfg = roots_config(n_rows, K, x.device)
         _givens_fwd_roots_kernel[(rcfg[1],)](

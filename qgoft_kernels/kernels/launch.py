@@ -21,6 +21,7 @@ tuning runs (docs/environment.md):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -40,12 +41,12 @@ SINGLE_CHUNK_VECTORS = 128
 INTERPRETER_VECTORS = 8
 #: Rows per block on a GPU: each thread keeps that many vectors of every input in flight.
 GPU_BLOCK_N = {"fwd": 2, "bwd": 2}
-#: Warps per multiprocessor the persistent programs fill on a GPU: the forward's ~100-128
-#: registers per thread allow 16 resident warps, the backward's ~250 allow 8, so one wave of
-#: programs fills every SM (docs/tuning.md, v3)
+#: Warps per multiprocessor the persistent programs are first planned for; the grid is then
+#: sized from the compiled kernel's real occupancy (:func:`fit_grid`), so that one wave of
+#: programs fills every SM
 WARPS_PER_SM = {"fwd": 16, "bwd": 8}
 #: Software-pipelining depth of the row loop on a GPU: loads stay in flight this many blocks ahead.
-GPU_STAGES = {"fwd": 3, "bwd": 1}
+GPU_STAGES = {"fwd": 3, "bwd": 3}
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,48 @@ def config(kind: str, d_pad: int, n_rows: int, elem_size: int, device: torch.dev
                   stages)
 
 
+_RESIDENT: dict = {}
+
+
+def resident(kernel, kwargs: dict, device: torch.device) -> int:
+    """CTAs of ``kernel`` compiled for ``kwargs`` that one multiprocessor holds at once.
+
+    On a GPU the kernel is compiled (``warmup``: the launch that follows finds it in the JIT's
+    cache) and its registers and shared memory read from the loaded binary; while planning,
+    the planner compiles it for sm_90. Cached per specialisation.
+    """
+    key = planning.launch_key(kernel, kwargs)
+    if key not in _RESIDENT:
+        if planning.active():
+            regs, smem = planning.resources()(kernel, kwargs)
+            limits = planning.SM90
+        else:
+            compiled = kernel.warmup(grid=(1,), **kwargs)
+            compiled._init_handles()
+            regs, smem = compiled.n_regs, compiled.metadata.shared
+            props = torch.cuda.get_device_properties(device)
+            limits = dict(planning.SM90, warps=getattr(props, "max_threads_per_multi_processor", 2048) // 32,
+                          regs=getattr(props, "regs_per_multiprocessor", planning.SM90["regs"]),
+                          smem=getattr(props, "shared_memory_per_multiprocessor", planning.SM90["smem"]))
+        _RESIDENT[key] = max(1, planning.resident_ctas(regs, kwargs.get("num_warps", 4), smem, limits))
+    return _RESIDENT[key]
+
+
+def fit_grid(cfg: Config, kernel, kwargs: dict, n_rows: int, launched: int, device: torch.device) -> Config:
+    """``cfg`` with its programs sized from ``kernel``'s real occupancy: ``launched`` chunks times the
+    programs along the rows fill the resident slots of every multiprocessor once (no second
+    wave), unless ``QGOFT_PROGRAMS`` pins them or the planner cannot compile (then ``cfg``)."""
+    if not on_gpu(device) or _env_int("QGOFT_PROGRAMS") is not None or (planning.active()
+                                                                         and planning.resources() is None):
+        return cfg
+    trial = dict(kwargs, n_full=cfg.n_full, n_iters=cfg.n_iters, num_warps=cfg.num_warps)
+    slots = resident(kernel, trial, device) * sm_count(device)
+    n_blocks = -(-n_rows // cfg.block_n)
+    programs = max(1, min(n_blocks, slots // launched))
+    return dataclasses.replace(cfg, programs=programs, n_iters=-(-n_blocks // programs),
+                               n_full=(n_rows // cfg.block_n) // programs)
+
+
 def roots_config(n_rows: int, K: int, device: torch.device):
     """``(block_n, programs, n_iters, num_warps)`` for a kernel on the ``[rows, K]`` chunk roots.
 
@@ -154,6 +197,13 @@ def _sm_count(device: torch.device) -> int:
 def acc_dtype(dtype: torch.dtype):
     """The kernels compute in float32, or float64 for float64 inputs."""
     return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def wide_words(x: torch.Tensor) -> bool:
+    """Whether a kernel may read 16-bit rows of ``x`` as 32-bit words at even columns: every row
+    starts 4-byte aligned and has an even length, so no word reaches past it (on a GPU the words
+    then take the asynchronous-copy path, which copies 4 bytes or more)."""
+    return x.element_size() == 2 and x.stride(0) % 2 == 0 and x.shape[-1] % 2 == 0 and x.data_ptr() % 4 == 0
 
 
 def round_bf16(x: torch.Tensor) -> bool:

@@ -21,7 +21,6 @@ docs/math.md derives the schedule and the gradients.
 """
 import triton
 import triton.language as tl
-from triton.language.standard import xor_sum
 
 
 @triton.jit
@@ -43,9 +42,9 @@ def _offset(d, r: tl.constexpr):
 def _blocks(coefs, d, r: tl.constexpr, o_k, QUASI: tl.constexpr, ACC: tl.constexpr):
     """Stage ``r``'s blocks for slots ``o_k`` as four tiles ``(c00, c01, c10, c11)`` of ``o_k``'s shape.
 
-    ``coefs`` holds the blocks ``[P, 2, 2]`` (quasi) or ``(cos, sin)`` pairs ``[P, 2]``
-    (givens, whose block is ``[[cos, -sin], [sin, cos]]``). Slots past the stage's pair
-    count get the identity.
+    ``coefs`` holds the blocks ``[P, 2, 2]`` (quasi) or the angles ``[P]`` (givens, whose block
+    is ``[[cos, -sin], [sin, cos]]``, taken in ``ACC`` once per program). Slots past the
+    stage's pair count get the identity.
     """
     m_k = o_k < _count(d, r)
     p = _offset(d, r) + o_k
@@ -56,9 +55,10 @@ def _blocks(coefs, d, r: tl.constexpr, o_k, QUASI: tl.constexpr, ACC: tl.constex
         c10 = tl.load(p_c + 2, mask=m_k, other=0.0).to(ACC)
         c11 = tl.load(p_c + 3, mask=m_k, other=1.0).to(ACC)
     else:
-        p_c = coefs + p * 2
-        c00 = tl.load(p_c, mask=m_k, other=1.0).to(ACC)
-        c10 = tl.load(p_c + 1, mask=m_k, other=0.0).to(ACC)
+        # a zero angle past the pair count: the identity
+        theta = tl.load(coefs + p, mask=m_k, other=0.0).to(ACC)
+        c00 = tl.cos(theta)
+        c10 = tl.sin(theta)
         c01 = -c10
         c11 = c00
     return c00, c01, c10, c11
@@ -76,44 +76,43 @@ def _vector_blocks(coefs, d, o_g, E: tl.constexpr, LE: tl.constexpr, QUASI: tl.c
 
 
 @triton.jit
-def _chain_blocks(coefs, d, o_pos, L: tl.constexpr, R0: tl.constexpr, R_OWN: tl.constexpr, QUASI: tl.constexpr,
-                  ACC: tl.constexpr):
-    """The top-down chain of roots at positions ``o_pos``, stages ``L`` down to ``R0 + 1``.
-
-    Per stage (tuple index ``L - r``): ``(c_w, c_h, o_h, m_h, own)``, each ``[1, G]``. Stage
-    ``r``'s pair ``(i, i + s)`` that holds the root turns the value ``w`` carried at ``i`` and
-    the input ``h`` at ``o_h = i + s`` into the value at the root's side: ``c_w * w + c_h * h``.
-    ``own`` marks, for stages up to ``R_OWN``, the roots that are that pair's right side
-    (``o_pos == i + s``): such a root owns the pair's gradient.
-    """
-    out = ()
-    for r in tl.static_range(L, R0, -1):
-        c00, c01, c10, c11 = _blocks(coefs, d, r, o_pos >> r, QUASI, ACC)
-        right = ((o_pos >> (r - 1)) & 1) == 1
-        o_h = ((o_pos >> r) << r) + (1 << (r - 1))
-        own = right & ((o_pos & ((1 << (r - 1)) - 1)) == 0) & (r <= R_OWN)
-        out = out + ((tl.where(right, c01, c00)[None, :], tl.where(right, c11, c10)[None, :],
-                      o_h[None, :], (o_h < d)[None, :], own[None, :]),)
-    return out
-
-
-@triton.jit
 def _exchange_blocks(coefs, d, o_g, LG: tl.constexpr, R0: tl.constexpr, QUASI: tl.constexpr, ACC: tl.constexpr):
     """The bottom-up group stages ``R0 + 1 .. R0 + LG`` seen from group ``o_g`` (global index).
 
-    Per stage (tuple index ``j``, stride ``2**j`` groups): ``(c_me, c_other, keep, last)``,
-    each ``[1, G]``. With ``u`` this group's value and ``v`` its partner's (group
-    ``o_g ^ 2**j``), the stage gives ``c_me * u + c_other * v``: the carry that goes on where
-    ``keep`` (a left root), the final output where ``last`` (a right root, which owns the
-    pair's gradient). Groups that are no root at this stage have neither flag.
+    Per stage (tuple index ``j``, stride ``2**j`` groups): ``(c_me, c_other, last)``, each
+    ``[1, G]``. With ``u`` this group's value and ``v`` its partner's (group ``o_g ^ 2**j``), the
+    stage leaves ``c_me * u + c_other * v``: the carry of a left root, the final output of a
+    right root (``last``: it owns the pair's gradient). A group that is no root at this stride
+    gets ``(1, 0)`` and keeps its value, so after its own stage a group holds its output.
     """
     out = ()
     for j in tl.static_range(LG):
         c00, c01, c10, c11 = _blocks(coefs, d, R0 + j + 1, o_g >> (j + 1), QUASI, ACC)
         right = ((o_g >> j) & 1) == 1
         root = (o_g & ((1 << j) - 1)) == 0
-        out = out + ((tl.where(right, c11, c00)[None, :], tl.where(right, c10, c01)[None, :],
-                      (root & ~right)[None, :], (root & right)[None, :]),)
+        out = out + ((tl.where(root, tl.where(right, c11, c00), 1.0)[None, :],
+                      tl.where(root, tl.where(right, c10, c01), 0.0)[None, :], (root & right)[None, :]),)
+    return out
+
+
+@triton.jit
+def _down_blocks(coefs, d, o_g, LG: tl.constexpr, R0: tl.constexpr, QUASI: tl.constexpr, ACC: tl.constexpr):
+    """The top-down group stages ``R0 + LG .. R0 + 1`` seen from group ``o_g`` (global index).
+
+    Per stage (tuple index ``j``, stride ``2**j`` groups): ``(c_me, c_other, own)``, each
+    ``[1, G]``. A group is a root at that stride when its low ``j`` bits are clear; with ``u``
+    its value and ``v`` its partner's (group ``o_g ^ 2**j``), the stage gives it ``c_me * u +
+    c_other * v``: the left root carries ``a00 u + a10 v``, the right root (``own``: it owns
+    the pair's gradient) starts its subtree at ``a01 v + a11 u``. Other groups get ``(1, 0)``
+    and keep their value (their input, which no coarser stage touches).
+    """
+    out = ()
+    for j in tl.static_range(LG):
+        c00, c01, c10, c11 = _blocks(coefs, d, R0 + j + 1, o_g >> (j + 1), QUASI, ACC)
+        right = ((o_g >> j) & 1) == 1
+        part = (o_g & ((1 << j) - 1)) == 0
+        out = out + ((tl.where(part, tl.where(right, c11, c00), 1.0)[None, :],
+                      tl.where(part, tl.where(right, c01, c10), 0.0)[None, :], (part & right)[None, :]),)
     return out
 
 
@@ -142,16 +141,25 @@ def _owned_pair(coefs, d, o_g, L: tl.constexpr, LG: tl.constexpr, R0: tl.constex
 def _partner(b_c, BLOCK_N: tl.constexpr, G: tl.constexpr, M: tl.constexpr):
     """The value of group ``g ^ M`` for every group ``g`` of ``b_c`` ``[BLOCK_N, G]``, bit-exact.
 
-    An xor-sum over a size-2 axis leaves ``u ^ v`` on both sides; xoring it with one's own
-    bits gives the partner's. Inside a warp that is one butterfly shuffle.
+    The sum of the two values' bits as unsigned integers over a size-2 axis (wrapping) leaves
+    ``u + v`` on both sides; less one's own bits, it is the partner's. Inside a warp that is
+    one butterfly shuffle (and the interpreter runs the sum natively, not element by element).
     """
     if b_c.dtype == tl.float64:
-        bits = b_c.to(tl.int64, bitcast=True)
+        bits = b_c.to(tl.uint64, bitcast=True)
     else:
-        bits = b_c.to(tl.int32, bitcast=True)
+        bits = b_c.to(tl.uint32, bitcast=True)
     bits = tl.reshape(bits, (BLOCK_N, G // (2 * M), 2, M))
-    bits = tl.reshape(bits ^ xor_sum(bits, 2, True), (BLOCK_N, G))
+    bits = tl.reshape(tl.sum(bits, 2, keep_dims=True) - bits, (BLOCK_N, G))
     return bits.to(b_c.dtype, bitcast=True)
+
+
+@triton.jit
+def _first(b_v, BLOCK_N: tl.constexpr, G: tl.constexpr, E: tl.constexpr, LE: tl.constexpr):
+    """Each vector's first column of ``b_v`` ``[BLOCK_N, G, E]``, as ``[BLOCK_N, G]``."""
+    for t in tl.static_range(1, LE + 1):
+        b_v, _ = tl.split(tl.reshape(b_v, (BLOCK_N, G, E >> t, 2)))
+    return tl.reshape(b_v, (BLOCK_N, G))
 
 
 @triton.jit
@@ -159,13 +167,15 @@ def _vector_down(b_v, b_w, cs, BLOCK_N: tl.constexpr, G: tl.constexpr, E: tl.con
     """``x @ P_LE @ ... @ P_1`` inside each vector of ``b_v`` ``[BLOCK_N, G, E]``, coarse stage first.
 
     ``b_w`` ``[BLOCK_N, G]`` replaces each vector's first column: its value after the coarser
-    stages. Returns the result and, per stage (tuple index ``t - 1``), the pair operands
-    ``lo`` (the running value at the left slots) and ``hi`` (the input at the right slots).
+    stages. Returns the result, per stage (tuple index ``t - 1``) the pair operands ``lo``
+    (the running value at the left slots) and ``hi`` (the input at the right slots), and the
+    first column's input ``[BLOCK_N, G]``.
     """
     his = ()
     for t in tl.static_range(1, LE + 1):
         b_v, b_hi = tl.split(tl.reshape(b_v, (BLOCK_N, G, E >> t, 2)))
         his = his + (b_hi,)
+    b_first = tl.reshape(b_v, (BLOCK_N, G))
     b_v = b_w[:, :, None]
     los = ()
     for t in tl.static_range(LE, 0, -1):
@@ -173,12 +183,15 @@ def _vector_down(b_v, b_w, cs, BLOCK_N: tl.constexpr, G: tl.constexpr, E: tl.con
         b_hi = his[t - 1]
         los = (b_v,) + los
         b_v = tl.reshape(tl.join(c00 * b_v + c10 * b_hi, c01 * b_v + c11 * b_hi), (BLOCK_N, G, E >> (t - 1)))
-    return b_v, los, his
+    return b_v, los, his, b_first
 
 
 @triton.jit
-def _vector_up(b_v, cs, BLOCK_N: tl.constexpr, G: tl.constexpr, E: tl.constexpr, LE: tl.constexpr):
-    """``x @ P_1^T @ ... @ P_LE^T`` inside each vector, fine stage first.
+def _vector_up(b_v, cs, BLOCK_N: tl.constexpr, G: tl.constexpr, E: tl.constexpr, LE: tl.constexpr,
+               pair_scale=None):
+    """``x @ P_1^T @ ... @ P_LE^T`` inside each vector, fine stage first (``x @ diag(s) @ P_1^T
+    ...`` with ``pair_scale``: the scale at stage 1's left and right columns, in its blocks'
+    layout, which multiplies the columns as they split).
 
     Returns the carry at each vector's first column ``[BLOCK_N, G]`` (final only if no
     coarser stage follows), the right slots' outputs per stage (final), and per stage the
@@ -190,6 +203,9 @@ def _vector_up(b_v, cs, BLOCK_N: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
     for t in tl.static_range(1, LE + 1):
         c00, c01, c10, c11 = cs[t - 1]
         b_v0, b_v1 = tl.split(tl.reshape(b_v, (BLOCK_N, G, E >> t, 2)))
+        if t == 1 and pair_scale is not None:
+            b_v0 = b_v0 * pair_scale[0]
+            b_v1 = b_v1 * pair_scale[1]
         v0s = v0s + (b_v0,)
         v1s = v1s + (b_v1,)
         outs = outs + (c10 * b_v0 + c11 * b_v1,)
@@ -207,46 +223,67 @@ def _vector_merge(b_root, outs, BLOCK_N: tl.constexpr, G: tl.constexpr, E: tl.co
 
 
 @triton.jit
-def _chain(p_row, m_row, chain, NC: tl.constexpr, ACC: tl.constexpr):
-    """Top-down along each root's ancestors: the value at every root after the coarser stages.
-
-    ``p_row`` ``[BLOCK_N, 1]`` points at the rows' first columns (the tree's top), ``m_row``
-    masks them. Returns the roots' values ``[BLOCK_N, G]`` and the operands ``(w, h)`` of the
-    pair each root owns (zeros where it owns none).
-    """
-    b_w = tl.load(p_row, mask=m_row, other=0.0).to(ACC)
-    b_wo = tl.zeros_like(b_w)
-    b_ho = tl.zeros_like(b_w)
-    for i in tl.static_range(NC):
-        c_w, c_h, o_h, m_h, own = chain[i]
-        b_h = tl.load(p_row + o_h, mask=m_row & m_h, other=0.0).to(ACC)
-        b_wo = tl.where(own, b_w, b_wo)
-        b_ho = tl.where(own, b_h, b_ho)
-        b_w = c_w * b_w + c_h * b_h
-    return b_w, b_wo, b_ho
+def _gather(base, o, mask, WIDE: tl.constexpr):
+    """``base[o]`` (``mask``: where to load, zeros elsewhere; ``None``: everywhere). ``WIDE``: a
+    16-bit ``base`` at even ``o`` (4-byte aligned) read as the 32-bit word starting there, so that
+    the compiler's software pipelining can copy it asynchronously (it copies 4 bytes or more)."""
+    if WIDE:
+        p = base.to(tl.pointer_type(tl.uint32), bitcast=True) + (o >> 1)
+        if mask is None:
+            w = tl.load(p)
+        else:
+            w = tl.load(p, mask=mask, other=0)
+        return (w & 0xFFFF).to(tl.uint16).to(base.dtype.element_ty, bitcast=True)
+    elif mask is None:
+        return tl.load(base + o)
+    else:
+        return tl.load(base + o, mask=mask, other=0.0)
 
 
 @triton.jit
 def _groups_up(b_c, ups, BLOCK_N: tl.constexpr, G: tl.constexpr, LG: tl.constexpr):
     """Bottom-up group stages on the roots' carries ``b_c`` ``[BLOCK_N, G]``.
 
-    Returns the carry of group 0 (meaningful only there), the final outputs at the roots
-    (group 0's entry is its carry), and the operands ``(left, right)`` of the pair each
-    group owns (its partner's value and its own, at the stage where it is a right root).
+    Returns the groups' values after the stages (group 0: the carry, each other group: its
+    final output at its root) and the operands ``(left, right)`` of the pair each group owns
+    (its partner's value and its own, at the stage where it is a right root).
     """
-    b_out = b_c
     b_al = tl.zeros_like(b_c)
     b_ar = tl.zeros_like(b_c)
     for j in tl.static_range(LG):
-        c_me, c_other, keep, last = ups[j]
+        c_me, c_other, last = ups[j]
         b_p = _partner(b_c, BLOCK_N, G, 1 << j)
         b_al = tl.where(last, b_p, b_al)
         b_ar = tl.where(last, b_c, b_ar)
-        b_new = c_me * b_c + c_other * b_p
-        b_out = tl.where(last, b_new, b_out)
-        b_c = tl.where(keep, b_new, b_c)
-    b_out = tl.where(tl.arange(0, G)[None, :] == 0, b_c, b_out)
-    return b_c, b_out, b_al, b_ar
+        b_c = c_me * b_c + c_other * b_p
+    return b_c, b_al, b_ar
+
+
+@triton.jit
+def _groups_down(b_v, downs, BLOCK_N: tl.constexpr, G: tl.constexpr, LG: tl.constexpr):
+    """Top-down group stages on ``b_v`` ``[BLOCK_N, G]``, coarse stage first: each group's input
+    at its first column (group 0: its value after the coarser stages).
+
+    Returns each group's value after the group stages (what enters its vector) and the left
+    operand ``w`` of the pair each group owns, the value its partner carried into that stage
+    (its right operand is the group's own input).
+    """
+    b_wo = tl.zeros_like(b_v)
+    for j in tl.static_range(LG - 1, -1, -1):
+        c_me, c_other, own = downs[j]
+        b_p = _partner(b_v, BLOCK_N, G, 1 << j)
+        b_wo = tl.where(own, b_p, b_wo)
+        b_v = c_me * b_v + c_other * b_p
+    return b_v, b_wo
+
+
+@triton.jit
+def _chunk_root(t_r, downs_k, o_k, i_c, BLOCK_N: tl.constexpr, K: tl.constexpr, LK: tl.constexpr,
+                ACC: tl.constexpr):
+    """The value entering chunk ``i_c``'s first column after the chunk stages ``[BLOCK_N]``: the
+    top-down chunk stages on the rows' inputs at the chunk roots ``t_r`` ``[BLOCK_N, K]``."""
+    b_r, _ = _groups_down(t_r.to(ACC), downs_k, BLOCK_N, K, LK)
+    return tl.sum(tl.where(o_k[None, :] == i_c, b_r, 0.0), axis=1)
 
 
 @triton.jit
@@ -268,6 +305,32 @@ def _chunk(coefs, scale, d, i_c, LE: tl.constexpr, LG: tl.constexpr, HAS_SCALE: 
 
 
 @triton.jit
+def _pair_scale(scale, d, o_g, E: tl.constexpr, ACC: tl.constexpr):
+    """The scale at stage 1's left and right columns ``(s_i, s_{i+1})``, each ``[1, G, E/2]`` as
+    stage 1's blocks are (no tile-shaped load whose layout would pull the tiles' along)."""
+    o_i = 2 * (o_g[:, None] * (E >> 1) + tl.arange(0, E >> 1)[None, :])
+    s_i = tl.load(scale + o_i, mask=o_i < d, other=0.0).to(ACC)[None]
+    s_j = tl.load(scale + o_i + 1, mask=o_i + 1 < d, other=0.0).to(ACC)[None]
+    return s_i, s_j
+
+
+@triton.jit
+def _fold_scale(cs, scale, d, o_g, E: tl.constexpr, LE: tl.constexpr, ACC: tl.constexpr):
+    """The vector stages' blocks with ``diag(scale)`` folded into stage 1.
+
+    ``x @ R`` scales stage 1's outputs and ``x @ R^T`` its inputs; either way stage 1's pair
+    ``(i, i + 1)`` becomes ``[[c00 s_i, c01 s_{i+1}], [c10 s_i, c11 s_{i+1}]]`` (``c01``, ``c11``
+    act on the right column), so no multiply by the scale is left in the row loop.
+    """
+    s_i, s_j = _pair_scale(scale, d, o_g, E, ACC)
+    c00, c01, c10, c11 = cs[0]
+    out = ((c00 * s_i, c01 * s_j, c10 * s_i, c11 * s_j),)
+    for t in tl.static_range(1, LE):
+        out = out + (cs[t],)
+    return out
+
+
+@triton.jit
 def _rows(i_b, n_rows, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Row block ``i_b``'s rows (int64) and their mask (all true unless ``MASKED``: the last
     blocks, which may run past ``n_rows``)."""
@@ -280,22 +343,36 @@ def _rows(i_b, n_rows, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(p, o_n, stride, o_c, m_n, m_c, BLOCK_N: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
-               ACC: tl.constexpr):
-    """Rows ``o_n`` of columns ``o_c`` as a ``[BLOCK_N, G, E]`` tile in ``ACC``.
+def _load_raw(p, o_n, stride, o_c, m_n, m_c, MASKED: tl.constexpr):
+    """Rows ``o_n`` of columns ``o_c`` as loaded, ``[BLOCK_N, G * E]`` in the input's dtype
+    (masked by ``m_n`` and ``m_c`` where ``MASKED``).
 
-    Loaded as ``[BLOCK_N, G * E]`` (contiguous columns), so that every Triton version gives
-    each thread whole 16-byte vectors with its rows as register repetitions, then split.
+    Loaded as contiguous columns, so that every Triton version gives each thread whole
+    16-byte vectors with its rows as register repetitions (:func:`_tile` splits them).
     """
-    b = tl.load(p + o_n[:, None] * stride + o_c[None, :], mask=m_n[:, None] & m_c[None, :], other=0.0)
+    p_t = p + o_n[:, None] * stride + o_c[None, :]
+    if MASKED:
+        b = tl.load(p_t, mask=m_n[:, None] & m_c[None, :], other=0.0)
+    else:
+        b = tl.load(p_t)
+    return b
+
+
+@triton.jit
+def _tile(b, BLOCK_N: tl.constexpr, G: tl.constexpr, E: tl.constexpr, ACC: tl.constexpr):
+    """A loaded ``[BLOCK_N, G * E]`` as the ``[BLOCK_N, G, E]`` tile in ``ACC``."""
     return tl.reshape(b, (BLOCK_N, G, E)).to(ACC)
 
 
 @triton.jit
-def _store_tile(p, o_n, stride, o_c, m_n, m_c, b, BLOCK_N: tl.constexpr, G: tl.constexpr, E: tl.constexpr):
+def _store_tile(p, o_n, stride, o_c, m_n, m_c, b, BLOCK_N: tl.constexpr, G: tl.constexpr, E: tl.constexpr,
+                MASKED: tl.constexpr):
     """Store a ``[BLOCK_N, G, E]`` tile (already in the output dtype) at rows ``o_n``, columns ``o_c``."""
-    tl.store(p + o_n[:, None] * stride + o_c[None, :], tl.reshape(b, (BLOCK_N, G * E)),
-             mask=m_n[:, None] & m_c[None, :])
+    p_t = p + o_n[:, None] * stride + o_c[None, :]
+    if MASKED:
+        tl.store(p_t, tl.reshape(b, (BLOCK_N, G * E)), mask=m_n[:, None] & m_c[None, :])
+    else:
+        tl.store(p_t, tl.reshape(b, (BLOCK_N, G * E)))
 
 
 @triton.jit
