@@ -387,9 +387,14 @@ def _hbm_bytes(launch: Launch) -> tuple[int, int]:
     if name == "_givens_angles_kernel":
         return _nbytes(a["theta"]), _nbytes(a["coefs"])
     if name == "_givens_grad_sum_kernel":
-        return _nbytes(a["partials"]), (_nbytes(a["dparams"]) if a["HAS_DPARAMS"] else 0) + _nbytes(a["dscale"])
+        # each column summed over the rows that wrote it: the chunk launch's, or (the coarse
+        # stages' slots) the roots launch's; masked-off rows are not read
+        elem, D = a["partials"].element_size(), 1 << a["L"]
+        coarse = (a["ds_start"] // D) * (1 << (a["L"] - a["R0"])) if "R0" in a else 0
+        read = (a["n_main"] * (a["stride_part"] - coarse) + a["n_coarse"] * coarse) * elem
+        return read, (_nbytes(a["dparams"]) if a["HAS_DPARAMS"] else 0) + _nbytes(a["dscale"])
     rows, d = a["n_rows"], a["d"]
-    elem = (a["x"] if "x" in a else a["y"]).element_size()
+    elem = next(a[k] for k in ("x", "y", "dx") if k in a).element_size()
     if name in ("_givens_fwd_kernel",):
         T, K = a["TRANSPOSE"], 1 << (a["L"] - a["LE"] - a["LG"])
         roots = rows * K * 4 if T and K > 1 else 0
@@ -401,11 +406,20 @@ def _hbm_bytes(launch: Launch) -> tuple[int, int]:
     if name == "_givens_bwd_kernel":
         K = 1 << (a["L"] - a["LE"] - a["LG"])
         part = _nbytes(a["partials"])
-        return 2 * rows * d * elem, (rows * d * elem if a["HAS_DX"] else 0) + (rows * K * 4 if K > 1 else 0) + part
+        tops = rows * K * 4 if K > 1 and "tops" in a else 0
+        roots = rows * K * 4 if K > 1 else 0
+        return 2 * rows * d * elem + tops, (rows * d * elem if a["HAS_DX"] else 0) + roots + part
+    if name == "_givens_tops_kernel":
+        K = 1 << (a["L"] - a["R0"])
+        # each chunk root of x (or dy) is a 32-byte sector read for one value; three fp32 out
+        return rows * K * 32, rows * K * 12
     if name == "_givens_bwd_roots_kernel":
         K = 1 << (a["L"] - a["R0"])
+        # the a carries, the b operands from the tops launch; each root of dx rewrites one 32-byte
+        # sector (read, then written); v3's read the b side's chunk roots in x (a sector each)
         dx = rows * a["n_chunks"] * 32 if a["HAS_DX"] and not a["TRANSPOSE"] else 0
-        return rows * K * 4 + rows * a["n_chunks"] * 32 + dx, dx
+        b_side = rows * K * 8 if "tops" in a else rows * a["n_chunks"] * 32
+        return rows * K * 4 + b_side + dx, dx
     # the v2 kernels (reference)
     if name == "_givens_fwd_kernel_v2":
         return rows * d * elem, rows * d * elem
@@ -493,10 +507,11 @@ def _trips(launch: Launch, sass: Sass) -> list:
     def one(name):
         return a[name] == 1 and name not in fixed
 
-    if "n_parts" in a:
-        # the reduction's loop over the partial rows, BLOCK_P at a time
-        loops = [(-(-a["n_parts"] // a["BLOCK_P"]), True)] + [(1, True)] * (n_loops - 1)
-        return [n for n, _ in loops]
+    if "n_main" in a or "n_parts" in a:
+        # the reduction's loop over the partial rows, BLOCK_P at a time (most column blocks: the
+        # chunk launch's rows; v3 summed all rows everywhere)
+        loops = [(-(-a.get("n_main", a.get("n_parts")) // a["BLOCK_P"]), True)] + [(1, True)] * (n_loops - 1)
+        return [n for n, _ in loops][:n_loops]
     if name_is(launch, "_givens_angles_kernel"):
         # (v3's separate (cos, sin) launch) libdevice's slow path for huge angles: assumed not taken
         return [0] * n_loops
@@ -512,6 +527,15 @@ def _trips(launch: Launch, sass: Sass) -> list:
     else:
         loops = []
     trips = [n for n, present in loops if present]
+    if len(trips) == 1 and n_loops == 2:
+        # a small loop body unrolled by the compiler: the unrolled loop runs n // U times, a
+        # remainder loop of one body the other n % U (U from the two bodies' sizes)
+        sizes = [sum(1 for addr, _ in sass.instrs if start <= addr <= end) for start, end in sass.loops]
+        big = max(range(2), key=lambda i: sizes[i])
+        unroll = max(1, round(sizes[big] / sizes[1 - big]))
+        out = [0, 0]
+        out[big], out[1 - big] = trips[0] // unroll, trips[0] % unroll
+        return out
     if n_loops != len(trips):
         raise RuntimeError(f"{launch.name}: {n_loops} loops in the SASS, expected {len(trips)} (trip counts {trips})")
     return trips

@@ -22,15 +22,13 @@ import triton
 import triton.language as tl
 
 from .forward import givens_fwd
-from .launch import acc_dtype, config, fit_grid, new_output, roots_config, round_bf16, wide_words
+from .launch import acc_dtype, config, fit_grid, new_output, roots_config, round_bf16
 from .tree import (
     _chunk,
-    _chunk_root,
     _count,
     _down_blocks,
     _exchange_blocks,
     _first,
-    _gather,
     _groups_down,
     _groups_up,
     _load_raw,
@@ -98,24 +96,30 @@ def _slot_start(r: tl.constexpr, L: tl.constexpr):
 
 
 @triton.jit
-def _bwd_loads(x, dy, o_n, m_n, stride_x, stride_dy, o_c, m_c, o_r, m_r, TRANSPOSE: tl.constexpr,
-               MASKED: tl.constexpr, WIDE: tl.constexpr):
-    """What one row block reads, as loaded: the ``x`` and ``dy`` tiles ``[BLOCK_N, G * E]`` and the
-    ``b`` side's (``x``, or ``dy`` for ``x @ R^T``) inputs at the chunk roots ``o_r`` ``[BLOCK_N, K]``
-    (masked by ``m_n``, ``m_c``, ``m_r`` where ``MASKED``; ``WIDE``: see :func:`_gather`)."""
+def _bwd_loads(x, dy, tops, o_n, m_n, i_c, stride_x, stride_dy, o_c, m_c, G: tl.constexpr, K: tl.constexpr,
+               MASKED: tl.constexpr):
+    """What one row block reads, as loaded: the ``x`` and ``dy`` tiles ``[BLOCK_N, G * E]`` and,
+    with ``K > 1`` chunks, the value entering the chunk's first column (``tops``, from
+    :func:`_givens_tops_kernel`), in group 0 of a ``[BLOCK_N, G]`` (masked by ``m_n`` and ``m_c``
+    where ``MASKED``)."""
     t_x = _load_raw(x, o_n, stride_x, o_c, m_n, m_c, MASKED)
     t_dy = _load_raw(dy, o_n, stride_dy, o_c, m_n, m_c, MASKED)
-    m_r = m_n[:, None] & m_r[None, :] if MASKED else None
-    if TRANSPOSE:
-        t_r = _gather(dy, o_n[:, None] * stride_dy + o_r[None, :], m_r, WIDE)
+    if K == 1:
+        t_top = ()
     else:
-        t_r = _gather(x, o_n[:, None] * stride_x + o_r[None, :], m_r, WIDE)
-    return t_x, t_dy, t_r
+        # only group 0 needs it: the other groups' copies are masked off
+        first = (tl.arange(0, G) == 0)[None, :]
+        p_top = tops + o_n[:, None] * K + i_c + 0 * tl.arange(0, G)[None, :]
+        if MASKED:
+            t_top = tl.load(p_top, mask=m_n[:, None] & first, other=0.0)
+        else:
+            t_top = tl.load(p_top, mask=first, other=0.0)
+    return t_x, t_dy, t_top
 
 
 @triton.jit
-def _bwd_block(dx, roots, o_n, m_n, i_c, stride_dx, t_x, t_dy, t_r, b_s, pair_scale, o_g, o_c, m_c, o_k,
-               vector_cs, downs, downs_k, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds,
+def _bwd_block(dx, roots, o_n, m_n, i_c, stride_dx, t_x, t_dy, t_top, b_s, pair_scale, o_g, o_c, m_c,
+               vector_cs, downs, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds,
                L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr, QUASI: tl.constexpr,
                HAS_SCALE: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_DX: tl.constexpr, HAS_DPARAMS: tl.constexpr,
                HAS_DSCALE: tl.constexpr, ACC: tl.constexpr, ROUND_BF16: tl.constexpr, MASKED: tl.constexpr):
@@ -132,13 +136,12 @@ def _bwd_block(dx, roots, o_n, m_n, i_c, stride_dx, t_x, t_dy, t_r, b_s, pair_sc
     else:
         b_b = b_x
         b_a = b_dy
-    # the b side top-down: the chunk stages on the chunk roots give the chunk's first column, the
-    # group stages exchange the groups' first columns; each group owns the pair whose right
-    # operand is its own first input and whose left operand its partner sent it
+    # the b side top-down: the chunk's first column enters as the stages above the chunk left it
+    # (t_top), the group stages exchange the groups' first columns; each group owns the pair
+    # whose right operand is its own first input and whose left operand its partner sent it
     b_first = _first(b_b, BLOCK_N, G, E, LE)
     if K > 1:
-        b_top = tl.where(tl.arange(0, G)[None, :] == 0,
-                         _chunk_root(t_r, downs_k, o_k, i_c, BLOCK_N, K, L - LE - LG, ACC)[:, None], b_first)
+        b_top = tl.where(tl.arange(0, G)[None, :] == 0, t_top.to(ACC), b_first)
     else:
         b_top = b_first
     b_w, b_wo = _groups_down(b_top, downs, BLOCK_N, G, LG)
@@ -187,12 +190,12 @@ def _bwd_block(dx, roots, o_n, m_n, i_c, stride_dx, t_x, t_dy, t_r, b_s, pair_sc
 
 # the row loops' trip counts stay runtime values: one binary for every row count
 @triton.jit(do_not_specialize=["n_full", "n_iters"])
-def _givens_bwd_kernel(x, dy, dx, roots, coefs, scale, partials, n_rows, d, stride_x, stride_dy, stride_dx,
+def _givens_bwd_kernel(x, dy, dx, roots, tops, coefs, scale, partials, n_rows, d, stride_x, stride_dy, stride_dx,
                        n_full, n_iters, stride_part, ds_start,
                        L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr,
                        QUASI: tl.constexpr, HAS_SCALE: tl.constexpr, TRANSPOSE: tl.constexpr, HAS_DX: tl.constexpr,
                        HAS_DPARAMS: tl.constexpr, HAS_DSCALE: tl.constexpr, ACC: tl.constexpr,
-                       ROUND_BF16: tl.constexpr, STAGES: tl.constexpr, FULL: tl.constexpr, WIDE: tl.constexpr):
+                       ROUND_BF16: tl.constexpr, STAGES: tl.constexpr, FULL: tl.constexpr):
     """Gradients for chunk ``program_id(1)`` over the row blocks of program ``program_id(0)``.
 
     Tile ``[BLOCK_N, G, E]`` of ``x`` and of ``dy``, plus the ``b`` side's inputs at the ``K``
@@ -213,10 +216,6 @@ def _givens_bwd_kernel(x, dy, dx, roots, coefs, scale, partials, n_rows, d, stri
     o_g, o_c, m_c, b_s, vector_cs = _chunk(coefs, scale, d, i_c, LE, LG, HAS_SCALE, QUASI, ACC)
     pair_scale = _pair_scale(scale, d, o_g, E, ACC) if HAS_SCALE and LE > 0 else None
     downs = _down_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
-    o_k = tl.arange(0, K)
-    o_r = o_k * (G * E)
-    m_r = o_r < d
-    downs_k = _down_blocks(coefs, d, o_k, L - LE - LG, LE + LG, QUASI, ACC)
     group_cs = _exchange_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
     o_own, own_cos, own_sin = _owned_pair(coefs, d, o_g, L, LG, LE, QUASI, ACC)
     vector_acc = ()
@@ -227,24 +226,21 @@ def _givens_bwd_kernel(x, dy, dx, roots, coefs, scale, partials, n_rows, d, stri
     group_acc = (z, z, z, z)
     b_ds = tl.zeros((G, E), ACC)
     # the whole blocks: the compiler's software pipelining issues each block's loads STAGES - 1
-    # blocks ahead, as asynchronous copies into shared memory (WIDE: the 16-bit chunk-root
-    # inputs as words, so that they take that path too); no row masks
+    # blocks ahead, as asynchronous copies into shared memory; no row masks
     for it in tl.range(0, n_full, num_stages=STAGES):
         o_n, m_n = _rows(i_g + it * n_groups, n_rows, BLOCK_N, False)
-        t_x, t_dy, t_r = _bwd_loads(x, dy, o_n, m_n, stride_x, stride_dy, o_c, m_c, o_r, m_r, TRANSPOSE, not FULL,
-                                    WIDE)
+        t_x, t_dy, t_top = _bwd_loads(x, dy, tops, o_n, m_n, i_c, stride_x, stride_dy, o_c, m_c, G, K, not FULL)
         vector_acc, group_acc, b_ds = _bwd_block(
-            dx, roots, o_n, m_n, i_c, stride_dx, t_x, t_dy, t_r, b_s, pair_scale, o_g, o_c, m_c, o_k, vector_cs,
-            downs, downs_k, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds, L, LE, LG, BLOCK_N, QUASI,
+            dx, roots, o_n, m_n, i_c, stride_dx, t_x, t_dy, t_top, b_s, pair_scale, o_g, o_c, m_c, vector_cs,
+            downs, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds, L, LE, LG, BLOCK_N, QUASI,
             HAS_SCALE, TRANSPOSE, HAS_DX, HAS_DPARAMS, HAS_DSCALE, ACC, ROUND_BF16, not FULL)
     for it in range(n_full, n_iters):
         o_n, m_n = _rows(i_g + it * n_groups, n_rows, BLOCK_N, True)
-        t_x, t_dy, t_r = _bwd_loads(x, dy, o_n, m_n, stride_x, stride_dy, o_c, m_c, o_r, m_r, TRANSPOSE, True,
-                                    WIDE)
+        t_x, t_dy, t_top = _bwd_loads(x, dy, tops, o_n, m_n, i_c, stride_x, stride_dy, o_c, m_c, G, K, True)
         vector_acc, group_acc, b_ds = _bwd_block(
-            dx, roots, o_n, m_n, i_c, stride_dx, t_x, t_dy, t_r, b_s, pair_scale, o_g, o_c, m_c, o_k, vector_cs, downs,
-            downs_k, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds, L, LE, LG, BLOCK_N, QUASI, HAS_SCALE,
-            TRANSPOSE, HAS_DX, HAS_DPARAMS, HAS_DSCALE, ACC, ROUND_BF16, True)
+            dx, roots, o_n, m_n, i_c, stride_dx, t_x, t_dy, t_top, b_s, pair_scale, o_g, o_c, m_c, vector_cs,
+            downs, group_cs, own_cos, own_sin, vector_acc, group_acc, b_ds, L, LE, LG, BLOCK_N, QUASI,
+            HAS_SCALE, TRANSPOSE, HAS_DX, HAS_DPARAMS, HAS_DSCALE, ACC, ROUND_BF16, True)
 
     p_part = partials + i_g.to(tl.int64) * stride_part
     if HAS_DPARAMS:
@@ -262,22 +258,52 @@ def _givens_bwd_kernel(x, dy, dx, roots, coefs, scale, partials, n_rows, d, stri
 
 # the row loops' trip counts stay runtime values: one binary for every row count
 @triton.jit(do_not_specialize=["n_iters"])
-def _givens_bwd_roots_kernel(x, dy, dx, roots, coefs, partials, n_rows, d, stride_x, stride_dy, stride_dx,
+def _givens_tops_kernel(x, dy, tops, coefs, n_rows, d, stride_x, stride_dy, n_iters,
+                        L: tl.constexpr, R0: tl.constexpr, BLOCK_N: tl.constexpr, QUASI: tl.constexpr,
+                        TRANSPOSE: tl.constexpr, ACC: tl.constexpr):
+    """The ``b`` side's top-down chunk stages ``L .. R0 + 1`` on the chunk roots: tile ``[BLOCK_N, K]``
+    of ``x`` (or ``dy`` for ``x @ R^T``) at every ``2**R0``-th column. Writes ``tops``
+    ``[3, rows, K]``: the value entering each chunk's first column (the chunk launch reads it),
+    then the operands of the chunk-stage pair each chunk root owns, its partner's value and its
+    own input (the roots launch reads them)."""
+    K: tl.constexpr = 1 << (L - R0)
+    i_g = tl.program_id(0)
+    n_groups = tl.num_programs(0)
+    o_k = tl.arange(0, K)
+    downs = _down_blocks(coefs, d, o_k, L - R0, R0, QUASI, ACC)
+    for it in range(n_iters):
+        o_n = ((i_g + it * n_groups) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        m_n = o_n < n_rows
+        if TRANSPOSE:
+            p_b = dy + o_n[:, None] * stride_dy
+        else:
+            p_b = x + o_n[:, None] * stride_x
+        b_h = tl.load(p_b + (o_k << R0)[None, :], mask=m_n[:, None] & ((o_k << R0) < d)[None, :],
+                      other=0.0).to(ACC)
+        b_top, b_wo = _groups_down(b_h, downs, BLOCK_N, K, L - R0)
+        p_t = tops + o_n[:, None] * K + o_k[None, :]
+        tl.store(p_t, b_top, mask=m_n[:, None])
+        tl.store(p_t + n_rows * K, b_wo, mask=m_n[:, None])
+        tl.store(p_t + 2 * n_rows * K, b_h, mask=m_n[:, None])
+
+
+# the row loops' trip counts stay runtime values: one binary for every row count
+@triton.jit(do_not_specialize=["n_iters"])
+def _givens_bwd_roots_kernel(dx, roots, tops, coefs, partials, n_rows, d, stride_dx,
                              n_iters, n_chunks, stride_part,
                              L: tl.constexpr, R0: tl.constexpr, BLOCK_N: tl.constexpr, QUASI: tl.constexpr,
                              TRANSPOSE: tl.constexpr, HAS_DX: tl.constexpr, HAS_DPARAMS: tl.constexpr,
                              ACC: tl.constexpr, ROUND_BF16: tl.constexpr):
     """The coarse stages ``R0 + 1 .. L`` on the chunk roots: tile ``[BLOCK_N, K]``.
 
-    The ``a`` side comes from the roots buffer, the ``b`` side from the top-down stages on the
-    chunk roots' inputs in ``x`` (or ``dy``); writes these stages' partial gradients and, for
-    ``y = x @ R``, ``dx[:, ::2**R0]``.
+    The ``a`` side comes from the roots buffer, the ``b`` side's operands from ``tops``
+    (:func:`_givens_tops_kernel`); writes these stages' partial gradients and, for ``y = x @ R``,
+    ``dx[:, ::2**R0]``.
     """
     K: tl.constexpr = 1 << (L - R0)
     i_g = tl.program_id(0)
     n_groups = tl.num_programs(0)
     o_k = tl.arange(0, K)
-    downs = _down_blocks(coefs, d, o_k, L - R0, R0, QUASI, ACC)
     group_cs = _exchange_blocks(coefs, d, o_k, L - R0, R0, QUASI, ACC)
     o_own, own_cos, own_sin = _owned_pair(coefs, d, o_k, L, L - R0, R0, QUASI, ACC)
     z = tl.zeros((K,), ACC)
@@ -288,13 +314,9 @@ def _givens_bwd_roots_kernel(x, dy, dx, roots, coefs, partials, n_rows, d, strid
         # chunks past d were not launched: their carries are zeros (identity pairs ignore them)
         b_c = tl.load(roots + o_n[:, None] * K + o_k[None, :], mask=m_n[:, None] & (o_k < n_chunks)[None, :],
                       other=0.0)
-        if TRANSPOSE:
-            p_b = dy + o_n[:, None] * stride_dy
-        else:
-            p_b = x + o_n[:, None] * stride_x
-        b_h = tl.load(p_b + (o_k << R0)[None, :], mask=m_n[:, None] & ((o_k << R0) < d)[None, :],
-                      other=0.0).to(ACC)
-        _, b_wo = _groups_down(b_h, downs, BLOCK_N, K, L - R0)
+        p_t = tops + o_n[:, None] * K + o_k[None, :]
+        b_wo = tl.load(p_t + n_rows * K, mask=m_n[:, None], other=0.0)
+        b_h = tl.load(p_t + 2 * n_rows * K, mask=m_n[:, None], other=0.0)
         b_out, b_al, b_ar = _groups_up(b_c, group_cs, BLOCK_N, K, L - R0)
         if HAS_DPARAMS:
             group_acc = _acc_pair(group_acc, b_wo, b_h, b_al, b_ar, QUASI)
@@ -309,21 +331,26 @@ def _givens_bwd_roots_kernel(x, dy, dx, roots, coefs, partials, n_rows, d, strid
 
 
 @triton.jit
-def _givens_grad_sum_kernel(partials, dparams, dscale, n_parts, d, stride_part, ds_start,
-                            L: tl.constexpr, QUASI: tl.constexpr, HAS_DPARAMS: tl.constexpr,
+def _givens_grad_sum_kernel(partials, dparams, dscale, n_main, n_coarse, d, stride_part, ds_start,
+                            L: tl.constexpr, R0: tl.constexpr, QUASI: tl.constexpr, HAS_DPARAMS: tl.constexpr,
                             HAS_DSCALE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK: tl.constexpr):
-    """Sum ``BLOCK`` columns of the partials over the ``n_parts`` programs' rows (tiles of
-    ``BLOCK_P x BLOCK``, in a fixed order) and write them where they belong: ``dparams``
-    ``[P, 2, 2]`` or ``[P]`` from the padded slots, ``dscale`` ``[d]``."""
+    """Sum ``BLOCK`` columns of the partials over the rows that wrote them (tiles of ``BLOCK_P x
+    BLOCK``, in a fixed order) and write them where they belong: ``dparams`` ``[P, 2, 2]`` or
+    ``[P]`` from the padded slots, ``dscale`` ``[d]``. The chunk launch's ``n_main`` programs
+    wrote the slots of stages up to ``R0`` and the scale's; the roots launch's ``n_coarse``
+    programs those of the stages above ``R0``."""
     D: tl.constexpr = 1 << L
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     width = ds_start + (D if HAS_DSCALE else 0)
     m = o < width
+    coarse = (o < ds_start) & (o % D >= D - (1 << (L - R0)))
+    n_wrote = tl.where(coarse, n_coarse, n_main)
     b_sum = tl.zeros((BLOCK,), partials.dtype.element_ty)
-    for i in range(0, n_parts, BLOCK_P):
+    # only as many row tiles as this block's columns were written in
+    for i in range(0, tl.max(tl.where(m, n_wrote, 0)), BLOCK_P):
         o_i = i + tl.arange(0, BLOCK_P)
         b_sum += tl.sum(tl.load(partials + o_i[:, None].to(tl.int64) * stride_part + o[None, :],
-                                mask=(o_i < n_parts)[:, None] & m[None, :], other=0.0), axis=0)
+                                mask=(o_i[:, None] < n_wrote[None, :]) & m[None, :], other=0.0), axis=0)
     if HAS_DPARAMS:
         # column e * D + slot; slot in stage r is start(r) + k, parameter offset(r) + k
         o_e = o // D
@@ -369,34 +396,44 @@ def givens_bwd(x: torch.Tensor, dy: torch.Tensor, coefs: torch.Tensor, scale: to
     K = D // cfg.chunk
     flags = dict(QUASI=quasi, TRANSPOSE=transpose, HAS_DX=need_dx, HAS_DPARAMS=need_dparams,
                  ACC=acc_dtype(x.dtype), ROUND_BF16=round_bf16(x))
-    # no roots buffer with one chunk: any tensor of its dtype stands in (the kernel never touches it)
+    # no roots or tops buffers with one chunk: any tensor of their dtype stands in (never touched)
     roots = new_output((n_rows, K), acc, x.device) if K > 1 else x.new_empty(0, dtype=acc)
+    tops = new_output((3, n_rows, K), acc, x.device) if K > 1 else roots
     tensors = dict(x=x, dy=dy, dx=dx if need_dx else x, roots=roots, coefs=coefs, partials=roots)
     sizes = dict(n_rows=n_rows, d=d, stride_x=x.stride(0), stride_dy=dy.stride(0),
                  stride_dx=dx.stride(0) if need_dx else 0, stride_part=width)
-    args = dict(**tensors, **sizes, scale=scale if scale is not None else coefs, ds_start=ds_start, L=L, LE=cfg.le,
-                LG=cfg.lg, BLOCK_N=cfg.block_n, HAS_SCALE=scale is not None, HAS_DSCALE=need_dscale,
-                STAGES=cfg.stages, FULL=d == D, WIDE=K > 1 and wide_words(dy if transpose else x), **flags)
+    args = dict(**tensors, **sizes, tops=tops, scale=scale if scale is not None else coefs, ds_start=ds_start, L=L,
+                LE=cfg.le, LG=cfg.lg, BLOCK_N=cfg.block_n, HAS_SCALE=scale is not None, HAS_DSCALE=need_dscale,
+                STAGES=cfg.stages, FULL=d == D, **flags)
     cfg = fit_grid(cfg, _givens_bwd_kernel, args, n_rows, n_chunks, x.device)
+    # the roots launch: programs of its own (as many as fill the GPU), each with a partial row too
+    block_n, roots_programs, roots_iters, roots_warps = roots_config(n_rows, K, x.device) if K > 1 else (1, 0, 0, 1)
     # one partial row per program: block gradients by entry and padded slot, then the scale's
-    partials = new_output((cfg.programs, width), acc, x.device)
+    n_parts = max(cfg.programs, roots_programs)
+    partials = new_output((n_parts, width), acc, x.device)
     tensors["partials"] = args["partials"] = partials
+    if K > 1:
+        # the b side's chunk stages first: what enters each chunk
+        _givens_tops_kernel[(roots_programs,)](
+            x=x, dy=dy, tops=tops, coefs=coefs, n_rows=n_rows, d=d, stride_x=x.stride(0), stride_dy=dy.stride(0),
+            n_iters=roots_iters, L=L, R0=cfg.le + cfg.lg, BLOCK_N=block_n, QUASI=quasi, TRANSPOSE=transpose,
+            ACC=flags["ACC"], num_warps=roots_warps)
     # with no rows the programs still run once, to write their (zero) partial rows
     _givens_bwd_kernel[(cfg.programs, n_chunks)](**args, n_full=cfg.n_full, n_iters=cfg.n_iters,
                                                  num_warps=cfg.num_warps)
     if K > 1:
-        block_n, _, _, num_warps = roots_config(n_rows, K, x.device)
-        # the same programs as the chunk launch: each partial row gets the coarse stages too
-        _givens_bwd_roots_kernel[(cfg.programs,)](
-            **tensors, **sizes, n_iters=-(-triton.cdiv(n_rows, block_n) // cfg.programs), n_chunks=n_chunks,
-            L=L, R0=cfg.le + cfg.lg, BLOCK_N=block_n, num_warps=num_warps, **flags)
-    # all partial rows of a column block in one tile where they fit, 32 values per thread: every
-    # load goes out at once (with more, the compiler reuses registers and waits between batches)
+        _givens_bwd_roots_kernel[(roots_programs,)](
+            dx=tensors["dx"], roots=roots, tops=tops, coefs=coefs, partials=partials, n_rows=n_rows, d=d,
+            stride_dx=sizes["stride_dx"], n_iters=roots_iters, n_chunks=n_chunks, stride_part=width, L=L,
+            R0=cfg.le + cfg.lg, BLOCK_N=block_n, num_warps=roots_warps, **flags)
+    # the chunk launch's partial rows of a column block in one tile where they fit, 32 values per
+    # thread: every load goes out at once (with more, the compiler reuses registers and waits
+    # between batches); the roots launch's, for the few coarse columns, in more tiles
     block_p = min(512, triton.next_power_of_2(cfg.programs))
     block = max(16, 4096 // block_p)
     _givens_grad_sum_kernel[(triton.cdiv(width, block),)](
         partials=partials, dparams=dparams if need_dparams else partials,
-        dscale=dscale if need_dscale else partials, n_parts=cfg.programs,
-        d=d, stride_part=width, ds_start=ds_start, L=L, QUASI=quasi, HAS_DPARAMS=need_dparams,
-        HAS_DSCALE=need_dscale, BLOCK_P=block_p, BLOCK=block, num_warps=4)
+        dscale=dscale if need_dscale else partials, n_main=cfg.programs,
+        n_coarse=roots_programs, d=d, stride_part=width, ds_start=ds_start, L=L, R0=cfg.le + cfg.lg, QUASI=quasi,
+        HAS_DPARAMS=need_dparams, HAS_DSCALE=need_dscale, BLOCK_P=block_p, BLOCK=block, num_warps=4)
     return dx, dparams, dscale

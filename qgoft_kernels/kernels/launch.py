@@ -172,9 +172,8 @@ def fit_grid(cfg: Config, kernel, kwargs: dict, n_rows: int, launched: int, devi
 def roots_config(n_rows: int, K: int, device: torch.device):
     """``(block_n, programs, n_iters, num_warps)`` for a kernel on the ``[rows, K]`` chunk roots.
 
-    On a GPU its tile holds up to 2048 roots over 8 warps (8 per thread: each root carries
-    its chain, and more spill with triton 3.6), so that the few programs it gets keep
-    enough loads in flight.
+    On a GPU its tile holds up to 2048 roots over 8 warps (8 per thread; more spill with
+    triton 3.6), and up to four programs per multiprocessor share the row blocks.
     """
     gpu = on_gpu(device)
     block_n = max(1, min(256, 2048 // K)) if gpu else max(1, min(64, 1024 // K))
