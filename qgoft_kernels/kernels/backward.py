@@ -427,8 +427,9 @@ def givens_bwd(x: torch.Tensor, dy: torch.Tensor, coefs: torch.Tensor, scale: to
             stride_dx=sizes["stride_dx"], n_iters=roots_iters, n_chunks=n_chunks, stride_part=width, L=L,
             R0=cfg.le + cfg.lg, BLOCK_N=block_n, num_warps=roots_warps, **flags)
     # the chunk launch's partial rows of a column block in one tile where they fit, 32 values per
-    # thread: every load goes out at once (with more, the compiler reuses registers and waits
-    # between batches); the roots launch's, for the few coarse columns, in more tiles
+    # thread: the loads go out at once, or in two batches (with more, the compiler reuses
+    # registers and waits between batches); the roots launch's, for the few coarse columns, in
+    # more tiles
     block_p = min(512, triton.next_power_of_2(cfg.programs))
     block = max(16, 4096 // block_p)
     _givens_grad_sum_kernel[(triton.cdiv(width, block),)](

@@ -27,14 +27,19 @@ import os
 from dataclasses import dataclass
 
 import torch
+import triton
 import triton.language as tl
 
 from .. import planning
 
-#: Widest chunk on a GPU, in 16-byte vectors (one per thread): 8 warps for the forward; 2 for the
-#: backward, whose ~240 registers per thread leave room for 4 such programs per SM, and whose
-#: cross-warp exchanges cost barriers (docs/tuning.md, v3)
-GPU_VECTORS = {"fwd": 256, "bwd": 64}
+#: The Triton release the kernels are compiled with, as ``(major, minor)``
+TRITON = tuple(int(part) for part in triton.__version__.split(".")[:2])
+#: Widest chunk on a GPU, in 16-byte vectors (one per thread): 8 warps for the forward. The
+#: backward's ~230-250 registers per thread leave room for 8-9 warps per SM; its exchanges across
+#: warps cost barriers, and triton 3.6 (the GPU machines') adds layout conversions around them,
+#: so there it runs one-warp chunks (no exchange crosses a warp) and from 3.7 on two-warp chunks
+#: (half the chunk roots). docs/tuning.md, v4, has the static model's figures behind both.
+GPU_VECTORS = {"fwd": 256, "bwd": 64 if TRITON >= (3, 7) else 32}
 #: Rows of up to this many vectors stay in one chunk on a GPU (no second launch for the roots).
 SINGLE_CHUNK_VECTORS = 128
 #: Widest chunk in the interpreter, in vectors: small, so that multi-chunk rows get tested on the CPU.
@@ -45,6 +50,8 @@ GPU_BLOCK_N = {"fwd": 2, "bwd": 2}
 #: sized from the compiled kernel's real occupancy (:func:`fit_grid`), so that one wave of
 #: programs fills every SM
 WARPS_PER_SM = {"fwd": 16, "bwd": 8}
+#: Warp schedulers per multiprocessor (sm_80, sm_90)
+SCHEDULERS = 4
 #: Software-pipelining depth of the row loop on a GPU: loads stay in flight this many blocks ahead.
 GPU_STAGES = {"fwd": 3, "bwd": 3}
 
@@ -162,7 +169,12 @@ def fit_grid(cfg: Config, kernel, kwargs: dict, n_rows: int, launched: int, devi
                                                                          and planning.resources() is None):
         return cfg
     trial = dict(kwargs, n_full=cfg.n_full, n_iters=cfg.n_iters, num_warps=cfg.num_warps)
-    slots = resident(kernel, trial, device) * sm_count(device)
+    per_sm = resident(kernel, trial, device)
+    if cfg.num_warps < SCHEDULERS:
+        # the same number of warps on each of the multiprocessor's schedulers: with equal programs,
+        # one scheduler with a warp more than the others would finish last
+        per_sm = max(1, per_sm * cfg.num_warps // SCHEDULERS * SCHEDULERS // cfg.num_warps)
+    slots = per_sm * sm_count(device)
     n_blocks = -(-n_rows // cfg.block_n)
     programs = max(1, min(n_blocks, slots // launched))
     return dataclasses.replace(cfg, programs=programs, n_iters=-(-n_blocks // programs),
