@@ -105,8 +105,8 @@ def test_units_cover_what_is_timed():
     plan = gpu_quick.GPU_PLAN
     groups = gpu_quick.groups(plan, gpu_quick.KINDS, None)
     units = {u for g in groups for u in gpu_quick.units_for(g, plan)}
-    # 5 widths x 2 variants x 3 paths, plus the merge's 4096-row W; the layer's are among them
-    assert len(units) == 5 * 2 * 3 + 2
+    # 6 widths x 2 variants x 3 paths, plus the merge's 4096-row W; the layer's are among them
+    assert len(units) == 6 * 2 * 3 + 2
     assert all(u.rows == plan.rows or (u.path, u.rows) == ("forward_t", plan.merge_dim) for u in units)
     assert [g for g in gpu_quick.groups(plan, ("backward",), (4096,))] == [("backward", 4096)]
 
@@ -115,12 +115,24 @@ def test_prediction_lookup():
     rows = [{"kernel": "backward", "d": 4096, "dtype": "bf16", "block": "quasi+scale", "default": True,
              "predicted_over_clone": 1.6},
             {"kernel": "backward", "d": 4096, "dtype": "bfloat16", "block": "givens", "scale": False,
-             "default": True, "predicted_over_clone": 1.4}]
-    assert gpu_quick.predicted(rows, "backward", 4096, "bfloat16", "quasi", True) == 1.6
-    assert gpu_quick.predicted(rows, "backward", 4096, "bfloat16", "givens", False) == 1.4
-    assert gpu_quick.predicted(rows, "backward", 4096, "bfloat16", "givens", True) is None
-    assert gpu_quick.predicted(rows, "forward", 4096, "bfloat16", "quasi", True) is None
+             "default": True, "gpu": "H100-SXM", "predicted_over_clone": 1.4, "predicted_over_clone_opt": 1.3},
+            {"kernel": "backward", "d": 4096, "dtype": "bfloat16", "block": "givens", "scale": False,
+             "default": True, "gpu": "H200", "predicted_over_clone": 1.7, "predicted_over_clone_opt": 1.5}]
+
+    def pess(*args, **kw):
+        return gpu_quick.predicted(rows, *args, **kw)["predicted_ratio"]
+
+    assert pess("backward", 4096, "bfloat16", "quasi", True) == 1.6
+    # each card gets its own row; without a card, the first
+    assert gpu_quick.predicted(rows, "backward", 4096, "bfloat16", "givens", False, "H200") == {
+        "predicted_ratio": 1.7, "predicted_opt": 1.5, "predicted_card": "H200"}
+    assert pess("backward", 4096, "bfloat16", "givens", False, card="H100-SXM") == 1.4
+    assert pess("backward", 4096, "bfloat16", "givens", False) == 1.4
+    assert pess("backward", 4096, "bfloat16", "givens", True) is None
+    assert pess("forward", 4096, "bfloat16", "quasi", True) is None
     assert gpu_quick.load_predictions("/nonexistent/sass-sm90.json") == []
+    assert gpu_quick.card_of("NVIDIA H100 80GB HBM3") == "H100-SXM"
+    assert gpu_quick.card_of("NVIDIA H200") == "H200" and gpu_quick.card_of("NVIDIA A100-SXM4-80GB") is None
 
 
 def test_a_dry_run_is_never_written_among_the_results():
@@ -144,7 +156,8 @@ def test_table_shows_what_failed_and_marks_targets():
         row(kind="clone", method="torch.clone", d=4096, rows=16384, repeat=0, ok=True, median_ms=0.1, ratio=1.0,
             note="next to forward", **timing),
         row(kind="forward", method="quasi+scale", d=4096, rows=16384, block="quasi", scale=True, repeat=0, ok=True,
-            median_ms=0.105, ratio=1.05, predicted_ratio=1.02, target=1.15, **timing),
+            median_ms=0.105, ratio=1.05, predicted_ratio=1.02, predicted_opt=1.0, predicted_card="H200", target=1.15,
+            **timing),
         row(kind="forward", method="givens", d=4096, rows=16384, block="givens", scale=False, repeat=0, ok=True,
             median_ms=0.13, ratio=1.3, target=1.15, **timing),
         row(kind="backward", method="givens", d=4096, rows=16384, block="givens", scale=False, repeat=0, ok=False,
@@ -154,7 +167,9 @@ def test_table_shows_what_failed_and_marks_targets():
     text = gpu_quick.table(rows)
     assert text.startswith("GPU QUICK RUN on NVIDIA H200") and "DRY RUN" not in text
     assert "1/1 units pass" not in text and "0/1 units pass" in text and "FAILED backward d=4096" in text
-    assert "| forward | 4096 | 16384 | quasi+scale | 0.1050 | 0.0900-0.1100 | 1000 | 1.05 | 1.02 | <= 1.15 ok |" in text
+    assert ("| forward | 4096 | 16384 | quasi+scale | 0.1050 | 0.0900-0.1100 | 1000 | 1.05 | 1.00-1.02 "
+            "| <= 1.15 ok |") in text
+    assert "optimistic-pessimistic ratio for H200" in text
     assert "| 1.30 | - | <= 1.15 OVER |" in text
     assert "Not timed:\n  backward d=4096 givens: failed or missing check: no timing" in text
     assert text.endswith("finished with failures; 321 s in all.")
