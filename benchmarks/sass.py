@@ -391,7 +391,11 @@ def _hbm_bytes(launch: Launch) -> tuple[int, int]:
         # stages' slots) the roots launch's; masked-off rows are not read
         elem, D = a["partials"].element_size(), 1 << a["L"]
         coarse = (a["ds_start"] // D) * (1 << (a["L"] - a["R0"])) if "R0" in a else 0
-        read = (a["n_main"] * (a["stride_part"] - coarse) + a["n_coarse"] * coarse) * elem
+        if "n_main" in a:
+            read = (a["n_main"] * (a["stride_part"] - coarse) + a["n_coarse"] * coarse) * elem
+        else:
+            # v3: every partial row, all columns
+            read = a["n_parts"] * a["stride_part"] * elem
         return read, (_nbytes(a["dparams"]) if a["HAS_DPARAMS"] else 0) + _nbytes(a["dscale"])
     rows, d = a["n_rows"], a["d"]
     elem = next(a[k] for k in ("x", "y", "dx") if k in a).element_size()

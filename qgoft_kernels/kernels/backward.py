@@ -10,19 +10,21 @@ each sweep fed that pair.
 - ``y = x @ R^T``: ``a = x * scale``,  ``b = dy``; ``dx = sweep_b * scale``, ``dscale = sum(x * sweep_b)``.
 
 ``_givens_bwd_kernel`` runs both sweeps on a chunk: vector stages in registers, group
-stages by the ``b`` side's ancestor chain and the ``a`` side's lane exchanges. With more
-than one chunk per row, ``_givens_bwd_roots_kernel`` runs the coarse stages on the chunk
-roots, from the ``a`` carries the first launch left in a small buffer. Each program walks a
-strided set of row blocks, sums its share of the gradients in registers and writes one
-partial row; ``_givens_grad_sum_kernel`` adds the rows up in a fixed order, so the result
-is bit-identical from run to run (no atomics).
+stages by lane exchanges on both sides. With more than one chunk per row,
+``_givens_tops_kernel`` first runs the ``b`` side's coarse stages on the chunk roots (what
+enters each chunk, and the coarse pairs' ``b`` operands), and after the chunk launch
+``_givens_bwd_roots_kernel`` runs the ``a`` side's coarse stages from the carries the chunk
+launch left in a small buffer. Each program walks a strided set of row blocks, sums its
+share of the gradients in registers and writes one partial row; ``_givens_grad_sum_kernel``
+adds each column up over the rows that wrote it, in a fixed order, so the result is
+bit-identical from run to run (no atomics).
 """
 import torch
 import triton
 import triton.language as tl
 
 from .forward import givens_fwd
-from .launch import acc_dtype, config, fit_grid, new_output, roots_config, round_bf16
+from .launch import SUM_VALUES, acc_dtype, config, fit_grid, new_output, roots_config, round_bf16
 from .tree import (
     _chunk,
     _count,
@@ -426,12 +428,12 @@ def givens_bwd(x: torch.Tensor, dy: torch.Tensor, coefs: torch.Tensor, scale: to
             dx=tensors["dx"], roots=roots, tops=tops, coefs=coefs, partials=partials, n_rows=n_rows, d=d,
             stride_dx=sizes["stride_dx"], n_iters=roots_iters, n_chunks=n_chunks, stride_part=width, L=L,
             R0=cfg.le + cfg.lg, BLOCK_N=block_n, num_warps=roots_warps, **flags)
-    # the chunk launch's partial rows of a column block in one tile where they fit, 32 values per
-    # thread: the loads go out at once, or in two batches (with more, the compiler reuses
+    # the chunk launch's partial rows of a column block in one tile where they fit, SUM_VALUES
+    # per thread: the loads go out at once, or in two batches (with more, the compiler reuses
     # registers and waits between batches); the roots launch's, for the few coarse columns, in
     # more tiles
     block_p = min(512, triton.next_power_of_2(cfg.programs))
-    block = max(16, 4096 // block_p)
+    block = max(16, 128 * SUM_VALUES // block_p)
     _givens_grad_sum_kernel[(triton.cdiv(width, block),)](
         partials=partials, dparams=dparams if need_dparams else partials,
         dscale=dscale if need_dscale else partials, n_main=cfg.programs,

@@ -1,11 +1,13 @@
 """Fused forward: all stages plus the scale in one pass over the activations.
 
-``x @ R`` (top-down) is one launch: every thread rebuilds its vector's root from the row's
-inputs along the root's ancestors (``_chain``), then runs its vector's stages, so no value
-crosses threads. ``x @ R^T`` (bottom-up) runs the vector stages, then the group stages by
-exchanging roots across lanes; with more than one chunk per row the chunk roots go to a
-small fp32 buffer ``[rows, K]`` and ``_givens_fwd_roots_kernel`` finishes the coarse stages
-on them and writes ``y[:, ::chunk]``.
+``x @ R`` (top-down) is one launch: each program runs the chunk stages on the row's inputs
+at the chunk roots (``_chunk_root``), then the group stages by exchanging the groups' first
+columns across lanes, then its vectors' stages in registers. ``x @ R^T`` (bottom-up) runs
+the vector stages, then the group stages by exchanging roots across lanes; with more than
+one chunk per row the chunk roots go to a small fp32 buffer ``[rows, K]`` and
+``_givens_fwd_roots_kernel`` finishes the coarse stages on them and writes
+``y[:, ::chunk]``. With vectors of more than one column the scale is folded into stage 1's
+blocks once per program.
 """
 import torch
 import triton

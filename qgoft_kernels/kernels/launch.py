@@ -54,6 +54,9 @@ WARPS_PER_SM = {"fwd": 16, "bwd": 8}
 SCHEDULERS = 4
 #: Software-pipelining depth of the row loop on a GPU: loads stay in flight this many blocks ahead.
 GPU_STAGES = {"fwd": 3, "bwd": 3}
+#: Values per thread of the backward's gradient-sum tile (4 warps): triton 3.6 issues 32 loads
+#: in three batches, each waiting for the one before (it reuses their registers), 16 in two.
+SUM_VALUES = 32 if TRITON >= (3, 7) else 16
 
 
 @dataclass(frozen=True)

@@ -7,13 +7,14 @@ thread whole vectors (its rows are register repetitions), so the tree splits in 
 - **vector stages** ``1 .. LE`` (``E = 2**LE``) pair columns inside one vector: register
   arithmetic on the compact even/odd split, no data movement between threads;
 - **group stages** ``LE + 1 .. LE + LG`` pair the *roots* of groups (a group's first
-  column). Bottom-up (``x @ R^T``) a group's root meets its partner's by exchanging one
-  value across lanes (``_partner``: a butterfly shuffle inside a warp, shared memory across
-  warps). Top-down (``x @ R``) needs no exchange: each thread rebuilds its root's value from
-  the row's inputs along its ancestor chain (``_chain``), a few loads that hit the L1 cache;
+  column). Both sweeps meet a partner's value by exchanging one value across lanes
+  (``_partner``: a butterfly shuffle inside a warp, shared memory across warps):
+  bottom-up (``x @ R^T``, ``_groups_up``) on the roots' carries, top-down (``x @ R``,
+  ``_groups_down``) on the roots' inputs, coarse stage first;
 - **chunk stages** above ``LE + LG`` pair the roots of whole chunks (``G * E`` columns).
-  Top-down they are part of each thread's chain; bottom-up a second, small launch finishes
-  them on the chunk roots, which are groups of a tile with ``E = 1``.
+  Top-down each program runs them on the row's chunk-root inputs (``_chunk_root``, a
+  ``[BLOCK_N, K]`` tile); bottom-up a second, small launch finishes them on the chunk
+  roots, which are groups of a tile with ``E = 1``.
 
 Offsets and pair counts come from the closed form, so no per-stage scalar is loaded; the
 coefficients are loaded once per program and stay in registers while it walks its rows.
