@@ -396,7 +396,8 @@ def _hbm_bytes(launch: Launch) -> tuple[int, int]:
         else:
             # v3: every partial row, all columns
             read = a["n_parts"] * a["stride_part"] * elem
-        return read, (_nbytes(a["dparams"]) if a["HAS_DPARAMS"] else 0) + _nbytes(a["dscale"])
+        return read, (_nbytes(a["dparams"]) if a["HAS_DPARAMS"] else 0) + (_nbytes(a["dscale"]) if a["HAS_DSCALE"]
+                                                                            else 0)
     rows, d = a["n_rows"], a["d"]
     elem = next(a[k] for k in ("x", "y", "dx") if k in a).element_size()
     if name in ("_givens_fwd_kernel",):
@@ -839,10 +840,37 @@ def table(rows, dtypes=("bfloat16",)) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def write_table(path, text):
+def versus(rows, dtype="bfloat16") -> str:
+    """The markdown table of the v3 reference rows beside v4's default rows of the same op, both cards."""
+    head = ("| op | d | variant | v3 H100 opt - pess | v3 H200 opt - pess | v3 round trips, waves, bound "
+            "| v4 H100 opt - pess | v4 H200 opt - pess | v4 round trips, waves, bound |\n"
+            "|---|---|---|---|---|---|---|---|---|\n")
+    by = collections.defaultdict(dict)
+    for r in rows:
+        if r["dtype"] == dtype and (r.get("default") or r.get("reference") == "v3"):
+            by[(r["kernel"], r["d"], r["block"], r["scale"], r.get("reference", ""))][r["gpu"]] = r
+
+    def both(cards, card):
+        x = cards.get(card)
+        return "-" if x is None else f"{x['predicted_over_clone_opt']:.2f} - {x['predicted_over_clone_pess']:.2f}"
+
+    def shape(cards):
+        x = cards.get("H200") or cards.get("H100-SXM")
+        return f"{x['round_trips']}, {x['waves']:.2f}, {x['bound']}"
+    lines = []
+    for (op, d, block, scale, ref), old in by.items():
+        new = by.get((op, d, block, scale, ""))
+        if ref != "v3" or not new:
+            continue
+        lines.append(f"| {op} | {d} | {variant_name(block, scale)} | {both(old, 'H100-SXM')} | {both(old, 'H200')} "
+                     f"| {shape(old)} | {both(new, 'H100-SXM')} | {both(new, 'H200')} | {shape(new)} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def write_table(path, text, name="sass"):
     with open(path) as fh:
         doc = fh.read()
-    start, end = "<!-- sass:start -->", "<!-- sass:end -->"
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start not in doc:
         raise SystemExit(f"{path} has no {start} ... {end} markers")
     before, rest = doc.split(start, 1)
@@ -863,8 +891,19 @@ def main(argv=None) -> int:
     parser.add_argument("--no-sweep", action="store_true", help="skip the non-default configurations")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile in this many processes")
     parser.add_argument("--out", default=DEFAULT_OUT, help="the JSON file to write")
-    parser.add_argument("--table", default=None, help="a markdown file whose sass markers get the table")
+    parser.add_argument("--table", default=None, help="a markdown file whose sass markers get the table "
+                        "(and its sass-v3 markers the v3 rows beside v4's)")
+    parser.add_argument("--from-json", default=None, help="make the tables from this JSON instead of compiling")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as fh:
+            rows = json.load(fh)["rows"]
+        text = table(rows)
+        print(text)
+        if args.table:
+            write_table(args.table, text)
+            write_table(args.table, versus(rows), "sass-v3")
+        return 0
     tasks = matrix(args.dims, args.ops, args.variants, args.rows, args.dtypes, args.references, not args.no_sweep)
     print(f"{len(tasks)} ops to compile for sm_90 with triton {triton.__version__} ({args.jobs} processes)",
           flush=True)
@@ -886,6 +925,7 @@ def main(argv=None) -> int:
     print(text)
     if args.table:
         write_table(args.table, text)
+        write_table(args.table, versus(rows), "sass-v3")
     missed = [r for r in rows if r.get("default") and not r.get("meets_target", True)]
     print(f"wrote {args.out}; {len(missed)} default configuration(s) miss their target")
     return 0

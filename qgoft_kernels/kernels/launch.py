@@ -54,9 +54,9 @@ WARPS_PER_SM = {"fwd": 16, "bwd": 8}
 SCHEDULERS = 4
 #: Software-pipelining depth of the row loop on a GPU: loads stay in flight this many blocks ahead.
 GPU_STAGES = {"fwd": 3, "bwd": 3}
-#: Values per thread of the backward's gradient-sum tile (4 warps): triton 3.6 issues 32 loads
-#: in three batches, each waiting for the one before (it reuses their registers), 16 in two.
-SUM_VALUES = 32 if TRITON >= (3, 7) else 16
+#: Values per thread of the backward's gradient-sum tile (4 warps): 32 loads go out in up to
+#: three batches, each waiting for the one before (the compiler reuses their registers), 16 in two.
+SUM_VALUES = 16
 
 
 @dataclass(frozen=True)
@@ -173,10 +173,11 @@ def fit_grid(cfg: Config, kernel, kwargs: dict, n_rows: int, launched: int, devi
         return cfg
     trial = dict(kwargs, n_full=cfg.n_full, n_iters=cfg.n_iters, num_warps=cfg.num_warps)
     per_sm = resident(kernel, trial, device)
-    if cfg.num_warps < SCHEDULERS:
-        # the same number of warps on each of the multiprocessor's schedulers: with equal programs,
-        # one scheduler with a warp more than the others would finish last
-        per_sm = max(1, per_sm * cfg.num_warps // SCHEDULERS * SCHEDULERS // cfg.num_warps)
+    if cfg.num_warps == 1:
+        # one-warp programs: the same number on each of the multiprocessor's schedulers (with equal
+        # programs, a scheduler with one more would finish last); wider programs keep every slot,
+        # which the static model prefers (docs/tuning.md, v4)
+        per_sm = max(1, per_sm // SCHEDULERS * SCHEDULERS)
     slots = per_sm * sm_count(device)
     n_blocks = -(-n_rows // cfg.block_n)
     programs = max(1, min(n_blocks, slots // launched))
