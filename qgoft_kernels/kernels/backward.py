@@ -29,8 +29,10 @@ from .tree import (
     _chunk,
     _count,
     _down_blocks,
-    _exchange_blocks,
+    _down_from,
+    _exchange_from,
     _first,
+    _group_blocks,
     _groups_down,
     _groups_up,
     _load_raw,
@@ -217,9 +219,10 @@ def _givens_bwd_kernel(x, dy, dx, roots, tops, coefs, scale, partials, n_rows, d
     n_groups = tl.num_programs(0)
     o_g, o_c, m_c, b_s, vector_cs = _chunk(coefs, scale, d, i_c, LE, LG, HAS_SCALE, QUASI, ACC)
     pair_scale = _pair_scale(scale, d, o_g, E, ACC) if HAS_SCALE and LE > 0 else None
-    downs = _down_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
-    group_cs = _exchange_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
-    o_own, own_cos, own_sin = _owned_pair(coefs, d, o_g, L, LG, LE, QUASI, ACC)
+    blocks = _group_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
+    downs = _down_from(blocks, o_g, LG)
+    group_cs = _exchange_from(blocks, o_g, LG)
+    o_own, own_cos, own_sin = _owned_pair(blocks, o_g, L, LG, LE, ACC)
     vector_acc = ()
     for t in tl.static_range(1, LE + 1):
         z = tl.zeros((G, E >> t), ACC)
@@ -306,8 +309,9 @@ def _givens_bwd_roots_kernel(dx, roots, tops, coefs, partials, n_rows, d, stride
     i_g = tl.program_id(0)
     n_groups = tl.num_programs(0)
     o_k = tl.arange(0, K)
-    group_cs = _exchange_blocks(coefs, d, o_k, L - R0, R0, QUASI, ACC)
-    o_own, own_cos, own_sin = _owned_pair(coefs, d, o_k, L, L - R0, R0, QUASI, ACC)
+    blocks = _group_blocks(coefs, d, o_k, L - R0, R0, QUASI, ACC)
+    group_cs = _exchange_from(blocks, o_k, L - R0)
+    o_own, own_cos, own_sin = _owned_pair(blocks, o_k, L, L - R0, R0, ACC)
     z = tl.zeros((K,), ACC)
     group_acc = (z, z, z, z)
     for it in range(n_iters):

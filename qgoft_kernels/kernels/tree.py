@@ -40,38 +40,60 @@ def _offset(d, r: tl.constexpr):
 
 
 @triton.jit
-def _blocks(coefs, d, r: tl.constexpr, o_k, QUASI: tl.constexpr, ACC: tl.constexpr):
-    """Stage ``r``'s blocks for slots ``o_k`` as four tiles ``(c00, c01, c10, c11)`` of ``o_k``'s shape.
-
-    ``coefs`` holds the blocks ``[P, 2, 2]`` (quasi) or the angles ``[P]`` (givens, whose block
-    is ``[[cos, -sin], [sin, cos]]``, taken in ``ACC`` once per program). Slots past the
-    stage's pair count get the identity.
-    """
+def _load_blocks(coefs, d, r: tl.constexpr, o_k, QUASI: tl.constexpr):
+    """Stage ``r``'s parameters for slots ``o_k``, as loaded: the four entries of each block
+    ``[P, 2, 2]`` (quasi) or its angle ``[P]`` (givens). Slots past the stage's pair count get
+    the identity (a zero angle)."""
     m_k = o_k < _count(d, r)
     p = _offset(d, r) + o_k
     if QUASI:
         p_c = coefs + p * 4
-        c00 = tl.load(p_c, mask=m_k, other=1.0).to(ACC)
-        c01 = tl.load(p_c + 1, mask=m_k, other=0.0).to(ACC)
-        c10 = tl.load(p_c + 2, mask=m_k, other=0.0).to(ACC)
-        c11 = tl.load(p_c + 3, mask=m_k, other=1.0).to(ACC)
+        return (tl.load(p_c, mask=m_k, other=1.0), tl.load(p_c + 1, mask=m_k, other=0.0),
+                tl.load(p_c + 2, mask=m_k, other=0.0), tl.load(p_c + 3, mask=m_k, other=1.0))
     else:
-        # a zero angle past the pair count: the identity
-        theta = tl.load(coefs + p, mask=m_k, other=0.0).to(ACC)
+        return tl.load(coefs + p, mask=m_k, other=0.0)
+
+
+@triton.jit
+def _block_values(raw, QUASI: tl.constexpr, ACC: tl.constexpr):
+    """The blocks ``(c00, c01, c10, c11)`` in ``ACC`` from :func:`_load_blocks`' ``raw`` (givens:
+    ``[[cos, -sin], [sin, cos]]``, taken once per program)."""
+    if QUASI:
+        return raw[0].to(ACC), raw[1].to(ACC), raw[2].to(ACC), raw[3].to(ACC)
+    else:
+        theta = raw.to(ACC)
         c00 = tl.cos(theta)
         c10 = tl.sin(theta)
-        c01 = -c10
-        c11 = c00
-    return c00, c01, c10, c11
+        return c00, -c10, c10, c00
+
+
+@triton.jit
+def _group_blocks(coefs, d, o_g, LG: tl.constexpr, R0: tl.constexpr, QUASI: tl.constexpr, ACC: tl.constexpr):
+    """The blocks of group stages ``R0 + 1 .. R0 + LG`` for the pairs over groups ``o_g``, per stage.
+
+    Every stage's parameters are loaded before any is converted: a strict rotation's ``cos``
+    and ``sin`` branch (libdevice's rare slow path), and the compiler does not move a load
+    across a branch, so loads interleaved with them would each wait a round trip to L2."""
+    raws = ()
+    for j in tl.static_range(LG):
+        raws = raws + (_load_blocks(coefs, d, R0 + j + 1, o_g >> (j + 1), QUASI),)
+    out = ()
+    for j in tl.static_range(LG):
+        out = out + (_block_values(raws[j], QUASI, ACC),)
+    return out
 
 
 @triton.jit
 def _vector_blocks(coefs, d, o_g, E: tl.constexpr, LE: tl.constexpr, QUASI: tl.constexpr, ACC: tl.constexpr):
-    """Per vector stage ``t`` (tuple index ``t - 1``), the blocks of groups ``o_g``, each ``[1, G, E >> t]``."""
-    out = ()
+    """Per vector stage ``t`` (tuple index ``t - 1``), the blocks of groups ``o_g``, each ``[1, G, E >> t]``
+    (loaded first, then converted, as in :func:`_group_blocks`)."""
+    raws = ()
     for t in tl.static_range(1, LE + 1):
         o_k = o_g[:, None] * (E >> t) + tl.arange(0, E >> t)[None, :]
-        c00, c01, c10, c11 = _blocks(coefs, d, t, o_k, QUASI, ACC)
+        raws = raws + (_load_blocks(coefs, d, t, o_k, QUASI),)
+    out = ()
+    for t in tl.static_range(1, LE + 1):
+        c00, c01, c10, c11 = _block_values(raws[t - 1], QUASI, ACC)
         out = out + ((c00[None], c01[None], c10[None], c11[None]),)
     return out
 
@@ -86,9 +108,15 @@ def _exchange_blocks(coefs, d, o_g, LG: tl.constexpr, R0: tl.constexpr, QUASI: t
     right root (``last``: it owns the pair's gradient). A group that is no root at this stride
     gets ``(1, 0)`` and keeps its value, so after its own stage a group holds its output.
     """
+    return _exchange_from(_group_blocks(coefs, d, o_g, LG, R0, QUASI, ACC), o_g, LG)
+
+
+@triton.jit
+def _exchange_from(blocks, o_g, LG: tl.constexpr):
+    """:func:`_exchange_blocks` from the stages' blocks (:func:`_group_blocks`)."""
     out = ()
     for j in tl.static_range(LG):
-        c00, c01, c10, c11 = _blocks(coefs, d, R0 + j + 1, o_g >> (j + 1), QUASI, ACC)
+        c00, c01, c10, c11 = blocks[j]
         right = ((o_g >> j) & 1) == 1
         root = (o_g & ((1 << j) - 1)) == 0
         out = out + ((tl.where(root, tl.where(right, c11, c00), 1.0)[None, :],
@@ -107,9 +135,15 @@ def _down_blocks(coefs, d, o_g, LG: tl.constexpr, R0: tl.constexpr, QUASI: tl.co
     the pair's gradient) starts its subtree at ``a01 v + a11 u``. Other groups get ``(1, 0)``
     and keep their value (their input, which no coarser stage touches).
     """
+    return _down_from(_group_blocks(coefs, d, o_g, LG, R0, QUASI, ACC), o_g, LG)
+
+
+@triton.jit
+def _down_from(blocks, o_g, LG: tl.constexpr):
+    """:func:`_down_blocks` from the stages' blocks (:func:`_group_blocks`)."""
     out = ()
     for j in tl.static_range(LG):
-        c00, c01, c10, c11 = _blocks(coefs, d, R0 + j + 1, o_g >> (j + 1), QUASI, ACC)
+        c00, c01, c10, c11 = blocks[j]
         right = ((o_g >> j) & 1) == 1
         part = (o_g & ((1 << j) - 1)) == 0
         out = out + ((tl.where(part, tl.where(right, c11, c00), 1.0)[None, :],
@@ -118,9 +152,9 @@ def _down_blocks(coefs, d, o_g, LG: tl.constexpr, R0: tl.constexpr, QUASI: tl.co
 
 
 @triton.jit
-def _owned_pair(coefs, d, o_g, L: tl.constexpr, LG: tl.constexpr, R0: tl.constexpr, QUASI: tl.constexpr,
-                ACC: tl.constexpr):
-    """The pair of the group stages ``R0 + 1 .. R0 + LG`` that group ``o_g`` owns (it is its right root).
+def _owned_pair(blocks, o_g, L: tl.constexpr, LG: tl.constexpr, R0: tl.constexpr, ACC: tl.constexpr):
+    """The pair of the group stages ``R0 + 1 .. R0 + LG`` (``blocks``: :func:`_group_blocks`) that
+    group ``o_g`` owns (it is its right root).
 
     Returns its padded slot (stage ``r`` has ``2**(L - r)`` slots, stage 1 first; ``-1`` where
     the group owns none, as group 0 does) and its ``(cos, sin)`` for angle gradients.
@@ -131,7 +165,7 @@ def _owned_pair(coefs, d, o_g, L: tl.constexpr, LG: tl.constexpr, R0: tl.constex
     for j in tl.static_range(LG):
         o_k = o_g >> (j + 1)
         last = (o_g & ((2 << j) - 1)) == (1 << j)
-        c00, _, c10, _ = _blocks(coefs, d, R0 + j + 1, o_k, QUASI, ACC)
+        c00, _, c10, _ = blocks[j]
         o_p = tl.where(last, (1 << L) - (1 << (L - R0 - j)) + o_k, o_p)
         c_cos = tl.where(last, c00, c_cos)
         c_sin = tl.where(last, c10, c_sin)
