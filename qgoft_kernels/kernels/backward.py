@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from .forward import givens_fwd
-from .launch import SUM_VALUES, acc_dtype, config, fit_grid, new_output, roots_config, round_bf16
+from .launch import SUM_ROWS, SUM_VALUES, acc_dtype, config, fit_grid, fit_roots, new_output, roots_config, round_bf16
 from .tree import (
     _chunk,
     _count,
@@ -412,35 +412,42 @@ def givens_bwd(x: torch.Tensor, dy: torch.Tensor, coefs: torch.Tensor, scale: to
                 LE=cfg.le, LG=cfg.lg, BLOCK_N=cfg.block_n, HAS_SCALE=scale is not None, HAS_DSCALE=need_dscale,
                 STAGES=cfg.stages, FULL=d == D, **flags)
     cfg = fit_grid(cfg, _givens_bwd_kernel, args, n_rows, n_chunks, x.device)
-    # the roots launch: programs of its own (as many as fill the GPU), each with a partial row too
-    block_n, roots_programs, roots_iters, roots_warps = roots_config(n_rows, K, x.device) if K > 1 else (1, 0, 0, 1)
+    # the tops and roots launches: programs of their own (as many as fill the GPU); the roots
+    # launch's each write a partial row too
+    R0 = cfg.le + cfg.lg
+    tops_args = dict(x=x, dy=dy, tops=tops, coefs=coefs, n_rows=n_rows, d=d, stride_x=x.stride(0),
+                     stride_dy=dy.stride(0), L=L, R0=R0, QUASI=quasi, TRANSPOSE=transpose, ACC=flags["ACC"])
+    roots_args = dict(dx=tensors["dx"], roots=roots, tops=tops, coefs=coefs, partials=roots, n_rows=n_rows, d=d,
+                      stride_dx=sizes["stride_dx"], n_chunks=n_chunks, stride_part=width, L=L, R0=R0, **flags)
+    if K > 1:
+        rcfg = roots_config(n_rows, K, x.device)
+        tops_cfg = fit_roots(rcfg, _givens_tops_kernel, tops_args, n_rows, x.device)
+        roots_cfg = fit_roots(rcfg, _givens_bwd_roots_kernel, roots_args, n_rows, x.device)
+    else:
+        roots_cfg = (1, 0, 0, 1)
+    roots_programs = roots_cfg[1]
     # one partial row per program: block gradients by entry and padded slot, then the scale's
     n_parts = max(cfg.programs, roots_programs)
     partials = new_output((n_parts, width), acc, x.device)
-    tensors["partials"] = args["partials"] = partials
+    tensors["partials"] = args["partials"] = roots_args["partials"] = partials
     if K > 1:
         # the b side's chunk stages first: what enters each chunk
-        _givens_tops_kernel[(roots_programs,)](
-            x=x, dy=dy, tops=tops, coefs=coefs, n_rows=n_rows, d=d, stride_x=x.stride(0), stride_dy=dy.stride(0),
-            n_iters=roots_iters, L=L, R0=cfg.le + cfg.lg, BLOCK_N=block_n, QUASI=quasi, TRANSPOSE=transpose,
-            ACC=flags["ACC"], num_warps=roots_warps)
+        _givens_tops_kernel[(tops_cfg[1],)](**tops_args, BLOCK_N=tops_cfg[0], n_iters=tops_cfg[2],
+                                            num_warps=tops_cfg[3])
     # with no rows the programs still run once, to write their (zero) partial rows
     _givens_bwd_kernel[(cfg.programs, n_chunks)](**args, n_full=cfg.n_full, n_iters=cfg.n_iters,
                                                  num_warps=cfg.num_warps)
     if K > 1:
-        _givens_bwd_roots_kernel[(roots_programs,)](
-            dx=tensors["dx"], roots=roots, tops=tops, coefs=coefs, partials=partials, n_rows=n_rows, d=d,
-            stride_dx=sizes["stride_dx"], n_iters=roots_iters, n_chunks=n_chunks, stride_part=width, L=L,
-            R0=cfg.le + cfg.lg, BLOCK_N=block_n, num_warps=roots_warps, **flags)
-    # the chunk launch's partial rows of a column block in one tile where they fit, SUM_VALUES
-    # per thread: the loads go out at once, or in two batches (with more, the compiler reuses
-    # registers and waits between batches); the roots launch's, for the few coarse columns, in
-    # more tiles
-    block_p = min(512, triton.next_power_of_2(cfg.programs))
+        _givens_bwd_roots_kernel[(roots_programs,)](**roots_args, BLOCK_N=roots_cfg[0], n_iters=roots_cfg[2],
+                                                    num_warps=roots_cfg[3])
+    # the partial rows of a column block in tiles of up to SUM_ROWS rows, SUM_VALUES per thread:
+    # a tile's loads go out at once (with more per thread, the compiler reuses registers and
+    # waits between batches of them)
+    block_p = min(SUM_ROWS, triton.next_power_of_2(cfg.programs))
     block = max(16, 128 * SUM_VALUES // block_p)
     _givens_grad_sum_kernel[(triton.cdiv(width, block),)](
         partials=partials, dparams=dparams if need_dparams else partials,
         dscale=dscale if need_dscale else partials, n_main=cfg.programs,
-        n_coarse=roots_programs, d=d, stride_part=width, ds_start=ds_start, L=L, R0=cfg.le + cfg.lg, QUASI=quasi,
+        n_coarse=roots_programs, d=d, stride_part=width, ds_start=ds_start, L=L, R0=R0, QUASI=quasi,
         HAS_DPARAMS=need_dparams, HAS_DSCALE=need_dscale, BLOCK_P=block_p, BLOCK=block, num_warps=4)
     return dx, dparams, dscale

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import acc_dtype, config, fit_grid, new_output, roots_config, round_bf16, wide_words
+from .launch import acc_dtype, config, fit_grid, fit_roots, new_output, roots_config, round_bf16, wide_words
 from .tree import (
     _chunk,
     _chunk_root,
@@ -191,9 +191,9 @@ def givens_fwd(x: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None,
     _givens_fwd_kernel[(cfg.programs, n_chunks)](**args, n_full=cfg.n_full, n_iters=cfg.n_iters,
                                                  num_warps=cfg.num_warps)
     if transpose and K > 1:
-        rcfg = roots_config(n_rows, K, x.device)
-        _givens_fwd_roots_kernel[(rcfg[1],)](
-            y=y, roots=roots, coefs=coefs, n_rows=n_rows, d=d, stride_y=y.stride(0), n_iters=rcfg[2],
-            n_chunks=n_chunks, L=L, R0=cfg.le + cfg.lg, BLOCK_N=rcfg[0], QUASI=quasi, ACC=acc, ROUND_BF16=rounding,
-            num_warps=rcfg[3])
+        roots_args = dict(y=y, roots=roots, coefs=coefs, n_rows=n_rows, d=d, stride_y=y.stride(0), n_chunks=n_chunks,
+                          L=L, R0=cfg.le + cfg.lg, QUASI=quasi, ACC=acc, ROUND_BF16=rounding)
+        block_n, programs, n_iters, num_warps = fit_roots(roots_config(n_rows, K, x.device), _givens_fwd_roots_kernel,
+                                                          roots_args, n_rows, x.device)
+        _givens_fwd_roots_kernel[(programs,)](**roots_args, BLOCK_N=block_n, n_iters=n_iters, num_warps=num_warps)
     return y

@@ -54,8 +54,11 @@ WARPS_PER_SM = {"fwd": 16, "bwd": 8}
 SCHEDULERS = 4
 #: Software-pipelining depth of the row loop on a GPU: loads stay in flight this many blocks ahead.
 GPU_STAGES = {"fwd": 3, "bwd": 3}
-#: Values per thread of the backward's gradient-sum tile (4 warps): 32 loads go out in up to
-#: three batches, each waiting for the one before (the compiler reuses their registers), 16 in two.
+#: The backward's gradient sum reads the partial rows in tiles of at most SUM_ROWS rows and
+#: SUM_VALUES values per thread (4 warps): with more, the compiler issues a tile's loads in
+#: batches, each waiting for the one before (it reuses their registers): three batches at
+#: 32 values, and with triton 3.6 also at 16 in tiles of 128 or more rows.
+SUM_ROWS = 64
 SUM_VALUES = 16
 
 
@@ -189,13 +192,25 @@ def roots_config(n_rows: int, K: int, device: torch.device):
     """``(block_n, programs, n_iters, num_warps)`` for a kernel on the ``[rows, K]`` chunk roots.
 
     On a GPU its tile holds up to 2048 roots over 8 warps (8 per thread; more spill with
-    triton 3.6), and up to four programs per multiprocessor share the row blocks.
+    triton 3.6), and up to four programs per multiprocessor share the row blocks (fewer where
+    fewer fit: :func:`fit_roots`).
     """
     gpu = on_gpu(device)
     block_n = max(1, min(256, 2048 // K)) if gpu else max(1, min(64, 1024 // K))
     n_blocks = -(-n_rows // block_n)
     programs = max(1, min(n_blocks, 4 * sm_count(device) if gpu else 4))
     return block_n, programs, -(-n_blocks // programs), 8 if gpu else 1
+
+
+def fit_roots(rcfg: tuple, kernel, kwargs: dict, n_rows: int, device: torch.device) -> tuple:
+    """:func:`roots_config`'s ``rcfg`` for ``kernel`` (launched with ``kwargs`` and the config's
+    rows per block and warps), with no more programs than every multiprocessor holds at once."""
+    block_n, programs, n_iters, num_warps = rcfg
+    if not on_gpu(device) or (planning.active() and planning.resources() is None):
+        return rcfg
+    per_sm = resident(kernel, dict(kwargs, BLOCK_N=block_n, n_iters=n_iters, num_warps=num_warps), device)
+    programs = max(1, min(programs, per_sm * sm_count(device)))
+    return block_n, programs, -(-(-(-n_rows // block_n)) // programs), num_warps
 
 
 def sm_count(device: torch.device) -> int:
