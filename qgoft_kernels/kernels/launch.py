@@ -55,11 +55,12 @@ SCHEDULERS = 4
 #: Software-pipelining depth of the row loop on a GPU: loads stay in flight this many blocks ahead.
 GPU_STAGES = {"fwd": 3, "bwd": 3}
 #: The backward's gradient sum reads the partial rows in tiles of at most SUM_ROWS rows and
-#: SUM_VALUES values per thread (4 warps): with more, the compiler issues a tile's loads in
-#: batches, each waiting for the one before (it reuses their registers): three batches at
-#: 32 values, and with triton 3.6 also at 16 in tiles of 128 or more rows.
-SUM_ROWS = 64
-SUM_VALUES = 16
+#: SUM_VALUES values per thread (4 warps). With more values, the compiler issues a tile's
+#: loads in batches, each waiting for the one before (it reuses their registers): three
+#: batches at 32 values, and with triton 3.6 already at 16. Fewer rows per tile mean more tiles
+#: one after the other, so 3.7 and later take all rows in one tile where they can.
+SUM_ROWS = 512 if TRITON >= (3, 7) else 32
+SUM_VALUES = 16 if TRITON >= (3, 7) else 8
 
 
 @dataclass(frozen=True)
