@@ -7,6 +7,7 @@ fused pass; ``givens_rotate`` is the functional form. See README.md and docs/.
 from ._version import __version__
 from .checkpoint import convert_official, load_adapter, load_official, save_adapter
 from .function import MAX_TRITON_DIM, GivensRotationFunction, givens_rotate
+from .mixed import MixedBatch
 from .nn import GivensLinear, GivensWrapper, inject, merge, orthogonality_penalty, trainable_parameters
 from .reference import givens_matrix
 from .schedule import num_pairs, num_stages
@@ -16,6 +17,7 @@ __all__ = [
     "GivensLinear",
     "GivensWrapper",
     "GivensRotationFunction",
+    "MixedBatch",
     "convert_official",
     "givens_matrix",
     "givens_rotate",

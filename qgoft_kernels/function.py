@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .checks import check_float, check_params, describe, interpreting
+from .mixed import MixedBatch, MixedRotationFunction, as_batch, check_stacked, rotate_mixed_torch
 from .planning import as_gpu
 from .torch_path import linear_torch, rotate_torch
 
@@ -15,15 +16,23 @@ BACKENDS = ("auto", "triton", "torch")
 MAX_TRITON_DIM = 32768
 
 
-def _check_inputs(x, params, block, structure, scale, transpose, backend) -> str:
-    """Validate everything; return the backend to use (``"triton"`` or ``"torch"``)."""
+def _check_inputs(x, params, block, structure, scale, transpose, backend, mixed: bool = False) -> str:
+    """Validate everything; return the backend to use (``"triton"`` or ``"torch"``).
+
+    ``mixed``: ``params`` and ``scale`` stack several adapters (:mod:`qgoft_kernels.mixed`)."""
     check_float("x", x)
     if x.dim() < 1:
         raise ValueError(f"x must have at least one dimension (the features), got {describe(x)}")
     d = x.shape[-1]
     if d < 1:
         raise ValueError(f"x's last dimension (d) must be >= 1, got {describe(x)}")
-    check_params(d, params, block, structure, scale)
+    if mixed:
+        check_stacked(d, params, block, structure, scale)
+        if transpose is not False:
+            raise ValueError("with adapter_index, only x @ R is offered (transpose=False): a mixed batch is "
+                             "the forward of adapted layers")
+    else:
+        check_params(d, params, block, structure, scale)
     if params.device != x.device:
         raise ValueError(f"params and x must be on one device: params is on {params.device}, x on {x.device}")
     if not isinstance(transpose, bool):
@@ -65,7 +74,8 @@ class GivensRotationFunction(torch.autograd.Function):
 
 def givens_rotate(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens",
                   structure: str = "tree", scale: torch.Tensor | None = None,
-                  transpose: bool = False, backend: str = "auto") -> torch.Tensor:
+                  transpose: bool = False, backend: str = "auto",
+                  adapter_index: torch.Tensor | MixedBatch | None = None) -> torch.Tensor:
     """Rotate the last dimension of ``x`` by the Givens product ``R``: ``x @ R`` or ``x @ R^T``.
 
     Args:
@@ -78,6 +88,10 @@ def givens_rotate(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
         transpose: apply ``R^T`` instead of ``R`` (the input gradient; the merge ``W R^T``).
         backend: ``"auto"`` (Triton for CUDA tensors, and for CPU tensors under
             ``TRITON_INTERPRET=1``; else PyTorch), ``"triton"`` or ``"torch"``.
+        adapter_index: a mixed batch (``x @ R`` only): ``params`` (and ``scale``) stack ``A``
+            adapters along a first dimension, and this integer tensor names each row's adapter
+            (``-1``: none, the row is returned unchanged), shaped as ``x``'s rows or one per
+            sample; or a :class:`~qgoft_kernels.MixedBatch` built once for every layer.
 
     Returns:
         A tensor of ``x``'s shape and dtype, computed in float32 (float64 for float64
@@ -91,15 +105,23 @@ def givens_rotate(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
         blocks = torch.eye(2, device="cuda").repeat(qk.num_pairs(768), 1, 1)
         y = qk.givens_rotate(x, blocks, block="quasi")   # identity blocks: y == x
     """
-    use = _check_inputs(x, params, block, structure, scale, transpose, backend)
+    use = _check_inputs(x, params, block, structure, scale, transpose, backend, adapter_index is not None)
+    if adapter_index is not None:
+        return _rotate_mixed(use, x, params, as_batch(adapter_index, params.shape[0], x), block, structure, scale)
     if use == "torch":
         return rotate_torch(x, params, block=block, structure=structure, scale=scale, transpose=transpose)
     return torch.ops.qgoft.rotate(x, params, scale, block, structure, transpose)
 
 
+def _rotate_mixed(use: str, x, params, batch: MixedBatch, block: str, structure: str, scale) -> torch.Tensor:
+    if use == "torch":
+        return rotate_mixed_torch(x, params, batch, block=block, structure=structure, scale=scale)
+    return MixedRotationFunction.apply(x, params, scale, batch, block, structure)
+
+
 def givens_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, params: torch.Tensor, *,
                   block: str = "givens", structure: str = "tree", scale: torch.Tensor | None = None,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", adapter_index: torch.Tensor | MixedBatch | None = None) -> torch.Tensor:
     """``F.linear(givens_rotate(x, params, ...), weight, bias)``: the forward of ``GivensLinear``.
 
     The same result and gradients as that composition. On the PyTorch path's dense
@@ -107,7 +129,10 @@ def givens_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     the rows of ``weight`` instead of those of ``x`` when that is cheaper
     (:func:`qgoft_kernels.dense.rotates_weight`); elsewhere it is the composition itself.
     """
-    use = _check_inputs(x, params, block, structure, scale, False, backend)
+    use = _check_inputs(x, params, block, structure, scale, False, backend, adapter_index is not None)
+    if adapter_index is not None:
+        batch = as_batch(adapter_index, params.shape[0], x)
+        return F.linear(_rotate_mixed(use, x, params, batch, block, structure, scale), weight, bias)
     if use == "torch":
         return linear_torch(x, weight, bias, params, block=block, structure=structure, scale=scale)
     return F.linear(torch.ops.qgoft.rotate(x, params, scale, block, structure, False), weight, bias)

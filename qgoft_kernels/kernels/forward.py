@@ -78,6 +78,30 @@ def _fwd_block(y, roots, o_n, m_n, i_c, stride_y, t_x, t_r, b_s, o_g, o_c, m_c, 
                 MASKED)
 
 
+@triton.jit
+def _fwd_prologue(coefs, scale, d, i_c, L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, QUASI: tl.constexpr,
+                  HAS_SCALE: tl.constexpr, TRANSPOSE: tl.constexpr, ACC: tl.constexpr):
+    """What a forward program on chunk ``i_c`` loads once, before its rows: the chunk's groups
+    ``o_g``, columns ``o_c`` and mask, the scale ``b_s`` (folded into the vector stages' blocks
+    when vectors hold more than one column), the vector and group stages' blocks, and for the
+    chunk stages the chunk-root columns ``o_r`` and their blocks (:func:`_givens_fwd_kernel`)."""
+    E: tl.constexpr = 1 << LE
+    G: tl.constexpr = 1 << LG
+    K: tl.constexpr = 1 << (L - LE - LG)
+    o_g, o_c, m_c, b_s, vector_cs = _chunk(coefs, scale, d, i_c, LE, LG, HAS_SCALE, QUASI, ACC)
+    if HAS_SCALE and LE > 0:
+        vector_cs = _fold_scale(vector_cs, scale, d, o_g, E, LE, ACC)
+    if TRANSPOSE:
+        group_cs = _exchange_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
+    else:
+        group_cs = _down_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
+    o_k = tl.arange(0, K)
+    o_r = o_k * (G * E)
+    m_r = o_r < d
+    downs_k = _down_blocks(coefs, d, o_k, L - LE - LG, LE + LG, QUASI, ACC)
+    return o_g, o_c, m_c, b_s, vector_cs, group_cs, o_k, o_r, m_r, downs_k
+
+
 # the row loops' trip counts stay runtime values: one binary for every row count
 @triton.jit(do_not_specialize=["n_full", "n_iters"])
 def _givens_fwd_kernel(x, y, roots, coefs, scale, n_rows, d, stride_x, stride_y, n_full, n_iters,
@@ -96,22 +120,11 @@ def _givens_fwd_kernel(x, y, roots, coefs, scale, n_rows, d, stride_x, stride_y,
     words, so that they take that path too), the rest (up to ``n_iters``) masked. ``FULL``:
     ``d == 2**L``, so no column is masked.
     """
-    E: tl.constexpr = 1 << LE
-    G: tl.constexpr = 1 << LG
     K: tl.constexpr = 1 << (L - LE - LG)
     i_g, i_c = tl.program_id(0), tl.program_id(1)
     n_groups = tl.num_programs(0)
-    o_g, o_c, m_c, b_s, vector_cs = _chunk(coefs, scale, d, i_c, LE, LG, HAS_SCALE, QUASI, ACC)
-    if HAS_SCALE and LE > 0:
-        vector_cs = _fold_scale(vector_cs, scale, d, o_g, E, LE, ACC)
-    if TRANSPOSE:
-        group_cs = _exchange_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
-    else:
-        group_cs = _down_blocks(coefs, d, o_g, LG, LE, QUASI, ACC)
-    o_k = tl.arange(0, K)
-    o_r = o_k * (G * E)
-    m_r = o_r < d
-    downs_k = _down_blocks(coefs, d, o_k, L - LE - LG, LE + LG, QUASI, ACC)
+    o_g, o_c, m_c, b_s, vector_cs, group_cs, o_k, o_r, m_r, downs_k = _fwd_prologue(
+        coefs, scale, d, i_c, L, LE, LG, QUASI, HAS_SCALE, TRANSPOSE, ACC)
     for it in tl.range(0, n_full, num_stages=STAGES):
         o_n, m_n = _rows(i_g + it * n_groups, n_rows, BLOCK_N, False)
         t_x, t_r = _fwd_loads(x, o_n, m_n, stride_x, o_c, m_c, o_r, m_r, K, TRANSPOSE, not FULL, WIDE)
@@ -163,6 +176,56 @@ def _givens_fwd_roots_kernel(y, roots, coefs, n_rows, d, stride_y, n_iters, n_ch
                  _to_output(b_out, y.dtype.element_ty, ROUND_BF16), mask=m_n[:, None] & ((o_k << R0) < d)[None, :])
 
 
+# the tile's rows and adapter are runtime values: one binary for every batch
+@triton.jit
+def _givens_fwd_mixed_kernel(x, y, coefs, scale, order, tiles, d, stride_x, stride_y, coefs_per_adapter,
+                             L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr,
+                             QUASI: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
+                             ROUND_BF16: tl.constexpr, STAGES: tl.constexpr, WIDE: tl.constexpr):
+    """``y = x @ R_a`` for the rows of tile ``program_id(0)``, all of one adapter ``a``, on chunk
+    ``program_id(1)``: a mixed batch (:func:`givens_fwd_mixed`).
+
+    ``tiles`` holds ``(first, rows, adapter)`` per tile: the tile's rows are
+    ``order[first : first + rows]``. The program loads adapter ``a``'s coefficients once (from
+    ``coefs + a * coefs_per_adapter``, its scale from ``scale + a * d``) and walks its rows in
+    blocks of ``BLOCK_N``, as :func:`_givens_fwd_kernel` walks its own. A tile of adapter
+    ``-1`` copies its rows unchanged, bit for bit.
+    """
+    i_t, i_c = tl.program_id(0), tl.program_id(1)
+    first = tl.load(tiles + 3 * i_t)
+    n_rows = tl.load(tiles + 3 * i_t + 1)
+    adapter = tl.load(tiles + 3 * i_t + 2).to(tl.int64)
+    n_blocks = tl.cdiv(n_rows, BLOCK_N)
+    if adapter < 0:
+        o_c = i_c * ((1 << LG) << LE) + tl.arange(0, (1 << LG) << LE)
+        m_c = o_c < d
+        for it in range(0, n_blocks):
+            o_n, m_n = _tile_rows(order, first, n_rows, it, BLOCK_N)
+            t_x = _load_raw(x, o_n, stride_x, o_c, m_n, m_c, True)
+            tl.store(y + o_n[:, None] * stride_y + o_c[None, :], t_x, mask=m_n[:, None] & m_c[None, :])
+    else:
+        a_coefs = coefs + adapter * coefs_per_adapter
+        a_scale = scale
+        if HAS_SCALE:
+            a_scale = scale + adapter * d
+        o_g, o_c, m_c, b_s, vector_cs, group_cs, o_k, o_r, m_r, downs_k = _fwd_prologue(
+            a_coefs, a_scale, d, i_c, L, LE, LG, QUASI, HAS_SCALE, False, ACC)
+        for it in tl.range(0, n_blocks, num_stages=STAGES):
+            o_n, m_n = _tile_rows(order, first, n_rows, it, BLOCK_N)
+            t_x, t_r = _fwd_loads(x, o_n, m_n, stride_x, o_c, m_c, o_r, m_r, 1 << (L - LE - LG), False, True, WIDE)
+            _fwd_block(y, y, o_n, m_n, i_c, stride_y, t_x, t_r, b_s, o_g, o_c, m_c, o_k, vector_cs, group_cs,
+                       downs_k, L, LE, LG, BLOCK_N, HAS_SCALE, False, ACC, ROUND_BF16, True)
+
+
+@triton.jit
+def _tile_rows(order, first, n_rows, it, BLOCK_N: tl.constexpr):
+    """Block ``it`` of a tile's rows: their indices in the batch (int64, read from ``order``) and mask."""
+    o_p = it * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_n = o_p < n_rows
+    o_n = tl.load(order + first + o_p, mask=m_n, other=0).to(tl.int64)
+    return o_n, m_n
+
+
 def givens_fwd(x: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None, *, quasi: bool,
                transpose: bool) -> torch.Tensor:
     """``x @ R`` (``transpose=False``) or ``x @ R^T`` for a 2-D ``x`` with unit column stride.
@@ -196,4 +259,29 @@ def givens_fwd(x: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None,
         block_n, programs, n_iters, num_warps = fit_roots(roots_config(n_rows, K, x.device), _givens_fwd_roots_kernel,
                                                           roots_args, n_rows, x.device)
         _givens_fwd_roots_kernel[(programs,)](**roots_args, BLOCK_N=block_n, n_iters=n_iters, num_warps=num_warps)
+    return y
+
+
+def givens_fwd_mixed(x: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None, order: torch.Tensor,
+                     tiles: torch.Tensor, *, quasi: bool) -> torch.Tensor:
+    """``x @ R_a`` row by row for a 2-D ``x`` with unit column stride, ``a`` the row's adapter.
+
+    ``coefs`` (contiguous) stacks the adapters' blocks ``[A, P, 2, 2]`` (``quasi``) or angles
+    ``[A, P]``; ``scale`` is ``[A, d]`` or ``None``. ``order`` (int32) lists the rows grouped by
+    adapter and ``tiles`` (int32 ``[T, 3]``) cuts it into tiles of one adapter each
+    (``qgoft_kernels.mixed.MixedBatch`` builds both, once per batch). One launch.
+    """
+    n_rows, d = x.shape
+    y = new_output((n_rows, d), x.dtype, x.device)
+    if n_rows == 0 or tiles.shape[0] == 0:
+        return y
+    L = (d - 1).bit_length()
+    cfg = config("fwd", 1 << L, n_rows, x.element_size(), x.device)
+    n_chunks = triton.cdiv(d, cfg.chunk)
+    K = (1 << L) // cfg.chunk
+    _givens_fwd_mixed_kernel[(tiles.shape[0], n_chunks)](
+        x=x, y=y, coefs=coefs, scale=scale if scale is not None else coefs, order=order, tiles=tiles, d=d,
+        stride_x=x.stride(0), stride_y=y.stride(0), coefs_per_adapter=coefs[0].numel(), L=L, LE=cfg.le, LG=cfg.lg,
+        BLOCK_N=cfg.block_n, QUASI=quasi, HAS_SCALE=scale is not None, ACC=acc_dtype(x.dtype),
+        ROUND_BF16=round_bf16(x), STAGES=cfg.stages, WIDE=K > 1 and wide_words(x), num_warps=cfg.num_warps)
     return y
