@@ -15,8 +15,9 @@ that a user who forgot it is told so, ``adapter_config.json`` (format 2, :data:`
 records the method as :data:`SAVED_TYPE`, which PEFT's lookup then names in its
 ``KeyError``, and the package, its version and the format in ``qgoft_package``,
 ``qgoft_version`` and ``qgoft_format``; both names are registered, so format-1 files
-(``"peft_type": "QGOFT"``) load too. Mixed-adapter batches and ``PeftMixedModel`` are not
-supported.
+(``"peft_type": "QGOFT"``) load too. Mixed-adapter batches work as for LoRA and RoAd
+(``model(**inputs, adapter_names=[...])``, in ``generate`` too; one launch per layer,
+:mod:`qgoft_kernels.mixed`); ``PeftMixedModel`` is not supported.
 
 Base layers: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and bitsandbytes' 8-bit and
 4-bit linears (``qgoft_kernels.bases``): the forward is the same for all, the merge writes
@@ -29,7 +30,9 @@ saving (``Unknown PEFT type passed: QGOFT``), so importing this module there rai
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Optional, Union
 
 import peft
@@ -53,6 +56,7 @@ from . import bases  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .checks import check_features, check_options, rotation_shape  # noqa: E402
 from .function import givens_rotate  # noqa: E402
+from .mixed import names_to_batch, stacked_adapters  # noqa: E402
 from .nn import module_uses, penalty_of, reset_identity  # noqa: E402
 from .schedule import num_stages  # noqa: E402
 
@@ -238,6 +242,37 @@ class QGOFTLayer(BaseTunerLayer):
                              structure=self.qgoft_structure[adapter], scale=scale, transpose=transpose)
 
 
+    def _check_forward_args(self, x: torch.Tensor, adapter_names) -> None:
+        """PEFT's rule for ``adapter_names`` at a layer: one name per sample, no merged adapter."""
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(f"Length of `adapter_names` should be the same as the number of inputs, but got "
+                             f"{len(adapter_names)} and {len(x)} respectively.")
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+
+    def _mixed_rotate(self, x: torch.Tensor, adapter_names) -> torch.Tensor:
+        """Each sample of ``x`` rotated by its named adapter (``"__base__"``, or an adapter this
+        layer lacks: unchanged): one launch per block kind among the adapters named."""
+        check_features(x, self.in_features)
+        # every adapter of a kind is stacked (the stack is kept while they do not change), and
+        # only the kinds some sample names take a launch
+        groups: dict = {}
+        for name in sorted(self.qgoft_rotation):
+            groups.setdefault((self.qgoft_block[name], self.qgoft_structure[name]), []).append(name)
+        wanted = set(adapter_names)
+        for (block, structure), names in groups.items():
+            if wanted.isdisjoint(names):
+                continue
+            params, scale = stacked_adapters(self, names, [self.qgoft_rotation[n] for n in names],
+                                             [self.qgoft_scale[n] if n in self.qgoft_scale else None for n in names])
+            batch = names_to_batch(adapter_names, names, x.device)
+            x = givens_rotate(x, params, block=block, structure=structure, scale=scale, adapter_index=batch)
+        return x
+
+
 def _drop_blocks(params: torch.Tensor, block: str, p: float) -> torch.Tensor:
     """``params`` with each block replaced by the identity with probability ``p`` (OFT's
     multiplicative dropout): a zero angle, or the 2x2 identity."""
@@ -262,9 +297,13 @@ class Linear(nn.Module, QGOFTLayer):
         self.update_layer(adapter_name, config, **kwargs)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        self._check_forward_args(x, adapter_names)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
+        elif adapter_names is not None:
+            x = self._mixed_rotate(x, adapter_names)
         elif not self.merged:
             for adapter in self.active_adapters:
                 if adapter in self._available_adapters:
@@ -450,6 +489,61 @@ class QGOFTModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """``adapter_names=[...]`` (one name per sample, ``"__base__"`` for none) reaches every
+        qGOFT layer of the forward or ``generate`` call, as PEFT does it for LoRA: refused in
+        training mode, for unknown names and with merged adapters; repeated per beam for beam
+        search, except in an encoder."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"adapter_names must be a list of adapter names (str; '__base__' for none), one per "
+                            f"sample, got {adapter_names!r}")
+        layers = [m for m in self.modules() if isinstance(m, QGOFTLayer)]
+        known = set().union(*(m.qgoft_rotation.keys() for m in layers))
+        unknown = {n for n in adapter_names if n != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        if any(m.merged for m in layers):
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call "
+                             "`unmerge_adapter` first.")
+        original = list(adapter_names)
+        beams = kwargs.get("num_beams")
+        if isinstance(beams, int) and beams > 1:
+            adapter_names = [n for n in original for _ in range(beams)]
+        handles = [m.register_forward_pre_hook(partial(_pass_adapter_names, adapter_names=list(adapter_names)),
+                                               with_kwargs=True) for m in layers]
+        encoder = _encoder(self.model)
+        if len(adapter_names) != len(original) and encoder is not None:
+            # the encoder runs once per sample, not once per beam
+            handles += [m.register_forward_pre_hook(partial(_pass_adapter_names, adapter_names=original),
+                                                    with_kwargs=True)
+                        for m in encoder.modules() if isinstance(m, QGOFTLayer)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _pass_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def _encoder(model: nn.Module):
+    """The encoder of an encoder-decoder model, else ``None``."""
+    get = getattr(model, "get_encoder", None)
+    if get is None or not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    return get()
 
 
 def _register() -> None:
