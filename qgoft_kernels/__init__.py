@@ -8,7 +8,16 @@ from ._version import __version__
 from .checkpoint import convert_official, load_adapter, load_official, save_adapter
 from .function import MAX_TRITON_DIM, GivensRotationFunction, givens_rotate
 from .mixed import MixedBatch
-from .nn import GivensLinear, GivensWrapper, inject, merge, orthogonality_penalty, trainable_parameters
+from .nn import (
+    GivensLinear,
+    GivensWrapper,
+    adapter_names,
+    inject,
+    merge,
+    orthogonality_penalty,
+    trainable_parameters,
+    use_adapters,
+)
 from .reference import givens_matrix
 from .schedule import num_pairs, num_stages
 
@@ -18,6 +27,7 @@ __all__ = [
     "GivensWrapper",
     "GivensRotationFunction",
     "MixedBatch",
+    "adapter_names",
     "convert_official",
     "givens_matrix",
     "givens_rotate",
@@ -30,5 +40,6 @@ __all__ = [
     "orthogonality_penalty",
     "save_adapter",
     "trainable_parameters",
+    "use_adapters",
     "__version__",
 ]

@@ -159,8 +159,11 @@ def check_version(source: str, version, written_by=None) -> None:
                      f"reads versions {', '.join(READS)}")
 
 
-def load_adapter(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
+def load_adapter(model: nn.Module, path, *, strict: bool = True, adapter_name: str | None = None) -> nn.Module:
     """Load an adapter file into ``model``: all or nothing.
+
+    With ``adapter_name``, the file is added beside what the model holds, under that name, for
+    mixed batches (:func:`qgoft_kernels.use_adapters`): see :func:`load_named_adapter`.
 
     Modules named in the file must be adapted layers with the same options, or plain base
     layers (``nn.Linear``, ``Conv1D``, bitsandbytes linears) of the same shape, which are then
@@ -172,7 +175,60 @@ def load_adapter(model: nn.Module, path, *, strict: bool = True) -> nn.Module:
     the model's modules of those names and left trainable. Returns ``model``.
     """
     tensors, modules, saved = read_adapter(path, with_saved=True)
+    if adapter_name is not None:
+        return load_named_adapter(model, tensors, modules, adapter_name, source=str(path), saved=saved)
     return load_adapter_state(model, tensors, modules, strict=strict, source=str(path), saved=saved)
+
+
+def load_named_adapter(model: nn.Module, tensors: dict, modules: dict, adapter_name: str, *,
+                       source: str = "the adapter", saved: dict | None = None) -> nn.Module:
+    """Add an adapter (tensors and options as in a file) to ``model`` under ``adapter_name``.
+
+    Each module named must be an adapted layer or a supported base layer (injected first, with
+    an identity adapter of its own, so the model's output does not change) of the same width;
+    the named adapter may have other options (block, scale) than the layer's own. Nothing
+    trains it: it is a frozen copy, kept out of ``state_dict`` and adapter files. A module not
+    in the file has no such adapter: samples that name it pass that layer unchanged. Loading
+    a name again replaces it. Everything is checked before anything changes.
+    """
+    if not isinstance(adapter_name, str) or not adapter_name or adapter_name in ("default", "__base__"):
+        raise ValueError(f"{source}: adapter_name must be a non-empty str other than 'default' (the layers' own "
+                         f"adapter) and '__base__' (none), got {adapter_name!r}")
+    if saved:
+        raise ValueError(f"{source}: it has modules_to_save {sorted(saved)}, which a named adapter cannot carry "
+                         f"(they would replace the model's own modules for every sample); load it without "
+                         f"adapter_name")
+    if not isinstance(modules, dict):
+        raise ValueError(f"{source}: the header's 'modules' must map module names to options, "
+                         f"got {type(modules).__name__}")
+    uses = {id(m): names for m, names in module_uses(model)}
+    plan = []
+    for name, opts in modules.items():
+        target = _submodule(model, name, source)
+        _check_entry(name, target, opts, tensors, source, same_options=False)
+        if not isinstance(target, ADAPTED) and "" in uses[id(target)]:
+            raise ValueError(f"{source}: the adapter is for the model itself (module name {name!r}); wrap it in "
+                             f"qk.GivensLinear.from_linear (or qk.GivensWrapper) first")
+        plan.append((name, target, opts))
+    extra = set(tensors) - {f"{n}.{k}" for n, _, o in plan for k in (("rotation", "scale") if o["scale"]
+                                                                      else ("rotation",))}
+    if extra:
+        raise ValueError(f"{source}: tensors {sorted(extra)} belong to no module in its header")
+    # everything checked: now change the model
+    injected, layers = [], []
+    for name, target, opts in plan:
+        if not isinstance(target, ADAPTED):
+            new = adapt(target, block=opts["block"], structure=opts["structure"], scale=False).train(target.training)
+            injected.append((uses[id(target)], new))
+            target = new
+        layers.append((name, target, opts))
+    if injected:
+        replace_modules(model, injected)
+        record_on_config(model)
+    for name, target, opts in layers:
+        target.add_named_adapter(adapter_name, tensors[f"{name}.rotation"], tensors.get(f"{name}.scale"),
+                                 block=opts["block"], structure=opts["structure"])
+    return model
 
 
 def load_adapter_state(model: nn.Module, tensors: dict, modules: dict, *, strict: bool = True,
@@ -255,7 +311,9 @@ def _check_saved(model: nn.Module, saved, tensors: dict, source: str) -> list:
     return out
 
 
-def _check_entry(name: str, target: nn.Module, opts, tensors: dict, source: str) -> None:
+def _check_entry(name: str, target: nn.Module, opts, tensors: dict, source: str, same_options: bool = True) -> None:
+    """Check one module's entry of a file against the model's module ``target`` (an adapted
+    layer with the same options, unless not ``same_options``: then the same width only)."""
     if not isinstance(target, ADAPTED) and bases.kind(target) is None:
         raise ValueError(f"{source}: module {name!r} is a {type(target).__name__}, not an adapted layer or a "
                          f"supported base layer ({', '.join(bases.KINDS)})")
@@ -272,8 +330,10 @@ def _check_entry(name: str, target: nn.Module, opts, tensors: dict, source: str)
     except ValueError as e:
         raise ValueError(f"{source}: module {name!r}: {e}") from None
     if isinstance(target, ADAPTED):
-        if _options(target) != {**opts, "out_features": opts["out_features"] if opts["out_features"] is not None
-                                 else target.out_features}:
+        compared = tuple(OPTION_KEYS) if same_options else ("in_features", "out_features")
+        have = {k: v for k, v in _options(target).items() if k in compared}
+        if have != {k: target.out_features if k == "out_features" and opts[k] is None else opts[k]
+                    for k in compared}:
             raise ValueError(f"{source}: module {name!r} is a {type(target).__name__} with options "
                              f"{_options(target)}, the file has {opts}")
     else:

@@ -1,22 +1,55 @@
 """``GivensLinear``: a frozen ``nn.Linear`` adapted by a Givens rotation of its inputs."""
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import bases
 from ._version import ADAPTER_FORMAT, PACKAGE, __version__
 from .checks import check_features, check_options, rotation_shape
 from .function import givens_linear, givens_rotate
+from .mixed import BASE, rotate_by_names
 from .select import excluded, layer_selected, matches, pattern_value, under
+
+#: The name of a layer's own adapter (its ``rotation`` and ``scale``) among named adapters
+DEFAULT = "default"
+
+
+class _NamedAdapters(nn.Module):
+    """Frozen adapters loaded by name beside a layer's own, for mixed batches: buffers that move
+    with the layer (``.to``) and stay out of its ``state_dict``."""
+
+    def __init__(self):
+        super().__init__()
+        self.options: dict[str, tuple[str, str, int]] = {}   # name -> (block, structure, slot)
+
+    def add(self, name: str, rotation: torch.Tensor, scale: torch.Tensor | None, block: str, structure: str):
+        slot = self.options[name][2] if name in self.options else len(self.options)
+        self.register_buffer(f"rotation_{slot}", rotation, persistent=False)
+        self.register_buffer(f"scale_{slot}", scale, persistent=False)
+        self.options[name] = (block, structure, slot)
+
+    def table(self) -> dict:
+        """``{name: (rotation, scale or None, block, structure)}``."""
+        return {name: (getattr(self, f"rotation_{slot}"), getattr(self, f"scale_{slot}"), block, structure)
+                for name, (block, structure, slot) in self.options.items()}
+
+    def extra_repr(self) -> str:
+        return f"adapters={sorted(self.options)}"
 
 
 class _RotationAdapter(nn.Module):
     """What every adapted layer of this package shares: ``rotation`` (and ``scale``) on the
-    input's ``in_features``, the rotation itself, the identity reset and the penalty."""
+    input's ``in_features``, the rotation itself, the identity reset and the penalty, and the
+    adapters loaded by name for mixed batches (:func:`use_adapters`)."""
+
+    #: the adapter of each sample while :func:`use_adapters` serves a mixed batch
+    _serving = None
 
     def _add_adapter(self, device, scale: bool) -> None:
         shape = rotation_shape(self.in_features, self.block, self.structure)
@@ -40,6 +73,46 @@ class _RotationAdapter(nn.Module):
     def orthogonality_penalty(self) -> torch.Tensor:
         """``sum_p <alpha_p, beta_p>^2`` over the quasi blocks' columns; 0 for strict rotations."""
         return penalty_of(self._penalized())
+
+    def add_named_adapter(self, name: str, rotation: torch.Tensor, scale: torch.Tensor | None = None, *,
+                          block: str | None = None, structure: str | None = None) -> None:
+        """Keep a frozen copy of another adapter of this layer under ``name``, for mixed batches
+        (:func:`use_adapters`); its options default to the layer's own. ``"default"`` is the
+        layer's own adapter and ``"__base__"`` means none: neither can be taken."""
+        if not isinstance(name, str) or name in (DEFAULT, BASE) or not name:
+            raise ValueError(f"an adapter name must be a non-empty str other than {DEFAULT!r} and {BASE!r}, "
+                             f"got {name!r}")
+        block = self.block if block is None else block
+        structure = self.structure if structure is None else structure
+        shape = rotation_shape(self.in_features, block, structure)
+        if tuple(rotation.shape) != shape or (scale is not None and tuple(scale.shape) != (self.in_features,)):
+            raise ValueError(f"adapter {name!r} for this layer (in_features={self.in_features}, block={block!r}) "
+                             f"needs a rotation of shape {shape} and a scale of shape ({self.in_features},) or "
+                             f"None, got {tuple(rotation.shape)} and {None if scale is None else tuple(scale.shape)}")
+        if "named_adapters" not in self._modules:
+            self.named_adapters = _NamedAdapters()
+        device = self.rotation.device
+        self.named_adapters.add(name, rotation.detach().to(device, torch.float32, copy=True),
+                                None if scale is None else scale.detach().to(device, torch.float32, copy=True),
+                                block, structure)
+
+    def adapters(self) -> dict:
+        """Every adapter of this layer by name, the own one as ``"default"``:
+        ``{name: (rotation, scale or None, block, structure)}``."""
+        own = {DEFAULT: (self.rotation, self.scale, self.block, self.structure)}
+        named = self._modules.get("named_adapters")
+        return own if named is None else {**own, **named.table()}
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """The rotated input: by the own adapter, or per sample while serving a mixed batch."""
+        check_features(x, self.in_features)
+        names = self._serving
+        if names is None:
+            return self.rotate(x)
+        if x.dim() < 2 or len(x) != len(names):
+            raise ValueError(f"qk.use_adapters got {len(names)} adapter names, one per sample, but this layer's "
+                             f"input has {len(x) if x.dim() >= 2 else 'no'} samples ({tuple(x.shape)})")
+        return rotate_by_names(self, x, names, self.adapters())
 
     def _penalized(self) -> list[tuple[torch.Tensor, str]]:
         """The rotations that :func:`orthogonality_penalty` sums over, with their block kinds."""
@@ -105,6 +178,8 @@ class GivensLinear(_RotationAdapter):
         self.block, self.structure = block, structure
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._serving is not None:
+            return F.linear(self._input(x), self.weight, self.bias)
         check_features(x, self.in_features)
         return givens_linear(x, self.weight, self.bias, self.rotation, block=self.block, structure=self.structure,
                              scale=self.scale)
@@ -174,7 +249,7 @@ class GivensWrapper(_RotationAdapter):
         return bases.kind(self.base_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base_layer(self.rotate(x))
+        return self.base_layer(self._input(x))
 
     @torch.no_grad()
     def merged(self, dequantize: bool = False) -> nn.Module:
@@ -384,6 +459,69 @@ def merge(model: nn.Module, *, dequantize: bool = False) -> nn.Module:
             del module._qgoft_save
     record_on_config(model)
     return model
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """The adapters :func:`use_adapters` can name in ``model``, sorted: ``"default"`` (the layers'
+    own) and every adapter loaded by name (``qk.load_adapter(..., adapter_name=...)``). An
+    index given to :func:`use_adapters` counts in this list."""
+    return sorted({name for m in model.modules() if isinstance(m, ADAPTED) for name in m.adapters()})
+
+
+@contextlib.contextmanager
+def use_adapters(model: nn.Module, adapters):
+    """Within the block, every forward of ``model`` runs each sample with its own adapter.
+
+    ``adapters`` has one entry per sample (the first dimension of every adapted layer's
+    input): adapter names (``"__base__"``: the base model; ``"default"``: the layers' own
+    adapter; others loaded with ``qk.load_adapter(model, path, adapter_name=...)``), or an
+    integer tensor of positions in :func:`adapter_names` (``-1``: the base model). A layer
+    without a sample's adapter leaves that sample alone. Each adapted layer runs one launch
+    per block kind its adapters use. For inference: the model must be in ``eval()`` mode.
+
+    Example::
+
+        qk.load_adapter(model, "fr.safetensors", adapter_name="fr")
+        qk.load_adapter(model, "de.safetensors", adapter_name="de")
+        with torch.no_grad(), qk.use_adapters(model, ["fr", "__base__", "de"]):
+            logits = model(input_ids)          # input_ids: [3, seq]
+    """
+    layers = [m for m in model.modules() if isinstance(m, ADAPTED)]
+    if not layers:
+        raise ValueError("use_adapters: the model has no qGOFT layers (inject them or load an adapter first; a "
+                         "merged model has none)")
+    known = adapter_names(model)
+    if isinstance(adapters, torch.Tensor):
+        if adapters.is_floating_point() or adapters.is_complex() or adapters.dtype == torch.bool or adapters.dim() != 1:
+            raise TypeError(f"use_adapters: an index must be a 1-D integer tensor (positions in "
+                            f"qk.adapter_names(model), -1 for the base model), got {adapters.dtype} of shape "
+                            f"{tuple(adapters.shape)}")
+        positions = adapters.tolist()
+        bad = [i for i in positions if not -1 <= i < len(known)]
+        if bad:
+            raise ValueError(f"use_adapters: index {bad[0]} is out of range: -1 (the base model) or a position in "
+                             f"qk.adapter_names(model) = {known}")
+        names = [known[i] if i >= 0 else BASE for i in positions]
+    elif isinstance(adapters, (list, tuple)) and all(isinstance(n, str) for n in adapters):
+        names = list(adapters)
+        unknown = sorted({n for n in names if n != BASE} - set(known))
+        if unknown:
+            raise ValueError(f"use_adapters: no adapter named {', '.join(map(repr, unknown))} in the model; it has "
+                             f"{known} ('__base__' for none)")
+    else:
+        raise TypeError(f"use_adapters: adapters must be a list of adapter names or an integer tensor, one per "
+                        f"sample, got {type(adapters).__name__}")
+    if model.training:
+        raise ValueError("use_adapters: the model is in training mode; a mixed batch is for inference (call "
+                         "model.eval() first)")
+    saved = [m._serving for m in layers]
+    for m in layers:
+        m._serving = names
+    try:
+        yield model
+    finally:
+        for m, before in zip(layers, saved):
+            m._serving = before
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

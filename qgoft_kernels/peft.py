@@ -56,7 +56,7 @@ from . import bases  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .checks import check_features, check_options, rotation_shape  # noqa: E402
 from .function import givens_rotate  # noqa: E402
-from .mixed import names_to_batch, stacked_adapters  # noqa: E402
+from .mixed import rotate_by_names  # noqa: E402
 from .nn import module_uses, penalty_of, reset_identity  # noqa: E402
 from .schedule import num_stages  # noqa: E402
 
@@ -257,20 +257,9 @@ class QGOFTLayer(BaseTunerLayer):
         """Each sample of ``x`` rotated by its named adapter (``"__base__"``, or an adapter this
         layer lacks: unchanged): one launch per block kind among the adapters named."""
         check_features(x, self.in_features)
-        # every adapter of a kind is stacked (the stack is kept while they do not change), and
-        # only the kinds some sample names take a launch
-        groups: dict = {}
-        for name in sorted(self.qgoft_rotation):
-            groups.setdefault((self.qgoft_block[name], self.qgoft_structure[name]), []).append(name)
-        wanted = set(adapter_names)
-        for (block, structure), names in groups.items():
-            if wanted.isdisjoint(names):
-                continue
-            params, scale = stacked_adapters(self, names, [self.qgoft_rotation[n] for n in names],
-                                             [self.qgoft_scale[n] if n in self.qgoft_scale else None for n in names])
-            batch = names_to_batch(adapter_names, names, x.device)
-            x = givens_rotate(x, params, block=block, structure=structure, scale=scale, adapter_index=batch)
-        return x
+        adapters = {n: (self.qgoft_rotation[n], self.qgoft_scale[n] if n in self.qgoft_scale else None,
+                        self.qgoft_block[n], self.qgoft_structure[n]) for n in self.qgoft_rotation}
+        return rotate_by_names(self, x, adapter_names, adapters)
 
 
 def _drop_blocks(params: torch.Tensor, block: str, p: float) -> torch.Tensor:
