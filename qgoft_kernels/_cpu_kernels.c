@@ -9,6 +9,8 @@
    qgoft_rotate: y = x @ R ("premix": the roots mixed first, by the Q given) or y = x @
    blockdiag(M) @ U^T (the roots mixed after: the matrix given is then Q^T); M is B for the
    first, B^T for the second.
+   qgoft_rotate_runs: y = x @ R_a for runs of rows, each with its adapter's factors (a mixed batch);
+   the rows of adapter -1 copied as they are.
    qgoft_backward: for y = x @ R and g = dy: dx = g @ blockdiag(B^T) @ U^T, dB_j = x2_j^T g_j
    (x2: x with its roots mixed) and dQ = roots^T droots (droots: the roots of g blockdiag(B^T));
    it takes both Q and Q^T (QT), and any of dx, dB, dQ may be NULL (not wanted).
@@ -39,7 +41,7 @@
 /* the most factors in one column's product (K + 1 in dense.py: at most log2(d) + 1) */
 #define MAX_K1 64
 
-int qgoft_abi_version(void) { return 2; }
+int qgoft_abi_version(void) { return 3; }
 
 #define QGOFT_REAL float
 #define QGOFT_NAME(x) x##_f32
@@ -205,6 +207,38 @@ void QGOFT_NAME(qgoft_rotate)(long T, int nb, int b, const real *x, long ldx, co
             } else {
                 QGOFT_NAME(tile_blocks)(nr, nb, b, xt, ldx, NULL, M, yt, ldy);
                 if (Q) QGOFT_NAME(postmix)(nr, nb, b, yt, ldy, Q, pre, mixed);
+            }
+        }
+    }
+}
+
+/* A mixed batch: runs of consecutive rows (start, rows, adapter) as int64 triples, each run rotated by
+   its adapter's factors, M + adapter * mstride (B, nb x b x b) and Q + adapter * qstride (or Q NULL:
+   no roots mix); adapter -1: the rows copied unchanged (d values each). The rows are shared out
+   among the threads as for qgoft_rotate, a thread walking the runs that meet its share. */
+void QGOFT_NAME(qgoft_rotate_runs)(long T, long nruns, const int64_t *runs, int nb, int b, long d, const real *x,
+                                   long ldx, const real *M, long mstride, const real *Q, long qstride, real *y,
+                                   long ldy, int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        real mixed[TILE][MAX_NB];
+        long lo, hi;
+        QGOFT_NAME(share)(T, &lo, &hi);
+        for (long k = 0; k < nruns; k++) {
+            long start = runs[3 * k], end = start + runs[3 * k + 1], adapter = runs[3 * k + 2];
+            if (end <= lo || start >= hi) continue;
+            if (start < lo) start = lo;
+            if (end > hi) end = hi;
+            if (adapter < 0) {
+                for (long t = start; t < end; t++) memcpy(y + t * ldy, x + t * ldx, (size_t)d * sizeof(real));
+                continue;
+            }
+            const real *Ma = M + adapter * mstride, *Qa = Q ? Q + adapter * qstride : NULL;
+            for (long t = start; t < end; t += TILE) {
+                int nr = (int)(end - t < TILE ? end - t : TILE);
+                const real *xt = x + t * ldx;
+                if (Qa) QGOFT_NAME(roots_mm)(nr, nb, xt, ldx, b, Qa, mixed);
+                QGOFT_NAME(tile_blocks)(nr, nb, b, xt, ldx, Qa ? &mixed[0][0] : NULL, Ma, y + t * ldy, ldy);
             }
         }
     }

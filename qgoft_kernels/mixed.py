@@ -16,6 +16,7 @@ point of a mixed batch is inference.
 from __future__ import annotations
 
 import functools
+import weakref
 
 import torch
 
@@ -97,6 +98,15 @@ class MixedBatch:
                 return self.order[first:first + rows]
         return self.order[:0]
 
+    def runs(self) -> torch.Tensor:
+        """``[n, 3]`` int64 on the CPU: ``(first row, rows, adapter)`` per run of consecutive rows
+        of one adapter, in the rows' own order (the CPU kernel's work list)."""
+        if "_runs" not in self.__dict__:
+            values, counts = torch.unique_consecutive(self.index.cpu(), return_counts=True)
+            starts = torch.cumsum(counts, 0) - counts
+            self._runs = torch.stack((starts, counts, values), 1).contiguous()
+        return self._runs
+
     def kernel_order(self) -> torch.Tensor:
         """``order`` as the kernel reads it (int32), made once."""
         if "_order32" not in self.__dict__:
@@ -168,9 +178,17 @@ def check_stacked(d: int, params, block: str, structure: str, scale) -> int:
 
 def rotate_mixed_torch(x: torch.Tensor, params: torch.Tensor, batch: MixedBatch, *, block: str, structure: str,
                        scale: torch.Tensor | None) -> torch.Tensor:
-    """The PyTorch path: each adapter's rows by the ordinary path (its formulation chosen for that
-    many rows), the rows of adapter ``-1`` as they are; differentiable."""
+    """The PyTorch path. Where autograd records nothing and the compiled CPU kernels are built
+    (inference on the CPU), one kernel call runs every run of rows with its adapter's dense
+    factors, made once per stack and kept (:func:`serving_factors`). Otherwise each adapter's
+    rows go through the ordinary path (its formulation chosen for that many rows), the rows
+    of adapter ``-1`` as they are; differentiable."""
     from .torch_path import rotate_torch
+
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, params, scale))):
+        fast = _rotate_runs(x, params, batch, block, structure, scale)
+        if fast is not None:
+            return fast
 
     rows = x.reshape(-1, x.shape[-1])
     pieces = []
@@ -305,3 +323,54 @@ def rotate_by_names(owner, x: torch.Tensor, adapter_names, adapters: dict) -> to
         x = givens_rotate(x, params, block=block, structure=structure, scale=scale,
                           adapter_index=names_to_batch(adapter_names, names, x.device))
     return x
+
+
+# ------------------------------------------------------------------------------------------
+# inference on the CPU: one kernel call over the runs, with dense factors kept per stack
+
+#: ``id(params) -> (weak reference to params, key, factors)``; an entry leaves with its tensor
+_FACTORS: dict[int, tuple] = {}
+
+
+def serving_factors(params: torch.Tensor, scale: torch.Tensor | None, *, block: str, structure: str, d: int,
+                    dtype: torch.dtype, block_width: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every stacked adapter's dense factors (``qgoft_kernels.dense``): ``blocks`` ``[A, nb, b,
+    b]`` and ``Q`` ``[A, nb, nb]`` (``None`` with one block), made once and kept while ``params``
+    lives and neither it nor ``scale`` changes (their in-place version counters)."""
+    from .dense import dense_factors
+
+    key = (params._version, None if scale is None else (id(scale), scale._version), block, structure, d, dtype,
+           block_width)
+    hit = _FACTORS.get(id(params))
+    if hit is not None and hit[0]() is params and hit[1] == key:
+        return hit[2]
+    with torch.no_grad():
+        built = [dense_factors(d, params[a], block=block, structure=structure,
+                               scale=None if scale is None else scale[a], block_width=block_width, dtype=dtype)
+                 for a in range(params.shape[0])]
+        blocks = torch.stack([b for b, _ in built]).contiguous()
+        Q = None if built[0][1] is None else torch.stack([q for _, q in built]).contiguous()
+    ident = id(params)
+    _FACTORS[ident] = (weakref.ref(params, lambda _: _FACTORS.pop(ident, None)), key, (blocks, Q))
+    return blocks, Q
+
+
+def _rotate_runs(x, params, batch: MixedBatch, block: str, structure: str, scale) -> torch.Tensor | None:
+    """:func:`rotate_mixed_torch` by the compiled CPU kernel, or ``None`` where it does not apply."""
+    from . import native
+    from .dense import _padded, layout
+    from .torch_path import dense_block
+
+    d = x.shape[-1]
+    if x.device.type != "cpu" or native.library() is None:
+        return None
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    _, b, nb = layout(d, dense_block())
+    rows = _padded(x.reshape(-1, d).to(compute), nb * b).contiguous()
+    if not native.applies(rows, (nb, b)):
+        return None
+    blocks, Q = serving_factors(params, scale, block=block, structure=structure, d=d, dtype=compute,
+                                block_width=b)
+    out = torch.empty_like(rows)
+    native.rotate_runs(rows, batch.runs(), d, blocks, Q, out)
+    return out[:, :d].to(x.dtype).reshape(x.shape)

@@ -101,13 +101,16 @@ def _load():
         warnings.warn(f"qgoft_kernels: the CPU kernels did not build ({detail}); using ATen ops instead",
                       RuntimeWarning, stacklevel=3)
         return None
-    if lib.qgoft_abi_version() != 2:
+    if lib.qgoft_abi_version() != 3:
         return None
     p, i, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     for suffix in _SUFFIX.values():
         rotate = getattr(lib, f"qgoft_rotate_{suffix}")
         rotate.argtypes = [long, i, i, p, long, p, p, i, p, long, i]
         rotate.restype = None
+        runs = getattr(lib, f"qgoft_rotate_runs_{suffix}")
+        runs.argtypes = [long, long, p, i, i, long, p, long, p, long, p, long, p, long, i]
+        runs.restype = None
         backward = getattr(lib, f"qgoft_backward_{suffix}")
         backward.argtypes = [long, i, i, p, long, p, long, p, p, p, p, p, long, p, p, p, i]
         backward.restype = None
@@ -155,6 +158,19 @@ def rotate(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None, transp
     M, mix = M.contiguous(), None if mix is None else mix.contiguous()
     fn(x.shape[0], nb, b, _ptr(x), x.stride(0), _ptr(M), _ptr(mix), int(not transpose), _ptr(out), out.stride(0),
        torch.get_num_threads())
+    return out
+
+
+def rotate_runs(x: torch.Tensor, runs: torch.Tensor, d: int, blocks: torch.Tensor, Q: torch.Tensor | None,
+                out: torch.Tensor) -> torch.Tensor:
+    """``out = x @ R_a`` for runs of consecutive rows, ``runs`` int64 ``[n, 3]`` (first row, rows,
+    adapter ``a``), ``R_a = U_a blockdiag(blocks[a])``: rows ``x`` ``[T, nb * b]`` (unit stride
+    along the features), stacked ``blocks`` ``[A, nb, b, b]`` and ``Q`` ``[A, nb, nb]`` (``None``:
+    no mix), all contiguous. Runs of adapter ``-1`` copy their first ``d`` values unchanged."""
+    _, nb, b, _ = blocks.shape
+    fn = getattr(library(), f"qgoft_rotate_runs_{_SUFFIX[x.dtype]}")
+    fn(x.shape[0], runs.shape[0], _ptr(runs), nb, b, d, _ptr(x), x.stride(0), _ptr(blocks), nb * b * b, _ptr(Q),
+       nb * nb, _ptr(out), out.stride(0), torch.get_num_threads())
     return out
 
 

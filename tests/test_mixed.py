@@ -11,7 +11,20 @@ import torch.nn.functional as F
 import qgoft_kernels as qk
 from qgoft_kernels.verify import LOW_ATOL, LOW_FACTOR, assert_close, rel_error
 
-BACKENDS = ["triton", "torch"]
+#: "torch-aten": the PyTorch path without the compiled CPU kernels (QGOFT_NATIVE=0), which
+#: otherwise run a mixed batch that autograd does not record
+BACKENDS = ["triton", "torch", "torch-aten"]
+
+
+@pytest.fixture(autouse=True)
+def _aten_path(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is not None and callspec.params.get("backend") == "torch-aten":
+        monkeypatch.setenv("QGOFT_NATIVE", "0")
+
+
+def _backend(name: str) -> str:
+    return "torch" if name == "torch-aten" else name
 
 
 def _stack(d, n_adapters, block, scale, gen, device):
@@ -61,7 +74,7 @@ def test_each_row_matches_its_adapter(d, combo, backend, device, gen):
     params, s = _stack(d, 4, block, scale, gen, device)
     x = torch.randn(13, d, generator=gen).to(device)
     index = _index(13, 4, gen, device, runs=3)
-    y = qk.givens_rotate(x, params, block=block, scale=s, adapter_index=index, backend=backend)
+    y = qk.givens_rotate(x, params, block=block, scale=s, adapter_index=index, backend=_backend(backend))
     assert_close(y, _oracle(x, params, s, index, block), name="y")
 
 
@@ -72,7 +85,7 @@ def test_low_precision_rows_within_twice_the_torch_path(dtype, backend, device, 
     params, s = _stack(d, n_adapters, "quasi", True, gen, device)
     x = torch.randn(20, d, generator=gen).to(device, dtype)
     index = _index(20, n_adapters, gen, device)
-    y = qk.givens_rotate(x, params, block="quasi", scale=s, adapter_index=index, backend=backend)
+    y = qk.givens_rotate(x, params, block="quasi", scale=s, adapter_index=index, backend=_backend(backend))
     ref = _oracle(x, params, s, index, "quasi")
     # the PyTorch path in the same dtype, one sample at a time with its adapter: the bound
     alone = torch.stack([x[r] if int(index[r]) < 0 else
@@ -90,7 +103,7 @@ def test_base_rows_pass_through_bit_for_bit(backend, device, gen):
     x[1, :4] = torch.tensor([-0.0, float("inf"), float("-inf"), float("nan")])
     x[4, 3] = -0.0
     index = torch.tensor([0, -1, 1, -1, -1, 0], device=device)
-    y = qk.givens_rotate(x, params, block="quasi", scale=s, adapter_index=index, backend=backend)
+    y = qk.givens_rotate(x, params, block="quasi", scale=s, adapter_index=index, backend=_backend(backend))
     for r in (1, 3, 4):
         assert torch.equal(y[r].view(torch.int16), x[r].view(torch.int16)), f"row {r} changed"
     # the adapted rows of a row with inf/nan elsewhere are unaffected by it
@@ -103,10 +116,11 @@ def test_one_adapter_per_sample_equals_each_sample_alone(backend, device, gen):
     params, s = _stack(d, n_adapters, "givens", True, gen, device)
     x = torch.randn(4, 5, d, generator=gen).to(device)
     index = torch.tensor([2, -1, 0, 2], device=device)
-    y = qk.givens_rotate(x, params, block="givens", scale=s, adapter_index=index, backend=backend)
+    y = qk.givens_rotate(x, params, block="givens", scale=s, adapter_index=index, backend=_backend(backend))
     for b in range(4):
         a = int(index[b])
-        alone = x[b] if a < 0 else qk.givens_rotate(x[b], params[a], block="givens", scale=s[a], backend=backend)
+        alone = x[b] if a < 0 else qk.givens_rotate(x[b], params[a], block="givens", scale=s[a],
+                                                    backend=_backend(backend))
         assert_close(y[b], alone, name=f"sample {b}")
 
 
@@ -116,10 +130,10 @@ def test_repeats_are_bit_identical_and_reordering_moves_rows_only(backend, devic
     params, s = _stack(d, 5, "quasi", False, gen, device)
     x = torch.randn(n, d, generator=gen).to(device)
     index = _index(n, 5, gen, device)
-    y = qk.givens_rotate(x, params, block="quasi", adapter_index=index, backend=backend)
-    assert torch.equal(y, qk.givens_rotate(x, params, block="quasi", adapter_index=index, backend=backend))
+    y = qk.givens_rotate(x, params, block="quasi", adapter_index=index, backend=_backend(backend))
+    assert torch.equal(y, qk.givens_rotate(x, params, block="quasi", adapter_index=index, backend=_backend(backend)))
     perm = torch.randperm(n, generator=gen).to(device)
-    y_perm = qk.givens_rotate(x[perm], params, block="quasi", adapter_index=index[perm], backend=backend)
+    y_perm = qk.givens_rotate(x[perm], params, block="quasi", adapter_index=index[perm], backend=_backend(backend))
     assert_close(y_perm, y[perm], name="reordered")
 
 
@@ -131,7 +145,7 @@ def test_a_batch_built_once_serves_layers_of_other_widths(backend, device, gen):
     for d in (8, 19):
         params, s = _stack(d, 2, "quasi", True, gen, device)
         x = torch.randn(5, d, generator=gen).to(device)
-        y = qk.givens_rotate(x, params, block="quasi", scale=s, adapter_index=batch, backend=backend)
+        y = qk.givens_rotate(x, params, block="quasi", scale=s, adapter_index=batch, backend=_backend(backend))
         assert_close(y, _oracle(x, params, s, index, "quasi"), name=f"d{d}")
 
 
@@ -143,7 +157,7 @@ def test_givens_linear_with_adapter_index(backend, device, gen):
     x = torch.randn(7, d, generator=gen).to(device)
     index = _index(7, 3, gen, device)
     h = qk.function.givens_linear(x, weight, bias, params, block="quasi", scale=s, adapter_index=index,
-                                  backend=backend)
+                                  backend=_backend(backend))
     ref = F.linear(_oracle(x, params, s, index, "quasi"), weight.double(), bias.double())
     assert_close(h, ref, name="h")
 
@@ -161,7 +175,7 @@ def test_gradients_match_the_oracle(combo, backend, device, gen):
     index[index == 2] = 1
     leaves = [t.clone().requires_grad_() for t in (x, params) + ((s,) if scale else ())]
     y = qk.givens_rotate(leaves[0], leaves[1], block=block, scale=leaves[2] if scale else None,
-                         adapter_index=index, backend=backend)
+                         adapter_index=index, backend=_backend(backend))
     tri = torch.autograd.grad(y, leaves, dy)
     ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
     ref_y = _oracle(ref_leaves[0], ref_leaves[1], ref_leaves[2] if scale else None, index, block)
@@ -188,9 +202,9 @@ def test_empty_batch_and_all_base_rows(backend, device, gen):
     params, _ = _stack(9, 2, "givens", False, gen, device)
     empty = torch.randn(0, 9).to(device)
     assert qk.givens_rotate(empty, params, adapter_index=torch.zeros(0, dtype=torch.long, device=device),
-                            backend=backend).shape == (0, 9)
+                            backend=_backend(backend)).shape == (0, 9)
     x = torch.randn(4, 9, generator=gen).to(device)
-    y = qk.givens_rotate(x, params, adapter_index=torch.full((4,), -1, device=device), backend=backend)
+    y = qk.givens_rotate(x, params, adapter_index=torch.full((4,), -1, device=device), backend=_backend(backend))
     assert torch.equal(y, x)
 
 
