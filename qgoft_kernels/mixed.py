@@ -26,6 +26,11 @@ from .checks import check_float, check_params, describe, rotation_shape
 #: Rows per tile of a mixed batch on a GPU: each program loads its adapter's coefficients once
 #: for this many rows (fewer where an adapter has fewer)
 TILE_ROWS = 32
+#: Block width of the dense factors a mixed batch keeps per adapter on the CPU: ``d (b + d / b**2)``
+#: values per adapter and layer, the fewest at ``b = 16`` for the usual widths, where the kernel
+#: was also fastest (4,096 rows in runs of 64, 64 adapters, d = 768 and 1024: b = 8, 16, 32, 64
+#: took 4.9, 0.7, 1.0, 2.1 ms and 5.4, 0.9, 1.4, 3.3 ms; docs/benchmarks.md, "Serving")
+SERVING_BLOCK = 16
 #: Rows per tile under the interpreter: small and odd, so that tests cross tile and block edges
 INTERPRETER_TILE_ROWS = 3
 
@@ -359,13 +364,12 @@ def _rotate_runs(x, params, batch: MixedBatch, block: str, structure: str, scale
     """:func:`rotate_mixed_torch` by the compiled CPU kernel, or ``None`` where it does not apply."""
     from . import native
     from .dense import _padded, layout
-    from .torch_path import dense_block
 
     d = x.shape[-1]
     if x.device.type != "cpu" or native.library() is None:
         return None
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    _, b, nb = layout(d, dense_block())
+    _, b, nb = layout(d, SERVING_BLOCK)
     rows = _padded(x.reshape(-1, d).to(compute), nb * b).contiguous()
     if not native.applies(rows, (nb, b)):
         return None
@@ -374,3 +378,17 @@ def _rotate_runs(x, params, batch: MixedBatch, block: str, structure: str, scale
     out = torch.empty_like(rows)
     native.rotate_runs(rows, batch.runs(), d, blocks, Q, out)
     return out[:, :d].to(x.dtype).reshape(x.shape)
+
+
+def kept_bytes(owner) -> int:
+    """Bytes a layer keeps for serving mixed batches: its stacked parameters and, on the CPU,
+    their dense factors (:func:`stacked_adapters`, :func:`serving_factors`)."""
+    total = 0
+    for _, params, scale in owner.__dict__.get("_qgoft_stacks", {}).values():
+        for t in (params, scale):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        hit = _FACTORS.get(id(params))
+        if hit is not None and hit[0]() is params:
+            total += sum(t.numel() * t.element_size() for t in hit[2] if t is not None)
+    return total
