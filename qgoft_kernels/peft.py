@@ -49,7 +49,7 @@ if Version(peft.__version__) < Version(MIN_PEFT):
 from peft.config import PeftConfig  # noqa: E402
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING  # noqa: E402
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_to_merge  # noqa: E402
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING  # noqa: E402
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, AuxiliaryTrainingWrapper  # noqa: E402
 from peft.utils.other import get_pattern_key  # noqa: E402
 
 from . import bases  # noqa: E402
@@ -507,14 +507,16 @@ class QGOFTModel(BaseTuner):
         beams = kwargs.get("num_beams")
         if isinstance(beams, int) and beams > 1:
             adapter_names = [n for n in original for _ in range(beams)]
+        # the qGOFT layers, and PEFT's wrappers of modules_to_save, which mix their own copies
+        takers = (QGOFTLayer, AuxiliaryTrainingWrapper)
         handles = [m.register_forward_pre_hook(partial(_pass_adapter_names, adapter_names=list(adapter_names)),
-                                               with_kwargs=True) for m in layers]
+                                               with_kwargs=True) for m in self.modules() if isinstance(m, takers)]
         encoder = _encoder(self.model)
         if len(adapter_names) != len(original) and encoder is not None:
             # the encoder runs once per sample, not once per beam
             handles += [m.register_forward_pre_hook(partial(_pass_adapter_names, adapter_names=original),
                                                     with_kwargs=True)
-                        for m in encoder.modules() if isinstance(m, QGOFTLayer)]
+                        for m in encoder.modules() if isinstance(m, takers)]
         try:
             yield
         finally:

@@ -1,0 +1,156 @@
+"""PEFT's own mixed-adapter-batch tests, run with qGOFT configurations.
+
+PEFT's ``tests/test_custom_models.py`` (its source distribution of the installed release, not
+its wheel) has ``TestMixedAdapterBatches``: each test takes the configurations of two adapters
+and checks a mixed batch against the adapters run one at a time, the refusals (wrong length,
+training mode, merged adapters, unknown names), disabled adapters, adapters on other layers
+and ``modules_to_save``. Its cases are LoRA's, RoAd's and GLoRA's; here its test methods
+run with qGOFT's, unchanged. Nothing of PEFT's code is copied into this repository: the source
+distribution is fetched from the package index into a cache on first use (``pip download``),
+and the test module imported from there. Modules its helpers import at the top but these tests
+never use (``diffusers``, ``datasets``) are stood in for when they are not installed.
+"""
+import importlib
+import importlib.util
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft", minversion="0.21")
+from qgoft_kernels.peft import QGOFTConfig  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("torch_path")
+
+
+def _cache() -> Path:
+    base = os.environ.get("QGOFT_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "qgoft_kernels")
+    return Path(base) / f"peft-{peft.__version__}-tests"
+
+
+def _peft_tests() -> Path:
+    """PEFT's ``tests`` folder of the installed release, fetched once."""
+    target = _cache()
+    if (target / "tests" / "test_custom_models.py").exists():
+        return target / "tests"
+    with tempfile.TemporaryDirectory() as tmp:
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", f"peft=={peft.__version__}", "--no-binary",
+                               ":all:", "--no-deps", "--no-build-isolation", "-q", "-d", tmp],
+                              capture_output=True, text=True, timeout=600)
+        archives = list(Path(tmp).glob("peft-*.tar.gz"))
+        if proc.returncode != 0 or not archives:
+            pytest.skip(f"PEFT {peft.__version__}'s source distribution could not be downloaded (no package index "
+                        f"here?): {proc.stderr.strip()[-300:]}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=target.parent))
+        with tarfile.open(archives[0]) as tar:
+            members = [m for m in tar.getmembers() if m.name.split("/")[1:2] == ["tests"] and m.isfile()]
+            tar.extractall(staging, members=members, filter="data")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (staging / archives[0].name.removesuffix(".tar.gz")).rename(target)
+        staging.rmdir()
+    return target / "tests"
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """PEFT's ``test_custom_models`` module, imported as the package ``peft_upstream_tests``."""
+    folder = _peft_tests()
+    package = types.ModuleType("peft_upstream_tests")
+    package.__path__ = [str(folder)]
+    sys.modules["peft_upstream_tests"] = package
+    stood_in = []
+    for _ in range(10):
+        try:
+            return importlib.import_module("peft_upstream_tests.test_custom_models")
+        except ModuleNotFoundError as error:
+            name = error.name.split(".")[0]
+            if name not in ("diffusers", "datasets") or name in stood_in:
+                raise
+            stood_in.append(name)
+            sys.modules[name] = _stand_in(name)
+            for key in [k for k in sys.modules if k.startswith("peft_upstream_tests.")]:
+                del sys.modules[key]
+    raise RuntimeError("could not import PEFT's test module")
+
+
+def _stand_in(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+
+    def attribute(attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return type(attr, (), {})
+
+    module.__getattr__ = attribute
+    return module
+
+
+def quasi(**options):
+    return QGOFTConfig(init_weights=False, **options)
+
+
+def goft_scaled(**options):
+    return QGOFTConfig(block="givens", scale=True, init_weights=False, **options)
+
+
+#: pairs of adapters on the MLP's first layer, as PEFT's MIXED_ADAPTER_TEST_CASES has for LoRA
+CASES = [
+    ("qGOFT quasi, two adapters", quasi(target_modules=["lin0"]), quasi(target_modules=["lin0"])),
+    ("qGOFT quasi with GOFT+scale", quasi(target_modules=["lin0"]), goft_scaled(target_modules=["lin0"])),
+    ("qGOFT on both layers", quasi(target_modules=["lin0", "lin1"]), goft_scaled(target_modules=["lin0", "lin1"])),
+]
+IDS = [c[0] for c in CASES]
+SAME_CASE_TESTS = ["test_mixed_adapter_batches_mlp", "test_mixed_adapter_batches_length_mismatch_raises",
+                   "test_mixed_adapter_batches_training_mode_raises", "test_mixed_adapter_batches_disabled",
+                   "test_mixed_adapter_batches_merged_raises"]
+
+
+@pytest.mark.parametrize("test", SAME_CASE_TESTS)
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_peft_mixed_batch_tests(upstream, test, case):
+    getattr(upstream.TestMixedAdapterBatches(), test)(*case)
+
+
+@pytest.mark.parametrize("test, case", [
+    ("test_mixed_adapter_batches_different_target_layers",
+     ("qGOFT on different layers", quasi(target_modules=["lin0"]), goft_scaled(target_modules=["lin1"]))),
+    ("test_mixed_adapter_batches_partly_overlapping_target_layers",
+     ("qGOFT partly overlapping", quasi(target_modules=["lin0"]), quasi(target_modules=["lin0", "lin1"]))),
+    ("test_mixed_adapter_batches_multiple_modules_to_save",
+     ("qGOFT with modules to save", quasi(target_modules=["lin0"], modules_to_save=["lin1"]),
+      quasi(target_modules=["lin0"], modules_to_save=["lin1"]))),
+    ("test_mixed_adapter_batches_unsupported_layer_raises",
+     ("qGOFT with an unsupported module to save", quasi(target_modules=["lin0"], modules_to_save=["gru"]),
+      quasi(target_modules=["lin0"], modules_to_save=["gru"]))),
+], ids=lambda v: v if isinstance(v, str) else v[0])
+def test_peft_mixed_batch_tests_of_their_own_cases(upstream, test, case):
+    getattr(upstream.TestMixedAdapterBatches(), test)(*case)
+
+
+def test_peft_wrong_adapter_name_test(upstream):
+    upstream.TestMixedAdapterBatches().test_mixed_adapter_batches_lora_wrong_adapter_name_raises(
+        "qGOFT mixed batch wrong adapter name", quasi(target_modules=["lin0"]))
+
+
+def test_the_suite_sees_a_qgoft_that_ignores_adapter_names_fail(upstream, monkeypatch):
+    """What these tests catch: with ``adapter_names`` ignored (as before PEFT mixed batches
+    worked with qGOFT), PEFT's own check fails."""
+    from qgoft_kernels.peft import QGOFTModel
+
+    @__import__("contextlib").contextmanager
+    def ignore(self, *args, **kwargs):
+        kwargs.pop("adapter_names", None)
+        yield
+
+    monkeypatch.setattr(QGOFTModel, "_enable_peft_forward_hooks", ignore)
+    with pytest.raises(AssertionError):
+        upstream.TestMixedAdapterBatches().test_mixed_adapter_batches_mlp(*CASES[0])
+    assert torch.is_grad_enabled()
