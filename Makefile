@@ -3,6 +3,8 @@
 #             all written to the ignored $(OUT) (default benchmarks/results/latest/): no tracked file changes
 # make bench-publish  the explicit step after it: copy $(OUT)'s results over the committed ones in
 #             benchmarks/results/ and write them into README.md and docs/benchmarks.md
+# make serving  the serving benchmark at full size (mixed-adapter batches against PEFT's LoRA and OFT;
+#               about 20 min on 2 cores; make bench runs its small size); writes to $(OUT)
 # make crossover  where each formulation of the PyTorch path wins on this CPU (benchmarks/crossover.py;
 #                about 15 min on 2 cores; writes to $(OUT), bench-publish commits it); the rule in
 #                qgoft_kernels/torch_path.py encodes its result
@@ -44,7 +46,7 @@ ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
 endif
 
-.PHONY: test bench bench-publish lint crossover finetune gpu gpu-quick gpu-quick-dry models models-dry clean
+.PHONY: test bench bench-publish lint serving crossover finetune gpu gpu-quick gpu-quick-dry models models-dry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -65,6 +67,7 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m qgoft_kernels verify
 	$(PY) -m benchmarks.run --out $(OUT)
+	$(PY) -m benchmarks.serving --size small --out $(OUT)
 	$(PY) -m benchmarks.plot --results $(OUT) --out $(OUT)/plots
 	$(PY) -m benchmarks.report --results $(OUT) --out $(OUT)/report.md
 
@@ -74,6 +77,9 @@ bench-publish: $(VENV)/.installed
 	cp $(OUT)/*.json benchmarks/results/
 	cp $(OUT)/*.csv benchmarks/results/ 2>/dev/null || true
 	$(PY) -m benchmarks.report
+
+serving: $(VENV)/.installed
+	$(PY) -m benchmarks.serving --out $(OUT)
 
 crossover: $(VENV)/.installed
 	$(PY) -m benchmarks.crossover --out $(OUT)

@@ -10,6 +10,8 @@ One command of at most 7 minutes on an H100/H200, so that a second run still fit
    exactly what will be timed. It checks that launch (every element written, 256 of its rows
    against float64) and 256 fresh rows, outputs and every gradient, against the float64
    oracle with the tolerances of :mod:`qgoft_kernels.verify`.
+   A mixed batch (``mixed``: 64 adapters stacked, each row with its own, in runs) is checked
+   row by row against the float64 oracle of the row's adapter, and its base rows bit for bit.
 2. Time, in this process from the warm cache: ``triton.testing.do_bench`` (CUDA events, L2
    flushed). Each group times ``torch.clone`` of the same tensor, then every configuration;
    the group runs twice, so every configuration (the launchers' default) is timed twice
@@ -60,6 +62,12 @@ def default_predictions() -> str:
     return os.path.join(RESULTS, name)
 
 
+def mixed_predictions(path: str) -> str:
+    """The static model's mixed-batch rows beside ``path`` (``sass-sm90-mixed[-triton3.6].json``)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, name.replace("sass-sm90", "sass-sm90-mixed", 1))
+
+
 def card_of(device_name: str) -> str | None:
     """The static model's card for a CUDA device name, or ``None`` for a card it does not price."""
     for token, card in (("H200", "H200"), ("H100", "H100-SXM")):
@@ -71,7 +79,7 @@ VARIANTS = (("quasi", True), ("givens", False))
 #: The layer step's methods, by their names in :func:`benchmarks.methods.methods`.
 LAYER_METHODS = ("frozen nn.Linear", "qGOFT quasi+scale", "GOFT givens", "PEFT LoRA r=16", "PEFT OFT b=32")
 #: What ``--only`` selects, in the order timed (the first ones matter most if time runs out).
-KINDS = ("forward", "backward", "layer", "merge", "forward_t")
+KINDS = ("forward", "backward", "layer", "merge", "forward_t", "mixed")
 #: Every line has exactly these keys (``None`` where one does not apply).
 FIELDS = ("schema", "run_id", "dry_run", "device", "device_type", "driver", "cuda", "torch", "triton", "python",
           "numpy", "peft", "commit", "commit_source", "timer", "env_pins",
@@ -89,6 +97,9 @@ class Plan:
     merge_dim: int  # the merged weight is merge_dim x merge_dim
     layer_dim: int  # the layer is layer_dim -> layer_dim
     tokens: int  # rows of the layer step
+    mixed_dim: int = 4096  # the mixed batch's width ...
+    mixed_adapters: int = 64  # ... its adapters ...
+    mixed_runs: tuple[int, ...] = (16, 1)  # ... and the rows of one adapter in a row (1: random order)
     check_rows: int = 256
     dtype: torch.dtype = torch.bfloat16
 
@@ -96,19 +107,22 @@ class Plan:
 GPU_PLAN = Plan(dims=(1024, 2048, 4096, 8192, 11008, 16384), rows=16384, merge_dim=4096, layer_dim=4096,
                 tokens=16384)
 #: The CPU rehearsal: 16 is divisible by 16, 24 is not; OFT b=32 needs a layer of 32.
-DRY_PLAN = Plan(dims=(16, 24), rows=64, merge_dim=24, layer_dim=32, tokens=64)
+DRY_PLAN = Plan(dims=(16, 24), rows=64, merge_dim=24, layer_dim=32, tokens=64, mixed_dim=24, mixed_adapters=3,
+                mixed_runs=(4, 1))
 
 
 @dataclass(frozen=True)
 class Unit:
     """One compile-and-check task: a kernel path at one width, block kind and row count."""
-    path: str  # "forward" (x @ R), "forward_t" (x @ R^T) or "backward" (dx and every parameter gradient)
+    path: str  # "forward" (x @ R), "forward_t" (x @ R^T), "backward" (dx and every parameter gradient), "mixed"
     d: int
     block: str
     scale: bool
     rows: int
     #: the backward without ``dx`` (a layer whose input needs no gradient) is its own kernel
     need_dx: bool = True
+    #: a mixed batch's stacked adapters
+    adapters: int = 0
 
     @property
     def name(self) -> str:
@@ -128,7 +142,7 @@ def variant_name(block: str, scale: bool) -> str:
 def target(kind: str, d: int | None) -> float | None:
     """The targets on a ratio: kernels and merge to their clone, the layer to the frozen one."""
     return {"forward": 1.15, "forward_t": 1.15, "backward": 1.8, "merge": 1.5, "merge_kernel": 1.15,
-            "layer_step": 1.2}.get(kind)
+            "layer_step": 1.2, "mixed": 1.2}.get(kind)
 
 
 # --- the plan -----------------------------------------------------------------------------------
@@ -143,6 +157,8 @@ def groups(plan: Plan, only: tuple[str, ...], dims: tuple[int, ...] | None) -> l
             out += [(kind, d) for d in plan.dims if dims is None or d in dims]
         elif kind == "merge":
             out.append((kind, plan.merge_dim))
+        elif kind == "mixed":
+            out.append((kind, plan.mixed_dim))
         else:
             out.append((kind, plan.layer_dim))
     return out
@@ -156,12 +172,14 @@ def units_for(group: tuple, plan: Plan) -> list[Unit]:
         return [Unit("forward_t", d, b, s, d) for b, s in VARIANTS]
     if kind == "layer":
         return [Unit(path, d, b, s, plan.tokens) for path in ("forward", "backward") for b, s in VARIANTS]
+    if kind == "mixed":
+        return [Unit("mixed", d, b, s, plan.rows, adapters=plan.mixed_adapters) for b, s in VARIANTS]
     return [Unit(kind, d, b, s, plan.rows) for b, s in VARIANTS]
 
 
 def unit_cost(unit: Unit) -> tuple:
     # longest first, so that the pool ends together: the backward compiles the most code
-    return ({"backward": 0, "forward_t": 1, "forward": 2}[unit.path], -unit.d)
+    return ({"backward": 0, "forward_t": 1, "forward": 2, "mixed": 2}[unit.path], -unit.d)
 
 
 # --- phase 1: compile and check, one unit per worker task ---------------------------------------
@@ -170,6 +188,42 @@ def unit_inputs(unit: Unit, rows: int, device, dtype, generator=None):
     """``(case, (x, params, scale, dy))`` for ``unit``: fresh random inputs (``params``/``scale`` float32)."""
     case = Case(unit.d, rows, unit.block, unit.scale, unit.path == "forward_t", dtype)
     return case, random_inputs(case, device, generator)
+
+
+def mixed_inputs(unit: Unit, rows: int, adapters: int, run: int, device, dtype, generator=None):
+    """``(x, params, scale, batch)`` for a mixed batch: ``adapters`` random adapters stacked
+    (as :func:`unit_inputs` draws one), rows in runs of ``run`` of one adapter drawn at random,
+    every 16th run of no adapter (``-1``)."""
+    one = Unit("forward", unit.d, unit.block, unit.scale, rows)
+    drawn = [unit_inputs(one, 1, device, dtype, generator)[1] for _ in range(adapters)]
+    params = torch.stack([p for _, p, _, _ in drawn])
+    scale = torch.stack([s for _, _, s, _ in drawn]) if unit.scale else None
+    picks = torch.randint(0, adapters, (-(-rows // run),), generator=generator)
+    picks[::16] = -1
+    index = picks.repeat_interleave(run)[:rows]
+    x = torch.randn(rows, unit.d, generator=generator).to(device, dtype)
+    return x, params, scale, qk.MixedBatch(index, adapters, device=device)
+
+
+def launch_mixed(unit: Unit, x, params, scale, batch):
+    return qk.givens_rotate(x, params, block=unit.block, scale=scale, adapter_index=batch, backend="triton")
+
+
+def check_mixed(unit: Unit, device, dtype, check_rows: int, generator) -> dict:
+    """A mixed batch at the timed shape: ``check_rows`` rows against the float64 oracle of their
+    own adapter (``{"y[adapter a]": [error, bound]}``), the base rows bit for bit."""
+    x, params, scale, batch = mixed_inputs(unit, unit.rows, unit.adapters, 16, device, dtype, generator)
+    y = launch_mixed(unit, x, params, scale, batch)
+    index = batch.index.to(device)
+    rows = torch.randperm(unit.rows, generator=generator)[:check_rows].to(device)
+    errors, base_equal = {}, bool(torch.equal(y[index < 0], x[index < 0]))
+    for a in sorted(set(index[rows].tolist()) - {-1}):
+        mine = rows[index[rows] == a]
+        case = Case(unit.d, len(mine), unit.block, unit.scale, False, dtype)
+        dy = torch.randn(len(mine), unit.d, generator=generator).to(device, dtype)
+        got = errors_vs_float64(case, x[mine], params[a], None if scale is None else scale[a], dy, {"y": y[mine]})
+        errors[f"y[adapter {a}]"] = got["y"]
+    return {"errors": errors, "all_written": bool(torch.isfinite(y).all()), "base_rows_equal": base_equal}
 
 
 def launch_unit(unit: Unit, x, params, scale, dy) -> dict:
@@ -203,6 +257,10 @@ def errors_vs_float64(case: Case, x, params, scale, dy, got: dict) -> dict:
     return {name: [rel_error(t, ref[name]), tolerance(name, t.dtype, low, ref, mag)] for name, t in got.items()}
 
 
+class _Done(Exception):
+    """A check that finished early (the mixed batch's, which has no fresh-rows part)."""
+
+
 def check_unit(unit: Unit, device_type: str, dtype_name: str, check_rows: int) -> dict:
     """Worker task: compile ``unit`` at its timed shape, check it; never raises."""
     # every output starts as NaN, so an element the kernel does not write fails the check
@@ -214,6 +272,14 @@ def check_unit(unit: Unit, device_type: str, dtype_name: str, check_rows: int) -
         device, dtype = torch.device(device_type), getattr(torch, dtype_name)
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
+        if unit.path == "mixed":
+            got = check_mixed(unit, device, dtype, check_rows, gen)
+            result["errors"] = {"timed_shape_rows": got["errors"], "fresh_rows": {},
+                                "timed_shape_all_written": got["all_written"],
+                                "base_rows_bit_equal": got["base_rows_equal"]}
+            result["ok"] = (got["all_written"] and got["base_rows_equal"] and bool(got["errors"])
+                            and all(e <= b for e, b in got["errors"].values()))
+            raise _Done
         # the timed shape: the inputs are drawn on the device (fast at 16384 x 16384)
         case, (_, params, scale, _) = unit_inputs(unit, 1, device, dtype, gen)
         x = torch.randn(unit.rows, unit.d, device=device, dtype=dtype)
@@ -232,6 +298,8 @@ def check_unit(unit: Unit, device_type: str, dtype_name: str, check_rows: int) -
         fresh = errors_vs_float64(case, x, params, scale, dy, launch_unit(unit, x, params, scale, dy))
         result["errors"] = {"timed_shape_rows": timed, "fresh_rows": fresh, "timed_shape_all_written": finite}
         result["ok"] = finite and all(e <= b for errs in (timed, fresh) for e, b in errs.values())
+    except _Done:
+        pass
     except Exception:
         result["error"] = traceback.format_exc(limit=4)[-2000:]
     if device_type == "cuda":
@@ -389,6 +457,36 @@ def time_kernel(kind: str, d: int, plan: Plan, device, ok: dict, timer: Timer, r
                 continue
             t = throughput(timer(fn), touches * nbytes)
             record(**common, ok=True, ratio=t["median_ms"] / clone["median_ms"], config=config, **t)
+
+
+def time_mixed(d: int, plan: Plan, device, ok: dict, timer: Timer, record, preds, card) -> None:
+    """A mixed batch of ``plan.mixed_adapters`` adapters, for each run length of ``plan.mixed_runs``:
+    clone, then both variants, twice; the ratio to ``torch.clone`` of the same rows."""
+    dtype = str(plan.dtype).removeprefix("torch.")
+    gen = torch.Generator().manual_seed(0)
+    for run in plan.mixed_runs:
+        fns, x = {}, None
+        for block, scale in VARIANTS:
+            unit = Unit("mixed", d, block, scale, plan.rows, adapters=plan.mixed_adapters)
+            x, params, s, batch = mixed_inputs(unit, plan.rows, plan.mixed_adapters, run, device, plan.dtype, gen)
+            fns[unit] = (lambda u=unit, x=x, p=params, s=s, b=batch: launch_mixed(u, x, p, s, b))
+        nbytes = x.numel() * x.element_size()
+        same_run = [r for r in preds if r.get("kernel") != "mixed" or (r.get("run_rows") == run and
+                                                                       r.get("adapters") == plan.mixed_adapters)]
+        for repeat in range(REPEATS):
+            clone = throughput(timer(lambda: torch.clone(x)), 2 * nbytes)
+            record(kind="clone", method="torch.clone", d=d, rows=plan.rows, dtype=dtype, repeat=repeat, ok=True,
+                   ratio=1.0, ratio_to="torch.clone", note="next to mixed", **clone)
+            for unit, fn in fns.items():
+                common = dict(kind="mixed", method=f"{variant_name(unit.block, unit.scale)}, {plan.mixed_adapters} "
+                              f"adapters, runs of {run}", d=d, rows=plan.rows, dtype=dtype, block=unit.block,
+                              scale=unit.scale, repeat=repeat, ratio_to="torch.clone", target=target("mixed", d),
+                              **predicted(same_run, "mixed", d, dtype, unit.block, unit.scale, card))
+                if not ok.get(unit):
+                    record(**common, ok=False, note="failed or missing check: no timing")
+                    continue
+                t = throughput(timer(fn), 2 * nbytes)
+                record(**common, ok=True, ratio=t["median_ms"] / clone["median_ms"], **t)
 
 
 def time_merge(d: int, plan: Plan, device, ok: dict, timer: Timer, record, preds, card) -> None:
@@ -583,7 +681,7 @@ def table(rows: list[dict]) -> str:
               "| kind | d | rows | variant | median ms | q20-q80 ms | GB/s | ratio | predicted | target |",
               "|---|---|---|---|---|---|---|---|---|---|"]
     for (kind, d), reps in clones.items():
-        if kind not in ("forward", "forward_t", "backward"):
+        if kind not in ("forward", "forward_t", "backward", "mixed"):
             continue
         lines.append(f"| {kind} | {d} | {reps[0]['rows']} | torch.clone | {' / '.join(_ms(r) for r in reps)} | "
                      f"| {_gbps(reps[0]['gbps'])} | 1.00 | | |")
@@ -684,7 +782,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count, at most 16)")
     parser.add_argument("--predictions", default=None,
                         help="the static model's rows (default: benchmarks/results/sass-sm90-triton3.6.json with "
-                             "triton 3.6, else sass-sm90.json)")
+                             "triton 3.6, else sass-sm90.json); its mixed-batch rows from the file beside it whose "
+                             "name has sass-sm90-mixed for sass-sm90")
     parser.add_argument("--table", metavar="JSONL", help="print the table of the last run in this file and exit")
     args = parser.parse_args(argv)
     start = time.monotonic()
@@ -721,7 +820,8 @@ def main(argv=None) -> int:
     timer = Timer(device, deadline)
     os.makedirs(args.out, exist_ok=True)
     record = Recorder(os.path.join(args.out, OUT_NAME), run_metadata(device, args.dry_run, timer.label))
-    preds = load_predictions(args.predictions or default_predictions())
+    predictions = args.predictions or default_predictions()
+    preds = load_predictions(predictions) + load_predictions(mixed_predictions(predictions))
     card = card_of(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     print(f"{'CPU dry run' if args.dry_run else 'GPU run'}: {len(units)} kernel specialisations to compile and "
           f"check in {workers} processes, then {len(plan_groups)} timing groups; deadline {args.deadline:.0f} s; "
@@ -736,6 +836,8 @@ def main(argv=None) -> int:
                 time_merge(d, plan, device, ok, timer, record, preds, card)
             elif kind == "layer":
                 time_layer(d, plan, device, ok, timer, record)
+            elif kind == "mixed":
+                time_mixed(d, plan, device, ok, timer, record, preds, card)
             else:
                 time_kernel(kind, d, plan, device, ok, timer, record, preds, card)
         except OutOfTime:

@@ -95,6 +95,39 @@ def plot_finetune(path: str, plots: str = PLOTS) -> list[str]:
     return [out]
 
 
+def plot_serving(path: str, plots: str = PLOTS) -> list[str]:
+    """Tokens per second against the number of adapters, a line per method, a panel per workload."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .serving import METHODS, OURS
+
+    with open(path) as fh:
+        result = json.load(fh)
+    workloads = list(dict.fromkeys(r["workload"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.2), squeeze=False)
+    for ax, workload in zip(axes[0], workloads):
+        rows = [r for r in result["rows"] if r["workload"] == workload]
+        for i, method in enumerate(METHODS):
+            sub = [r for r in rows if r["method"] == method]
+            ax.plot([r["adapters"] for r in sub], [r["tokens_per_s"] for r in sub], marker="o",
+                    lw=2.2 if method == OURS else 1.2, color="C0" if method == OURS else f"C{i + 1}", label=method)
+        unit = "input" if rows[0]["kind"] == "encoder" else "generated"
+        ax.set(xscale="log", yscale="log", xlabel="adapters in the batch (N)", ylabel=f"{unit} tokens / s",
+               title=f"{workload}, {rows[0]['requests']} requests")
+        ax.grid(True, which="both", lw=0.3)
+        ax.legend(fontsize=7)
+    meta = result["meta"]
+    fig.suptitle(f"Mixed-adapter batches · {meta['device']} · commit {meta['commit']}", fontsize=9)
+    fig.tight_layout()
+    out = os.path.join(plots, os.path.splitext(os.path.basename(path))[0] + ".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return [out]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=RESULTS, help="folder of result files (default: the committed ones)")
@@ -108,7 +141,9 @@ def main(argv=None) -> int:
         print(f"no results in {args.results}; run python -m benchmarks.run first")
         return 0
     for path in paths:
-        plot = plot_finetune if os.path.basename(path).startswith("finetune-") else plot_result
+        name = os.path.basename(path)
+        plot = plot_finetune if name.startswith("finetune-") else plot_serving if name.startswith("serving") \
+            else plot_result
         for out in plot(path, args.out):
             print("wrote", os.path.relpath(out))
     return 0

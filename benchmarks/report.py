@@ -29,13 +29,15 @@ SHORT = ("frozen nn.Linear", "qGOFT quasi", "GOFT givens", "paper dense qGOFT", 
 
 #: File name prefixes of the result kinds, most specific first; a speed result
 #: (benchmarks.run) has none of them.
-KINDS = {"finetune-timing": "finetune-timing-", "finetune": "finetune-", "crossover": "crossover-"}
+KINDS = {"finetune-timing": "finetune-timing-", "finetune": "finetune-", "crossover": "crossover-",
+         "serving-small": "serving-small-", "serving": "serving-"}
 
 
 def load_results(kind: str = "speed", folder: str = RESULTS) -> list[tuple[str, dict]]:
     """Result files of ``folder`` (default: the committed ones): ``"speed"`` (benchmarks.run),
-    ``"finetune"`` (benchmarks.finetune), ``"finetune-timing"`` (its ``--timing``) or
-    ``"crossover"`` (benchmarks.crossover)."""
+    ``"finetune"`` (benchmarks.finetune), ``"finetune-timing"`` (its ``--timing``),
+    ``"crossover"`` (benchmarks.crossover), ``"serving"`` (benchmarks.serving) or
+    ``"serving-small"`` (its ``--size small``, what ``make bench`` runs)."""
     out = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         name = os.path.basename(path)
@@ -160,6 +162,16 @@ def readme_finetune(results) -> str:
     return "\n".join(lines) if lines else "No results yet.\n"
 
 
+def serving_section(results) -> str:
+    from .serving import table
+    parts = []
+    for path, result in results:
+        meta = result["meta"]
+        parts.append(f"From `{path}` ({meta['device']}, {meta['date']}, commit {meta['commit']}, torch "
+                     f"{meta['torch']}, peft {meta['peft']}, {meta['wall_seconds']} s).\n\n{table(result)}")
+    return "\n".join(parts) if parts else "No results yet.\n"
+
+
 def _replace(text: str, marker: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
     if not pattern.search(text):
@@ -174,9 +186,11 @@ def render() -> dict[str, str]:
         text = _replace(fh.read(), "results", docs_section(results))
         text = _replace(text, "finetune", finetune_section(load_results("finetune")))
         text = _replace(text, "finetune-timing", timing_section(load_results("finetune-timing")))
+        text = _replace(text, "serving", serving_section(load_results("serving")))
         out[DOCS] = _replace(text, "crossover", crossover_section(load_results("crossover")))
     with open(README) as fh:
         text = _replace(fh.read(), "bench", readme_table(results))
+        text = _replace(text, "serving", serving_section(load_results("serving")))
         out[README] = _replace(text, "finetune", readme_finetune(load_results("finetune")))
     return out
 
@@ -190,6 +204,9 @@ def summary(folder: str) -> str:
              "## Training step (README table)", "", readme_table(speed), "## All tables", "", docs_section(speed)]
     if finetune:
         parts += ["## Fine-tuning", "", finetune_section(finetune)]
+    serving = load_results("serving-small", folder) + load_results("serving", folder)
+    if serving:
+        parts += ["## Serving many adapters in one batch", "", serving_section(serving)]
     return "\n".join(parts)
 
 

@@ -242,3 +242,46 @@ def test_device_name_names_the_cpu(monkeypatch, tmp_path):
     assert "(Example CPU 9000)" in name and name.endswith(f", {torch.get_num_threads()} threads")
     cpuinfo.unlink()  # no /proc/cpuinfo: no model in the name
     assert run.cpu_model() is None and "(" not in run.device_name(torch.device("cpu"))
+
+
+@pytest.mark.skipif(peft_version() is None, reason="PEFT is not installed")
+def test_serving_small(tmp_path, capsys):
+    """The serving benchmark end to end at its small size: every method timed, qGOFT's mixed
+    batch checked against requests alone (it raises otherwise), the table and the JSON."""
+    import json
+
+    from benchmarks import serving
+
+    assert serving.main(["--size", "small", "--adapters", "1", "3", "--rounds", "2", "--budget", "1",
+                         "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "**tiny encoder**" in out and "**tiny decoder**" in out
+    (path,) = tmp_path.glob("serving-small-*.json")
+    result = json.loads(path.read_text())
+    rows = result["rows"]
+    assert {r["method"] for r in rows} == set(serving.METHODS)
+    assert len(rows) == 2 * 2 * len(serving.METHODS)
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["rounds"] >= 2
+        if r["method"] in serving.PEERS:
+            assert r["speedup"]["lo"] <= r["speedup"]["median"] <= r["speedup"]["hi"]
+    ours = [r for r in rows if r["method"] == serving.OURS]
+    assert all(r["max_rel_error_vs_alone"] <= 1e-5 and r["serving_cache_bytes_per_adapter"] > 0 for r in ours)
+    # qGOFT's parameters per adapter: 4 (d - 1) float32 per adapted layer (query, value; 2 layers of d = 128)
+    assert ours[0]["adapter_bytes"] == 2 * 2 * 4 * 127 * 4
+
+
+def test_serving_verdicts():
+    from benchmarks.serving import verdict
+
+    def rows(n, median, lo, hi, peer="LoRA r=16 mixed"):
+        return [{"method": peer, "adapters": n, "speedup": {"median": median, "lo": lo, "hi": hi}}]
+
+    assert verdict(rows(4, 1.1, 1.0, 1.2), "LoRA r=16 mixed") == "yes"
+    assert verdict(rows(4, 0.95, 0.9, 1.02), "LoRA r=16 mixed") == "noise"
+    assert verdict(rows(4, 0.95, 0.9, 0.98), "LoRA r=16 mixed") == "no"
+    assert verdict(rows(4, 0.85, 0.8, 0.88, "LoRA r=8 mixed"), "LoRA r=8 mixed") == "no"
+    assert verdict(rows(4, 0.92, 0.8, 0.98, "LoRA r=8 mixed"), "LoRA r=8 mixed") == "yes"
+    # OFT's goal counts from N = 16
+    assert verdict(rows(4, 1.0, 0.9, 1.1, "OFT b=32 per adapter"), "OFT b=32 per adapter") == "-"
+    assert verdict(rows(16, 2.0, 1.9, 2.1, "OFT b=32 per adapter"), "OFT b=32 per adapter") == "no"

@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks import gpu_quick, rehearsal
 
-TIMED = ("clone", "forward", "forward_t", "backward", "merge", "merge_kernel")
+TIMED = ("clone", "forward", "forward_t", "backward", "merge", "merge_kernel", "mixed")
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,12 @@ def test_dry_run_is_labelled_and_complete(dry_run):
         assert r["ok"] and r["seconds"] > 0 and r["errors"]["timed_shape_all_written"]
         for err, bound in list(r["errors"]["fresh_rows"].values()) + list(r["errors"]["timed_shape_rows"].values()):
             assert 0 <= err <= bound
+        if r["method"] == "mixed":
+            # row by row against each adapter's float64 oracle, the base rows bit for bit
+            assert r["errors"]["fresh_rows"] == {} and r["errors"]["base_rows_bit_equal"]
+            assert r["errors"]["timed_shape_rows"] and all(k.startswith("y[adapter ")
+                                                           for k in r["errors"]["timed_shape_rows"])
+            continue
         assert set(r["errors"]["fresh_rows"]) == ({"y"} if r["method"] != "backward" else
                                                   {"dx", "dparams"} | ({"dscale"} if r["scale"] else set()))
 
@@ -76,6 +82,13 @@ def test_dry_run_measurements(dry_run):
     for kind in ("merge", "merge_kernel"):
         got = [r for r in timed if r["kind"] == kind]
         assert len(got) == 2 * len(gpu_quick.VARIANTS) and all(r["d"] == plan.merge_dim for r in got)
+    # the mixed batch: each run length, both variants, twice, next to its clones
+    got = [r for r in timed if r["kind"] == "mixed"]
+    assert len(got) == 2 * len(gpu_quick.VARIANTS) * len(plan.mixed_runs)
+    assert {r["method"].split("runs of ")[1] for r in got} == {str(n) for n in plan.mixed_runs}
+    assert all(r["d"] == plan.mixed_dim and r["target"] == 1.2 and r["bytes"] == 2 * plan.rows * plan.mixed_dim * 2
+               for r in got)
+    assert len([r for r in timed if r["kind"] == "clone" and r["note"] == "next to mixed"]) == 2 * len(plan.mixed_runs)
     # the static model's default row, and only there
     preds = {(r["kind"], r["d"], r["method"]): r["predicted_ratio"] for r in timed if r["predicted_ratio"] is not None}
     assert preds == {("forward", 16, "quasi+scale"): 1.07}
@@ -105,9 +118,11 @@ def test_units_cover_what_is_timed():
     plan = gpu_quick.GPU_PLAN
     groups = gpu_quick.groups(plan, gpu_quick.KINDS, None)
     units = {u for g in groups for u in gpu_quick.units_for(g, plan)}
-    # 6 widths x 2 variants x 3 paths, plus the merge's 4096-row W; the layer's are among them
-    assert len(units) == 6 * 2 * 3 + 2
+    # 6 widths x 2 variants x 3 paths, plus the merge's 4096-row W and the mixed batch's two; the layer's
+    # are among them
+    assert len(units) == 6 * 2 * 3 + 2 + 2
     assert all(u.rows == plan.rows or (u.path, u.rows) == ("forward_t", plan.merge_dim) for u in units)
+    assert {u.adapters for u in units if u.path == "mixed"} == {plan.mixed_adapters}
     assert [g for g in gpu_quick.groups(plan, ("backward",), (4096,))] == [("backward", 4096)]
 
 
