@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import mixed, ops
 from .checks import check_float, check_params, describe, interpreting
 from .mixed import MixedBatch, MixedRotationFunction, as_batch, check_stacked, rotate_mixed_torch
 from .planning import as_gpu
@@ -136,3 +136,25 @@ def givens_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if use == "torch":
         return linear_torch(x, weight, bias, params, block=block, structure=structure, scale=scale)
     return F.linear(torch.ops.qgoft.rotate(x, params, scale, block, structure, False), weight, bias)
+
+
+def rotate_by_names(owner, x: torch.Tensor, adapter_names, adapters: dict) -> torch.Tensor:
+    """Each sample of ``x`` rotated by the adapter it names (``adapter_names``, one per sample):
+    ``adapters`` maps names to ``(rotation, scale or None, block, structure)``; a name it lacks
+    (``"__base__"``, or an adapter this layer does not have) leaves the sample unchanged.
+
+    Every adapter of a block kind is stacked (kept on ``owner`` while none changes), and each
+    kind that some sample names takes one launch.
+    """
+    groups: dict = {}
+    for name in sorted(adapters):
+        groups.setdefault(adapters[name][2:], []).append(name)
+    wanted = set(adapter_names)
+    for (block, structure), names in groups.items():
+        if wanted.isdisjoint(names):
+            continue
+        params, scale = mixed.stacked_adapters(owner, names, [adapters[n][0] for n in names],
+                                               [adapters[n][1] for n in names])
+        x = givens_rotate(x, params, block=block, structure=structure, scale=scale,
+                          adapter_index=mixed.names_to_batch(adapter_names, names, x.device))
+    return x

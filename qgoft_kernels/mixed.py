@@ -306,30 +306,6 @@ def stacked_adapters(owner, names, rotations, scales) -> tuple[torch.Tensor, tor
     return cache[tuple(names)][1:]
 
 
-def rotate_by_names(owner, x: torch.Tensor, adapter_names, adapters: dict) -> torch.Tensor:
-    """Each sample of ``x`` rotated by the adapter it names (``adapter_names``, one per sample):
-    ``adapters`` maps names to ``(rotation, scale or None, block, structure)``; a name it lacks
-    (``"__base__"``, or an adapter this layer does not have) leaves the sample unchanged.
-
-    Every adapter of a block kind is stacked (kept on ``owner`` while none changes), and each
-    kind that some sample names takes one launch.
-    """
-    from .function import givens_rotate  # function.py imports this module
-
-    groups: dict = {}
-    for name in sorted(adapters):
-        groups.setdefault(adapters[name][2:], []).append(name)
-    wanted = set(adapter_names)
-    for (block, structure), names in groups.items():
-        if wanted.isdisjoint(names):
-            continue
-        params, scale = stacked_adapters(owner, names, [adapters[n][0] for n in names],
-                                         [adapters[n][1] for n in names])
-        x = givens_rotate(x, params, block=block, structure=structure, scale=scale,
-                          adapter_index=names_to_batch(adapter_names, names, x.device))
-    return x
-
-
 # ------------------------------------------------------------------------------------------
 # inference on the CPU: one kernel call over the runs, with dense factors kept per stack
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from . import bases
 from ._version import ADAPTER_FORMAT, PACKAGE, __version__
 from .checks import check_features, check_options, rotation_shape
-from .function import givens_linear, givens_rotate
-from .mixed import BASE, rotate_by_names
+from .function import givens_linear, givens_rotate, rotate_by_names
+from .mixed import BASE
 from .select import excluded, layer_selected, matches, pattern_value, under
 
 #: The name of a layer's own adapter (its ``rotation`` and ``scale``) among named adapters

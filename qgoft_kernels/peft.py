@@ -55,8 +55,7 @@ from peft.utils.other import get_pattern_key  # noqa: E402
 from . import bases  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .checks import check_features, check_options, rotation_shape  # noqa: E402
-from .function import givens_rotate  # noqa: E402
-from .mixed import rotate_by_names  # noqa: E402
+from .function import givens_rotate, rotate_by_names  # noqa: E402
 from .nn import module_uses, penalty_of, reset_identity  # noqa: E402
 from .schedule import num_stages  # noqa: E402
 
