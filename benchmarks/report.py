@@ -168,7 +168,9 @@ def serving_section(results) -> str:
     for path, result in results:
         meta = result["meta"]
         parts.append(f"From `{path}` ({meta['device']}, {meta['date']}, commit {meta['commit']}, torch "
-                     f"{meta['torch']}, peft {meta['peft']}, {meta['wall_seconds']} s).\n\n{table(result)}")
+                     f"{meta['torch']}, peft {meta['peft']}, {meta['wall_seconds']} s"
+                     f"{'' if meta.get('complete', True) else '; the run stopped before its end: these rows only'})."
+                     f"\n\n{table(result)}")
     return "\n".join(parts) if parts else "No results yet.\n"
 
 

@@ -348,6 +348,12 @@ def metadata(size: str) -> dict:
             "dtype": "float32", "timer": "benchmarks.timing.interleaved_ms (time.perf_counter, one call per sample)"}
 
 
+def _write(path: str, result: dict) -> None:
+    with open(path + ".tmp", "w") as fh:
+        json.dump(result, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.serving", description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="full")
@@ -362,6 +368,9 @@ def main(argv=None) -> int:
     size = SIZES[args.size]
     steady_allocator()
     result = {"meta": metadata(args.size), "goal": {k: list(v) for k, v in GOAL.items()}, "rows": [], "runs": []}
+    folder = args.out or LATEST
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"serving{'-small' if args.size == 'small' else ''}-{slug(torch.device('cpu'))}.json")
     start = time.time()
     for w in size["workloads"]:
         if w.kind not in args.workloads:
@@ -373,13 +382,13 @@ def main(argv=None) -> int:
             result["rows"] += out["rows"]
             result["runs"].append({"workload": w.name, "adapters": n, "load": out["load"],
                                    "others_busy": out["others_busy"], "build_seconds": out["build_seconds"]})
-    result["meta"]["wall_seconds"] = round(time.time() - start, 1)
+            # written after every N, so that a long run stopped part-way keeps what it measured
+            result["meta"]["wall_seconds"] = round(time.time() - start, 1)
+            result["meta"]["complete"] = False
+            _write(path, result)
+    result["meta"]["complete"] = True
+    _write(path, result)
     print(table(result))
-    folder = args.out or LATEST
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"serving{'-small' if args.size == 'small' else ''}-{slug(torch.device('cpu'))}.json")
-    with open(path, "w") as fh:
-        json.dump(result, fh, indent=1)
     print("wrote", os.path.relpath(path), f"({result['meta']['wall_seconds']} s)")
     return 0
 

@@ -258,6 +258,7 @@ def test_serving_small(tmp_path, capsys):
     assert "**tiny encoder**" in out and "**tiny decoder**" in out
     (path,) = tmp_path.glob("serving-small-*.json")
     result = json.loads(path.read_text())
+    assert result["meta"]["complete"] and not list(tmp_path.glob("*.tmp"))
     rows = result["rows"]
     assert {r["method"] for r in rows} == set(serving.METHODS)
     assert len(rows) == 2 * 2 * len(serving.METHODS)
@@ -269,6 +270,33 @@ def test_serving_small(tmp_path, capsys):
     assert all(r["max_rel_error_vs_alone"] <= 1e-5 and r["serving_cache_bytes_per_adapter"] > 0 for r in ours)
     # qGOFT's parameters per adapter: 4 (d - 1) float32 per adapted layer (query, value; 2 layers of d = 128)
     assert ours[0]["adapter_bytes"] == 2 * 2 * 4 * 127 * 4
+
+
+def test_serving_partial_run_is_written_and_marked(tmp_path, monkeypatch):
+    """A run stopped after its first N keeps that N's rows, and the report says they are a part."""
+    import json
+
+    from benchmarks import report, serving
+
+    calls = []
+
+    def measure(w, n, rounds, budget_s):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(n)
+        return {"rows": [{"workload": w.name, "adapters": n, "method": serving.OURS}], "load": 0.0,
+                "others_busy": 0.0, "build_seconds": 0.0}
+
+    monkeypatch.setattr(serving, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        serving.main(["--size", "small", "--adapters", "1", "3", "--out", str(tmp_path)])
+    (path,) = tmp_path.glob("serving-small-*.json")
+    result = json.loads(path.read_text())
+    assert result["meta"]["complete"] is False and [r["adapters"] for r in result["rows"]] == [1]
+    monkeypatch.setattr(serving, "table", lambda result: "TABLE")
+    assert "stopped before its end" in report.serving_section([(path.name, result)])
+    result["meta"]["complete"] = True
+    assert "stopped before its end" not in report.serving_section([(path.name, result)])
 
 
 def test_serving_verdicts():
