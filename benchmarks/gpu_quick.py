@@ -471,8 +471,10 @@ def time_mixed(d: int, plan: Plan, device, ok: dict, timer: Timer, record, preds
             x, params, s, batch = mixed_inputs(unit, plan.rows, plan.mixed_adapters, run, device, plan.dtype, gen)
             fns[unit] = (lambda u=unit, x=x, p=params, s=s, b=batch: launch_mixed(u, x, p, s, b))
         nbytes = x.numel() * x.element_size()
+        # the model's batch like this one: adapters drawn at random for the runs
         same_run = [r for r in preds if r.get("kernel") != "mixed" or (r.get("run_rows") == run and
-                                                                       r.get("adapters") == plan.mixed_adapters)]
+                                                                       r.get("adapters") == plan.mixed_adapters
+                                                                       and r.get("assign", "random") == "random")]
         for repeat in range(REPEATS):
             clone = throughput(timer(lambda: torch.clone(x)), 2 * nbytes)
             record(kind="clone", method="torch.clone", d=d, rows=plan.rows, dtype=dtype, repeat=repeat, ok=True,

@@ -24,6 +24,11 @@ out), plus a fixed cost per launch:
 - latency: its HBM reads at the rate Little's law allows with the bytes every SM keeps in
   flight, ``SMS * in_flight / LATENCY``.
 
+``mixed`` (only with ``--ops mixed``) is a mixed batch, ``x @ R_a`` with each row's own adapter
+``a`` (``qgoft_kernels.mixed``): ``--adapters`` stacked, the rows in runs of ``--run-rows`` of
+one adapter, adapters given to the runs in turn or at random (``--assign``); its rows carry
+``adapters``, ``run_rows`` and ``assign`` (docs/tuning.md, "Mixed batches").
+
 ``predicted_over_clone`` is the op's time over ``torch.clone`` of the same tensor, modelled
 the same way. Two reference points keep the model honest: a plain Triton copy kernel
 (``reference: copy``), which must come out near 1.0x, and the v2 kernels of commit
@@ -73,6 +78,13 @@ V2_COMMIT = "e3e8bcf"
 #: the v3 kernels, the "before" of v4 (docs/tuning.md)
 V3_COMMIT = "1e680c0"
 OPS = ("forward", "forward_t", "backward", "merge")
+#: ``mixed``: a mixed batch (``x @ R_a``, each row its own adapter), asked for by name (``--ops mixed``)
+ALL_OPS = OPS + ("mixed",)
+#: the mixed batches priced: adapters, rows per run of one adapter, how adapters are given to the runs
+#: (random first: the row benchmarks/gpu_quick.py takes for its batch, whose adapters are drawn at random)
+MIXED_ADAPTERS = 64
+RUN_ROWS = (16, 32, 1)
+ASSIGN = ("random", "roundrobin")
 DIMS = (1024, 2048, 4096, 8192, 11008, 16384)
 #: ``(block, scale)`` variants by name
 VARIANTS = {"quasi+scale": ("quasi", True), "quasi": ("quasi", False), "givens+scale": ("givens", True),
@@ -170,15 +182,53 @@ def _meta_inputs(op, d, rows, dtype, block, scale):
     return x, params, s
 
 
-def record(op, d, rows, dtype, block, scale, env=None, kernels=None):
+def mixed_index(rows, adapters, run_rows, assign="roundrobin", seed=0):
+    """A mixed batch's adapter per row: the rows come in runs of ``run_rows``, each run of one
+    adapter, assigned to the runs in turn (``"roundrobin"``: every adapter gets the same number
+    of rows, within a run) or at random (``"random"``, a fixed ``seed``)."""
+    runs = -(-rows // run_rows)
+    if assign == "roundrobin":
+        picks = torch.arange(runs) % adapters
+    elif assign == "random":
+        picks = torch.randint(0, adapters, (runs,), generator=torch.Generator().manual_seed(seed))
+    else:
+        raise ValueError(assign)
+    return picks.repeat_interleave(run_rows)[:rows]
+
+
+def _mixed_batch(d, rows, block, scale, mixed):
+    """The stacked ``meta`` parameters of ``mixed["adapters"]`` adapters and the batch (grouped
+    once per batch, for every layer: its sorting is not part of a layer's launch), and the
+    tile table the kernel's grid walks, on the CPU: ``(first, rows, adapter)`` per tile."""
+    from qgoft_kernels import mixed as mx
+
+    A = mixed["adapters"]
+    index = mixed_index(rows, A, mixed["run_rows"], mixed.get("assign", "roundrobin"), mixed.get("seed", 0))
+    n = num_pairs(d)
+    params = torch.empty((A, n) if block == "givens" else (A, n, 2, 2), dtype=torch.float32, device="meta")
+    s = torch.empty(A, d, dtype=torch.float32, device="meta") if scale else None
+    batch = mx.MixedBatch(index, A, device="meta")
+    # what the launcher asks for while planning (a GPU's tile), made here so that it is not recorded
+    batch.kernel_order()
+    batch.tiles(mx.TILE_ROWS)
+    tiles = mx.MixedBatch(index, A).tiles(mx.TILE_ROWS).tolist()
+    return params, s, batch, tiles
+
+
+def record(op, d, rows, dtype, block, scale, env=None, kernels=None, mixed=None):
     """The launches of ``op`` at ``rows x d`` (``merge``: a ``rows x d`` weight).
 
     ``kernels`` replaces the package's kernels module (an older version's, rebuilt from git).
+    ``mixed`` (op ``"mixed"``: a mixed batch, ``x @ R_a`` row by row): ``adapters``,
+    ``run_rows``, ``assign`` and ``seed`` of :func:`mixed_index`; the mixed kernel's launch
+    gets the tile table in its ``info["tiles"]``.
     """
     import qgoft_kernels as qk
 
     launches = []
     x, params, s = _meta_inputs(op, d, rows, dtype, block, scale)
+    if op == "mixed":
+        params, s, batch, tiles = _mixed_batch(d, rows, block, scale, mixed)
     swap = mock.patch.object(ops, "_kernels", lambda: kernels) if kernels is not None else contextlib.nullcontext()
     # the compiled path with its runtime specialisation: no interpreter, no poisoning fills
     with scoped({"QGOFT_POISON": None, "TRITON_INTERPRET": None, **(env or {})}), swap, capture(launches):
@@ -193,8 +243,14 @@ def record(op, d, rows, dtype, block, scale, env=None, kernels=None):
             layer = qk.GivensLinear.from_linear(linear, block=block, scale=scale)
             launches.clear()  # building the layer is not part of the merge
             layer.merged_linear()
+        elif op == "mixed":
+            qk.givens_rotate(x, params, block=block, scale=s, adapter_index=batch)
         else:
             raise ValueError(op)
+    for launch in launches:
+        if launch.name == "_givens_fwd_mixed_kernel":
+            assert tuple(launch.kwargs["tiles"].shape) == (len(tiles), 3), "the launch's tiles are not the batch's"
+            launch.info["tiles"] = tiles
     return launches
 
 
@@ -208,7 +264,7 @@ def compile_kernel(fn, kwargs):
 
     backend = make_backend(TARGET)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
     args = {k: v for k, v in kwargs.items() if k not in options}
     bound, specialization, opts = binder(**args, **options)
     opts, signature, constexprs, attrs = fn._pack_args(backend, options, bound, specialization, opts)
@@ -306,7 +362,8 @@ def _registers(operands):
     return out
 
 
-_BRANCH = re.compile(r"^@!?P\d BRA (?:`\()?0x([0-9a-f]+)")
+#: a conditional branch (``@P0 BRA 0x...``, or with a second predicate: ``@!P0 BRA P2, 0x...``)
+_BRANCH = re.compile(r"^@!?P\d BRA (?:!?U?P[T0-9]+,\s*)?(?:`\()?0x([0-9a-f]+)")
 
 
 def _cold(instrs):
@@ -316,7 +373,11 @@ def _cold(instrs):
     read-only table of 2/pi, a double-precision product) that a conditional branch jumps over;
     a forward branch whose skipped code reads through the read-only path (``LDG.E.CONSTANT``,
     which the kernels do not use otherwise) or converts a 64-bit integer to double and
-    multiplies in double precision (they compute in single precision) is that path."""
+    multiplies in double precision (they compute in single precision) is that path. A branch
+    over code that libdevice's path has none of (an unconditional ``EXIT``, a barrier, a
+    shuffle, a global store or asynchronous copy) is not: it skips a whole part of the program,
+    slow paths and all (the mixed kernel's segments and its branch between the rows of an
+    adapter and rows without one)."""
     ranges = []
     for i, (addr, text) in enumerate(instrs):
         m = _BRANCH.match(text)
@@ -324,6 +385,8 @@ def _cold(instrs):
             continue
         end = int(m.group(1), 16)
         skipped = [_opcode(t) for a, t in instrs[i + 1:] if a < end]
+        if any(op == "EXIT" or op.startswith(("BAR", "SHFL", "STG", "LDGSTS")) for op in skipped):
+            continue
         if any(op.startswith("LDG.E.CONSTANT") for op in skipped) or (
                 any(op.startswith("I2F.F64") for op in skipped) and any(op.startswith("DMUL") for op in skipped)):
             ranges.append((addr, end))
@@ -348,7 +411,7 @@ def parse_sass(text: str):
     instrs, words = [instrs[i] for i in hot], [words[i] for i in hot]
     loops = []
     for addr, text in instrs:
-        target = re.search(r"BRA\s+(?:`\()?0x([0-9a-f]+)", text)
+        target = re.search(r"BRA\s+(?:!?U?P[T0-9]+,\s*)?(?:`\()?0x([0-9a-f]+)", text)
         if target and int(target.group(1), 16) < addr:
             loops.append((int(target.group(1), 16), addr))
     return instrs, words, loops
@@ -398,6 +461,8 @@ def _hbm_bytes(launch: Launch) -> tuple[int, int]:
             read = a["n_parts"] * a["stride_part"] * elem
         return read, (_nbytes(a["dparams"]) if a["HAS_DPARAMS"] else 0) + (_nbytes(a["dscale"]) if a["HAS_DSCALE"]
                                                                             else 0)
+    if name == "_givens_fwd_mixed_kernel":
+        return _mixed_bytes(launch)
     rows, d = a["n_rows"], a["d"]
     elem = next(a[k] for k in ("x", "y", "dx") if k in a).element_size()
     if name in ("_givens_fwd_kernel",):
@@ -437,6 +502,35 @@ def _hbm_bytes(launch: Launch) -> tuple[int, int]:
     raise KeyError(f"no HBM byte count for kernel {name}")
 
 
+def _mixed_bytes(launch: Launch) -> tuple[int, int]:
+    """``(read, written)`` HBM bytes of the mixed kernel: every row of ``x`` read and written once
+    (the tiles partition the rows), ``order`` and the tile table once, and each adapter in use's
+    coefficients (and scale) once. Every program reads its adapters' coefficients again, once
+    per segment and chunk: those reads are assumed to be L2 hits (64 adapters' blocks at
+    d = 4096 are 4.2 MB, in 50 MB of L2), priced as L2 latency in each program's path, not as
+    HBM bytes (:func:`mixed_l2_bytes` counts them)."""
+    a = launch.kwargs
+    rows, d = a["x"].shape
+    tiles = launch.info["tiles"]
+    used = len({adapter for _, _, adapter in tiles if adapter >= 0})
+    coefs = used * a["coefs_per_adapter"] * a["coefs"].element_size()
+    scale = used * d * a["scale"].element_size() if a["HAS_SCALE"] else 0
+    data = rows * d * a["x"].element_size()
+    return data + _nbytes(a["order"]) + _nbytes(a["tiles"]) + coefs + scale, data
+
+
+def mixed_l2_bytes(launch: Launch) -> int:
+    """Coefficient (and scale) bytes the mixed kernel's programs read in all: each program its
+    segments' adapters' share for its chunk, once per segment (about; :func:`mixed_segments`)."""
+    a = launch.kwargs
+    d = a["x"].shape[1]
+    chunks = launch.grid[1]
+    segments = sum(len(p) for p in mixed_segments(launch))
+    coefs = a["coefs_per_adapter"] * a["coefs"].element_size()
+    scale = d * a["scale"].element_size() if a["HAS_SCALE"] else 0
+    return segments * chunks * ((coefs + scale) // chunks)
+
+
 # ------------------------------------------------------------------------------------------
 # the model
 
@@ -447,35 +541,62 @@ L2_RESIDENT = {"_givens_grad_sum_kernel", "_givens_fwd_roots_kernel", "_givens_b
 
 
 def kernel_row(launch: Launch, rows: int, cache: dict) -> dict:
-    """Static counts, one warp's path and, per card and constant set, the time of one Triton launch."""
+    """Static counts, one warp's path and, per card and constant set, the time of one Triton launch.
+
+    A launch whose programs differ (the mixed kernel's: segments of different lengths and
+    numbers, :func:`_classes`) counts its mean program's instructions (each kind's weighted by
+    its share of the programs); its path is its slowest program's when all run in one wave, the
+    mean program's over several."""
     key = launch_key(launch.fn, launch.kwargs)
     if key not in cache:
         cache[key] = read_sass(compile_kernel(launch.fn, launch.kwargs))
     sass = cache[key]
     warps = launch.kwargs.get("num_warps", 4)
     programs = math.prod(launch.grid)
-    trips = _trips(launch, sass)
-    mult = sass.multiplicity(trips)
+    classes = _classes(launch, sass)
     per_program = collections.Counter()
     issue = sm90.IssueCounts()
-    for (_, text), m in zip(sass.instrs, mult):
-        op = _opcode(text)
-        issue.add(op, m)
-        per_program["all"] += m
-        per_program["bar"] += m * op.startswith("BAR")
-        per_program["smem"] += m * op.startswith(("LDS", "STS", "LDSM", "STSM"))
-        per_program["shfl"] += m * op.startswith("SHFL")
-    ctas = ctas_per_sm(sass.regs, warps, sass.smem)
-    resident = max(1, min(ctas, -(-programs // SMS)))
-    in_flight = sass.in_flight_bytes() * 32 * warps * resident
-    read, written = _hbm_bytes(launch)
-    instrs = sass.scheduled()
     resident = launch.name in L2_RESIDENT
-    paths = {k.name: sm90.timeline(instrs, sass.loops, trips, k, resident) for k in sm90.SETS}
+    by_class = []
+    for count, trips, code in classes:
+        share = count / programs if len(classes) > 1 else 1
+        mult = code.multiplicity(trips)
+        for (_, text), m in zip(code.instrs, mult):
+            m = m * share if share != 1 else m
+            op = _opcode(text)
+            issue.add(op, m)
+            per_program["all"] += m
+            per_program["bar"] += m * op.startswith("BAR")
+            per_program["smem"] += m * op.startswith(("LDS", "STS", "LDSM", "STSM"))
+            per_program["shfl"] += m * op.startswith("SHFL")
+        instrs = code.scheduled()
+        by_class.append((share, trips, {k.name: sm90.timeline(instrs, code.loops, trips, k, resident)
+                                        for k in sm90.SETS}))
+    ctas = ctas_per_sm(sass.regs, warps, sass.smem)
+    if len(by_class) == 1:
+        paths = by_class[0][2]
+    elif programs <= max(1, ctas) * SMS:
+        # one wave: the launch waits for its slowest program
+        paths = {k.name: max((c[k.name] for _, _, c in by_class), key=lambda p: p.cycles) for k in sm90.SETS}
+    else:
+        # several waves: a slot that finishes early takes the next program, so the mean program
+        main = max(by_class, key=lambda c: c[0])[2]
+        paths = {name: sm90.Path(cycles=sum(sh * c[name].cycles for sh, _, c in by_class),
+                                 iteration=main[name].iteration,
+                                 round_trips=max(c[name].round_trips for _, _, c in by_class),
+                                 iterations=main[name].iterations,
+                                 first_stream=sum(sh * c[name].first_stream for sh, _, c in by_class))
+                 for name in main}
+    # the bytes in flight of the main loop (the mixed kernel's first row loop: its first loop is a scan)
+    walked = _part(sass, lambda a: True)
+    if launch.name == "_givens_fwd_mixed_kernel":
+        walked.loops = [loop for loop, kind in zip(sass.loops, _loop_kinds(sass)) if kind == "rows"][:1]
+    in_flight = walked.in_flight_bytes() * 32 * warps * max(1, min(ctas, -(-programs // SMS)))
+    read, written = _hbm_bytes(launch)
     cards = {c.name: {k.name: sm90.launch_time(paths[k.name], issue, programs, warps, ctas, read + written, c, k)
                       for k in c.sets} for c in sm90.CARDS}
     widths = collections.Counter(_opcode(t) for _, t in sass.instrs if _opcode(t).startswith(("LDG", "STG")))
-    return {
+    out = {
         "launch": launch.name, "grid": list(launch.grid), "num_warps": warps,
         "regs": sass.regs, "spill_bytes": sass.stack, "smem_bytes": sass.smem,
         "ctas_per_sm": ctas, "warps_per_sm": ctas * warps,
@@ -487,11 +608,132 @@ def kernel_row(launch: Launch, rows: int, cache: dict) -> dict:
         "in_flight_bytes_per_sm": in_flight,
         "hbm_bytes_per_row": (read + written) / rows,
         "round_trips": paths["pess"].round_trips,
-        "path": {name: {"cycles": p.cycles, "iteration_cycles": p.iteration, "iterations": p.iterations}
+        "path": {name: {"cycles": p.cycles, "iteration_cycles": p.iteration, "iterations": p.iterations,
+                        "first_stream_cycles": p.first_stream}
                  for name, p in paths.items()},
         "issue": {"instructions_per_warp": issue.instructions, "pipes": dict(issue.pipes), "mio_cycles": issue.mio},
         "cards": cards,
     }
+    if len(by_class) > 1 or launch.name == "_givens_fwd_mixed_kernel":
+        out["program_kinds"] = len(by_class)
+    if launch.name == "_givens_fwd_mixed_kernel":
+        segments = [len(p) for p in mixed_segments(launch)]
+        out["segments_per_program"] = {"mean": sum(segments) / len(segments), "max": max(segments)}
+        out["l2_coef_bytes_per_row"] = mixed_l2_bytes(launch) / rows
+    return out
+
+
+def _classes(launch: Launch, sass: Sass) -> list:
+    """The launch's programs by what they run: ``[(programs, trips, code)]``, ``code`` the
+    instructions they walk (a :class:`Sass`), ``trips`` its loops' trip counts."""
+    if launch.name == "_givens_fwd_mixed_kernel":
+        return _mixed_classes(launch, sass)
+    return [(math.prod(launch.grid), _trips(launch, sass), sass)]
+
+
+def _part(sass: Sass, keep) -> Sass:
+    """``sass`` with only the instructions at the addresses ``keep(address)`` holds, and their loops."""
+    idx = [i for i, (a, _) in enumerate(sass.instrs) if keep(a)]
+    words = [sass.words[i] for i in idx] if sass.words else None
+    loops = [(s, e) for s, e in sass.loops if keep(s) and keep(e)]
+    return Sass([sass.instrs[i] for i in idx], loops, sass.regs, sass.stack, sass.smem, words)
+
+
+def mixed_segments(launch: Launch) -> list:
+    """Each program's segments as the mixed kernel walks them: ``(adapter, slots, scan loads)``
+    per run of one adapter's tiles in the program's share of the slots (the kernel's own
+    arithmetic, on the tile table the launch was recorded with)."""
+    if "segments" not in launch.info:
+        blocks, tiles = launch.kwargs["TILE_BLOCKS"], launch.info["tiles"]
+        n_slots, programs = len(tiles) * blocks, launch.grid[0]
+        out = []
+        for i in range(programs):
+            lo, hi = i * n_slots // programs, (i + 1) * n_slots // programs
+            segments, s = [], lo
+            while s < hi:
+                t, last = s // blocks, (hi - 1) // blocks
+                adapter, end, scans = tiles[t][2], t + 1, 0
+                while end <= last:
+                    scans += 1
+                    if tiles[end][2] != adapter:
+                        break
+                    end += 1
+                segments.append((adapter, min(hi, end * blocks) - s, scans))
+                s = min(hi, end * blocks)
+            out.append(tuple(segments))
+        launch.info["segments"] = out
+    return launch.info["segments"]
+
+
+def _loop_kinds(sass: Sass) -> list:
+    """Each loop's kind: ``"outer"`` (it holds another loop), ``"rows"`` (shuffles and stores: a
+    row loop), ``"copy"`` (stores, no shuffle), ``"scan"`` (neither)."""
+    kinds = []
+    for start, end in sass.loops:
+        if any(start <= s and e <= end and (s, e) != (start, end) for s, e in sass.loops):
+            kinds.append("outer")
+            continue
+        ops = [_opcode(t) for a, t in sass.instrs if start <= a <= end]
+        stores, shuffles = any(o.startswith("STG") for o in ops), any(o.startswith("SHFL") for o in ops)
+        kinds.append("rows" if stores and shuffles else "copy" if stores else "scan")
+    return kinds
+
+
+def _mixed_layout(sass: Sass) -> dict:
+    """Where the mixed kernel's parts are in its code: the segments written out one after the
+    other (``guards``: the branch over each, taken when the program has no such segment) and
+    the loop over any further ones (``outer``), and which part each loop is in (``part``: the
+    written-out segment's index, or their count for the loop)."""
+    kinds = _loop_kinds(sass)
+    outer = [loop for loop, k in zip(sass.loops, kinds) if k == "outer"]
+    rows = [loop for loop, k in zip(sass.loops, kinds)
+            if k == "rows" and not any(o[0] <= loop[0] <= o[1] for o in outer)]
+    if len(outer) != 1 or not rows or kinds.count("rows") != len(rows) + 1:
+        raise RuntimeError(f"_givens_fwd_mixed_kernel: unexpected loops {list(zip(sass.loops, kinds))}")
+    branches = [(a, int(m.group(1), 16)) for a, t in sass.instrs for m in [_BRANCH.match(t)]
+                if m and int(m.group(1), 16) > a]
+    guards, after = [], 0
+    for (start, end), limit in zip(rows, [r[0] for r in rows[1:]] + [outer[0][0]]):
+        found = [(a, target) for a, target in branches if after <= a < start and end < target <= limit]
+        if not found:
+            raise RuntimeError(f"_givens_fwd_mixed_kernel: no branch over the segment of loop {start:#x}")
+        guards.append(min(found))
+        after = guards[-1][1]
+    part = []
+    for start, end in sass.loops:
+        if outer[0][0] <= start and end <= outer[0][1]:
+            part.append(len(guards))
+        else:
+            part.append(next(i for i, (a, target) in enumerate(guards) if a < start < target))
+    return dict(kinds=kinds, guards=guards, part=part)
+
+
+def _mixed_classes(launch: Launch, sass: Sass) -> list:
+    """The mixed kernel's programs by their segments (:func:`mixed_segments`): a program walks
+    its first segments in the parts written out for them, one each, and any more in the loop
+    after those; each segment runs its row loop once per slot (the software-pipelined loop's
+    trip count, as the forward's) and its scan once per tile load. Segments of adapter -1
+    (rows copied) are not priced."""
+    if any(adapter < 0 for _, _, adapter in launch.info["tiles"]):
+        raise NotImplementedError("the static model prices mixed batches without rows of adapter -1")
+    layout = _mixed_layout(sass)
+    guards, written = layout["guards"], len(layout["guards"])
+    chunks = launch.grid[1]
+    out = []
+    for segments, count in sorted(collections.Counter(mixed_segments(launch)).items()):
+        extra = segments[written:]
+        per_part = [segments[i] if i < len(segments) else (0, 0, 0) for i in range(written)]
+        # the loop over further segments: their mean, rounded up
+        per_part.append((0, -(-sum(s for _, s, _ in extra) // len(extra)),
+                         -(-sum(n for _, _, n in extra) // len(extra))) if extra else (0, 0, 0))
+        trips = [len(extra) if kind == "outer" else per_part[part][1] if kind == "rows"
+                 else per_part[part][2] if kind == "scan" else 0
+                 for kind, part in zip(layout["kinds"], layout["part"])]
+        absent = guards[len(segments):]
+        code = _part(sass, lambda a: not any(g < a < target for g, target in absent)) if absent else sass
+        trips = [n for n, loop in zip(trips, sass.loops) if loop in code.loops]
+        out.append((count * chunks, trips, code))
+    return out
 
 
 def name_is(launch: Launch, name: str) -> bool:
@@ -567,7 +809,7 @@ def evaluate(op, d, rows, dtype, block, scale, launches, cache, **extra) -> list
                  if launch.fn is not None]
         main = max(timed, key=lambda t: t[0])[1] if timed else None
         cfg = {k: v for k, v in (main.kwargs if main else {}).items()
-               if k in ("LE", "LG", "BLOCK_N", "num_warps", "STAGES", "LC", "n_iters")}
+               if k in ("LE", "LG", "BLOCK_N", "num_warps", "STAGES", "LC", "n_iters", "TILE_BLOCKS", "maxnreg")}
         if main is not None:
             cfg["programs"] = main.grid[0]
             cfg["main_launch"] = main.name
@@ -707,7 +949,9 @@ _V3 = None
 # the matrix, the JSON and the table
 
 #: the targets of the default configurations, pessimistic constants, both cards (``merge``: end to end)
-TARGETS = {"forward": 1.15, "forward_t": 1.15, "backward": 1.8, "merge": 1.5}
+TARGETS = {"forward": 1.15, "forward_t": 1.15, "backward": 1.8, "merge": 1.5, "mixed": 1.2}
+#: the mixed batch's target holds for runs of at least this many rows (issue 29); shorter runs are priced only
+MIXED_TARGET_RUN_ROWS = 16
 #: dependent global round trips a row-loop iteration may wait for, at most
 MAX_ROUND_TRIPS = 2
 
@@ -730,12 +974,22 @@ class Task:
     scale: bool
     env: tuple = ()
     reference: str = ""
+    # op "mixed": the batch (:func:`mixed_index`)
+    adapters: int = 0
+    run_rows: int = 0
+    assign: str = ""
 
     def run(self, cache=None) -> list[dict]:
         cache = {} if cache is None else cache
         dtype = getattr(torch, self.dtype)
         extra = dict(default=not self.env and not self.reference, env=dict(self.env))
-        if self.reference == "copy":
+        if self.op == "mixed":
+            mixed = dict(adapters=self.adapters, run_rows=self.run_rows, assign=self.assign)
+            launches = record(self.op, self.d, self.rows, dtype, self.block, self.scale, dict(self.env), mixed=mixed)
+            tiles = next(launch.info["tiles"] for launch in launches if "tiles" in launch.info)
+            extra.update(mixed, tiles=len(tiles), tile_rows_max=max(n for _, n, _ in tiles),
+                         tile_rows_min=min(n for _, n, _ in tiles))
+        elif self.reference == "copy":
             launches = copy_launches(self.rows, self.d, dtype)
         elif self.reference == "v2":
             launches = v2_launches(self.op, self.d, self.rows, dtype, self.block)
@@ -747,6 +1001,8 @@ class Task:
         for row in rows:
             if self.reference:
                 row["reference"] = self.reference
+            elif self.op == "mixed" and self.run_rows < MIXED_TARGET_RUN_ROWS:
+                pass  # priced, no target
             else:
                 row["target_over_clone"] = target(self.op, self.d)
                 row["meets_target"] = (row["predicted_over_clone"] <= row["target_over_clone"]
@@ -759,13 +1015,18 @@ V3_ROWS = [(op, d, v) for d in (1024, 4096, 16384) for op in ("forward", "forwar
            for v in ("quasi+scale", "givens")] + [("merge", 4096, v) for v in ("quasi+scale", "givens")]
 
 
-def matrix(dims, ops_, variants, rows, dtypes=DTYPES, references=("copy", "v2", "v3"), sweep=True):
+def matrix(dims, ops_, variants, rows, dtypes=DTYPES, references=("copy", "v2", "v3"), sweep=True,
+           run_rows=RUN_ROWS, assign=ASSIGN, adapters=MIXED_ADAPTERS):
     tasks = []
     for d in dims:
         for op in ops_:
             for dtype in dtypes:
                 for name in variants:
                     if op == "merge" and d != 4096:
+                        continue
+                    if op == "mixed":
+                        tasks += [Task(op, d, rows, dtype, *VARIANTS[name], adapters=adapters, run_rows=r, assign=a)
+                                  for r in run_rows for a in assign]
                         continue
                     tasks.append(Task(op, d, 4096 if op == "merge" else rows, dtype, *VARIANTS[name]))
     if sweep and 4096 in dims:
@@ -812,7 +1073,8 @@ def table(rows, dtypes=("bfloat16",)) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     by = collections.defaultdict(dict)
     for r in rows:
-        if (r.get("default") or r.get("reference") in ("copy", "v2")) and r["dtype"] in dtypes:
+        if ((r.get("default") or r.get("reference") in ("copy", "v2")) and r["dtype"] in dtypes
+                and r["kernel"] != "mixed"):
             by[_key(r)][r["gpu"]] = r
     lines = []
     for key, cards in by.items():
@@ -838,6 +1100,39 @@ def table(rows, dtypes=("bfloat16",)) -> str:
                      f"| {tile} | {main['regs']} | {main['ctas_per_sm']} x {main['num_warps']} | {r['waves']:.2f} "
                      f"| {r['round_trips']} | {r['warp_instructions_per_row']:,.0f} | {r['barriers_per_row']:.1f} "
                      f"| {r['bound']} | {both(h100)} | {both(h200)} | {goal} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def mixed_table(rows, dtypes=("bfloat16",)) -> str:
+    """The markdown table of the mixed batches: one line per width, variant, run length and
+    assignment, both cards."""
+    head = ("| d | dtype | variant | runs of | adapters to runs | tiles (rows) | regs | CTAs x warps / SM | waves "
+            "| round trips | bound | H100 opt - pess | H200 opt - pess | target |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    by = collections.defaultdict(dict)
+    for r in rows:
+        if r["kernel"] == "mixed" and r["dtype"] in dtypes:
+            by[(r["d"], r["dtype"], r["block"], r["scale"], r["run_rows"], r["assign"])][r["gpu"]] = r
+
+    def both(x):
+        return "-" if x is None else f"{x['predicted_over_clone_opt']:.2f} - {x['predicted_over_clone_pess']:.2f}"
+    lines = []
+    for key in sorted(by, key=lambda k: (k[0], k[1], -k[4], k[5], list(VARIANTS).index(variant_name(k[2], k[3])))):
+        cards = by[key]
+        h100, h200 = cards.get("H100-SXM"), cards.get("H200")
+        r = h200 or h100
+        main = max((p for p in r["launches"] if "regs" in p), key=lambda p: p["time_pess"])
+        rows_ = (f"{r['tile_rows_min']}" if r["tile_rows_min"] == r["tile_rows_max"]
+                 else f"{r['tile_rows_min']}-{r['tile_rows_max']}")
+        if "target_over_clone" in r:
+            met = all(x["meets_target"] for x in cards.values())
+            goal = f"<= {r['target_over_clone']:g}" + (" met" if met else " **missed**")
+        else:
+            goal = "-"
+        lines.append(f"| {r['d']} | {r['dtype']} | {variant_name(r['block'], r['scale'])} | {r['run_rows']} "
+                     f"| {r['assign']} | {r['tiles']} ({rows_}) | {main['regs']} | {main['ctas_per_sm']} x "
+                     f"{main['num_warps']} | {r['waves']:.2f} | {r['round_trips']} | {r['bound']} | {both(h100)} "
+                     f"| {both(h200)} | {goal} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -900,10 +1195,16 @@ def write_table(path, text, name="sass"):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sass", description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=list(DIMS))
-    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS)
+    parser.add_argument("--ops", nargs="+", default=list(OPS), choices=ALL_OPS,
+                        help="mixed (a mixed batch, each row its own adapter) only when named")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--rows", type=int, default=16384)
+    parser.add_argument("--run-rows", type=int, nargs="+", default=list(RUN_ROWS),
+                        help="mixed: the rows come in runs of this many rows of one adapter")
+    parser.add_argument("--assign", nargs="+", default=list(ASSIGN), choices=ASSIGN,
+                        help="mixed: adapters given to the runs in turn, or at random (seed 0)")
+    parser.add_argument("--adapters", type=int, default=MIXED_ADAPTERS, help="mixed: adapters stacked")
     parser.add_argument("--references", nargs="*", default=["copy", "v2", "v3"], choices=["copy", "v2", "v3"],
                         help="the reference points to add (none: --references)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the non-default configurations")
@@ -918,11 +1219,14 @@ def main(argv=None) -> int:
             rows = json.load(fh)["rows"]
         text = table(rows)
         print(text)
+        if any(r["kernel"] == "mixed" for r in rows):
+            print(mixed_table(rows, tuple(args.dtypes)))
         if args.table:
             write_table(args.table, text)
             write_table(args.table, versus(rows), "sass-v3")
         return 0
-    tasks = matrix(args.dims, args.ops, args.variants, args.rows, args.dtypes, args.references, not args.no_sweep)
+    tasks = matrix(args.dims, args.ops, args.variants, args.rows, args.dtypes, args.references, not args.no_sweep,
+                   args.run_rows, args.assign, args.adapters)
     print(f"{len(tasks)} ops to compile for sm_90 with triton {triton.__version__} ({args.jobs} processes)",
           flush=True)
     if args.jobs > 1:
@@ -941,6 +1245,8 @@ def main(argv=None) -> int:
         fh.write(dumps(meta, rows))
     text = table(rows)
     print(text)
+    if "mixed" in args.ops:
+        print(mixed_table(rows, tuple(args.dtypes)))
     if args.table:
         write_table(args.table, text)
         write_table(args.table, versus(rows), "sass-v3")

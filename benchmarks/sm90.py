@@ -220,6 +220,7 @@ class Path:
     iteration: float          # one steady-state iteration of the main loop (0 without a loop)
     round_trips: int          # dependent global round trips inside one main-loop iteration (or the program)
     iterations: int           # trips of the main loop (1 without a loop)
+    first_stream: float = 0.0  # when its first 16-byte load from DRAM issues (0: it has none)
 
 
 class _Warp:
@@ -234,6 +235,7 @@ class _Warp:
         self.group = None           # the open cp.async group: [done, depth]
         self.iteration = 0          # which loop iteration is being walked (for the round trips)
         self.depth = 0              # dependent global round trips waited for in this iteration
+        self.first_stream = None    # issue cycle of the first 16-byte load from DRAM
 
     def _drain(self, b: int, keep: int = 0) -> float:
         """Wait until at most ``keep`` operations are outstanding on scoreboard ``b``; the time it allows."""
@@ -256,6 +258,8 @@ class _Warp:
                 ready = max(ready, self._drain(e))
         issue = ready
         op = ins.op
+        if self.first_stream is None and not self.resident and is_global_load(op) and width(op) == 16:
+            self.first_stream = issue
         self.t = issue + max(1, ins.stall)
         if op.startswith(("BAR.SYNC", "BAR.RED")):
             self.t = max(self.t, issue + self.k.barrier)
@@ -354,9 +358,10 @@ def timeline(instrs: list[Instr], loops: list, trips: list, k: Constants, reside
     region(0, len(instrs) - 1, _nest(loops))
     if main is None:
         # a program without a loop is one iteration
-        return Path(cycles=warp.t, iteration=warp.t, round_trips=warp.depth, iterations=1)
+        return Path(cycles=warp.t, iteration=warp.t, round_trips=warp.depth, iterations=1,
+                    first_stream=warp.first_stream or 0.0)
     return Path(cycles=warp.t, iteration=found.get("iteration", 0.0), round_trips=found.get("round_trips", 0),
-                iterations=counts[main])
+                iterations=counts[main], first_stream=warp.first_stream or 0.0)
 
 
 # ------------------------------------------------------------------------------------------
@@ -374,21 +379,32 @@ def launch_time(path: Path, issue: IssueCounts, programs: int, warps: int, ctas:
 
     The CTAs fill ``ctas`` resident slots per SM in waves; each wave takes the longest of
     one warp's path, the issue and pipe cycles of the warps sharing a scheduler (and the
-    SM's memory pipe), and its share of the bytes at the copy bandwidth.
+    SM's memory pipe), and its share of the bytes at the copy bandwidth. A wave after the
+    first starts when the one before it ends (its programs do the same work, so they end
+    together), and until its programs issue their first 16-byte load from DRAM (the path's
+    ``first_stream``: the prologue, such as loading coefficients) the memory has nothing of
+    theirs to stream: that time adds to such a wave's memory side. The first wave's is left
+    out, as it is for one wave of persistent programs (what ``torch.clone`` is compared with
+    has no such prologue either: docs/tuning.md, "Mixed batches").
     """
     slots = max(1, ctas) * card_.sms
     waves = programs / slots
     full, tail = divmod(programs, slots)
-    parts = [(slots, full)] + ([(tail, 1)] if tail else [])
+    dead = path.first_stream / k.clock
+    # (programs in the wave, waves like it, its time before the first streamed load)
+    if dead and full + bool(tail) > 1:
+        parts = ([(slots, 1, 0.0)] if full else []) + [(slots, full - 1, dead)] + ([(tail, 1, dead)] if tail else [])
+    else:
+        parts = [(slots, full, 0.0)] + ([(tail, 1, 0.0)] if tail else [])
     totals = collections.Counter()
-    for size, count in parts:
+    for size, count, wait in parts:
         if not count:
             continue
         per_sm = -(-size // card_.sms)
         per_scheduler = -(-per_sm * warps // SCHEDULERS)
         latency = path.cycles / k.clock
         issue_t = max(per_scheduler * issue.scheduler_cycles(k), per_sm * warps * issue.mio) / k.clock
-        memory = hbm_bytes * size / programs / card_.copy_bw
+        memory = hbm_bytes * size / programs / card_.copy_bw + wait
         wave = {"memory": memory, "issue": issue_t, "latency": latency}
         bound = max(wave, key=wave.get)
         totals["time"] += count * wave[bound]

@@ -6,8 +6,10 @@ or ``[A, P, 2, 2]`` blocks, ``[A, d]`` scales) and give each row the index of it
 ``-1`` for none (that row passes through bit for bit). :class:`MixedBatch` sorts the rows by
 adapter once per batch and cuts them into tiles of one adapter each; every layer of a
 forward reuses it. The Triton kernel (``kernels.forward.givens_fwd_mixed``) then runs one
-program per tile and chunk, each loading its adapter's coefficients once; the PyTorch path
-rotates each adapter's rows with the ordinary path. docs/api.md, "Mixed batches".
+wave of persistent programs per chunk, each walking a contiguous share of the tiles and
+loading an adapter's coefficients once per run of that adapter's tiles; the PyTorch path
+rotates each adapter's rows with the ordinary path. docs/api.md, "Mixed batches";
+docs/tuning.md, "Mixed batches", for the kernel's design and its static model.
 
 Only ``x @ R`` is offered (the forward of an adapted layer). Gradients are exact on both
 paths (the Triton path's backward runs the ordinary backward once per adapter present); the
@@ -23,8 +25,8 @@ import torch
 from . import ops
 from .checks import check_float, check_params, describe, rotation_shape
 
-#: Rows per tile of a mixed batch on a GPU: each program loads its adapter's coefficients once
-#: for this many rows (fewer where an adapter has fewer)
+#: Rows per tile of a mixed batch on a GPU (fewer where an adapter has fewer): the unit the
+#: kernel's programs share out; a program loads an adapter's coefficients once per run of tiles
 TILE_ROWS = 32
 #: Block width of the dense factors a mixed batch keeps per adapter on the CPU: ``d (b + d / b**2)``
 #: values per adapter and layer, the fewest at ``b = 16`` for the usual widths, where the kernel

@@ -78,6 +78,24 @@ def test_each_row_matches_its_adapter(d, combo, backend, device, gen):
     assert_close(y, _oracle(x, params, s, index, block), name="y")
 
 
+@pytest.mark.parametrize("programs", [1, 3, 7])
+@pytest.mark.parametrize("block_n", [1, 2])
+@pytest.mark.parametrize("d", [16, 77], ids=lambda d: f"d{d}")
+def test_kernel_programs_walk_many_segments(d, block_n, programs, device, gen, monkeypatch):
+    """The Triton kernel's persistent programs, each over a share of the row blocks that starts and
+    ends inside tiles and crosses many adapters (more segments than the two written out, the rest
+    in its loop), base tiles and short tiles' empty slots among them: every row its adapter's."""
+    monkeypatch.setenv("QGOFT_BLOCK_N", str(block_n))
+    monkeypatch.setenv("QGOFT_PROGRAMS", str(programs))
+    params, s = _stack(d, 5, "quasi", True, gen, device)
+    x = torch.randn(61, d, generator=gen).to(device)
+    index = torch.cat([_index(40, 5, gen, device, runs=1), _index(21, 5, gen, device, runs=7)])
+    y = qk.givens_rotate(x, params, block="quasi", scale=s, adapter_index=index, backend="triton")
+    assert_close(y, _oracle(x, params, s, index, "quasi"), name="y")
+    base = index.reshape(-1) < 0
+    assert torch.equal(y[base], x[base])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_low_precision_rows_within_twice_the_torch_path(dtype, backend, device, gen):

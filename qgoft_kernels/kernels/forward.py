@@ -13,7 +13,20 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import acc_dtype, config, fit_grid, fit_roots, new_output, roots_config, round_bf16, wide_words
+from .launch import (
+    MIXED_MAX_REGISTERS,
+    acc_dtype,
+    config,
+    fit_grid,
+    fit_roots,
+    mixed_config,
+    mixed_programs,
+    new_output,
+    on_gpu,
+    roots_config,
+    round_bf16,
+    wide_words,
+)
 from .tree import (
     _chunk,
     _chunk_root,
@@ -176,45 +189,102 @@ def _givens_fwd_roots_kernel(y, roots, coefs, n_rows, d, stride_y, n_iters, n_ch
                  _to_output(b_out, y.dtype.element_ty, ROUND_BF16), mask=m_n[:, None] & ((o_k << R0) < d)[None, :])
 
 
-# the tile's rows and adapter are runtime values: one binary for every batch
-@triton.jit
-def _givens_fwd_mixed_kernel(x, y, coefs, scale, order, tiles, d, stride_x, stride_y, coefs_per_adapter,
+# the tile table is a runtime value: one binary for every batch
+@triton.jit(do_not_specialize=["n_tiles"])
+def _givens_fwd_mixed_kernel(x, y, coefs, scale, order, tiles, n_tiles, d, stride_x, stride_y, coefs_per_adapter,
                              L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr,
-                             QUASI: tl.constexpr, HAS_SCALE: tl.constexpr, ACC: tl.constexpr,
-                             ROUND_BF16: tl.constexpr, STAGES: tl.constexpr, WIDE: tl.constexpr):
-    """``y = x @ R_a`` for the rows of tile ``program_id(0)``, all of one adapter ``a``, on chunk
-    ``program_id(1)``: a mixed batch (:func:`givens_fwd_mixed`).
+                             TILE_BLOCKS: tl.constexpr, QUASI: tl.constexpr,
+                             HAS_SCALE: tl.constexpr, ACC: tl.constexpr, ROUND_BF16: tl.constexpr,
+                             STAGES: tl.constexpr, WIDE: tl.constexpr, FULL: tl.constexpr):
+    """``y = x @ R_a`` row by row, ``a`` the row's adapter, on chunk ``program_id(1)``: a mixed
+    batch (:func:`givens_fwd_mixed`).
 
-    ``tiles`` holds ``(first, rows, adapter)`` per tile: the tile's rows are
-    ``order[first : first + rows]``. The program loads adapter ``a``'s coefficients once (from
-    ``coefs + a * coefs_per_adapter``, its scale from ``scale + a * d``) and walks its rows in
-    blocks of ``BLOCK_N``, as :func:`_givens_fwd_kernel` walks its own. A tile of adapter
-    ``-1`` copies its rows unchanged, bit for bit.
+    ``tiles`` holds ``(first, rows, adapter)`` per tile, in ``order``'s order: the tile's rows
+    are ``order[first : first + rows]``, at most ``TILE_BLOCKS`` blocks of ``BLOCK_N`` rows.
+    Block ``j`` of tile ``t`` is slot ``t * TILE_BLOCKS + j`` (a slot past a short tile's rows
+    is empty). The programs along ``program_id(0)`` are persistent (one wave): each walks one
+    contiguous share of the slots, as segments of one adapter each (:func:`_mixed_segment`),
+    so it loads an adapter's coefficients once per segment, not per tile. A program's first two
+    segments run in code written out for each, software-pipelined; any further one (a share
+    over adapters of few rows) runs in a loop, one block at a time: a software-pipelined loop
+    inside a loop over segments kept more registers live than two 8-warp CTAs per
+    multiprocessor allow.
     """
-    i_t, i_c = tl.program_id(0), tl.program_id(1)
-    first = tl.load(tiles + 3 * i_t)
-    n_rows = tl.load(tiles + 3 * i_t + 1)
-    adapter = tl.load(tiles + 3 * i_t + 2).to(tl.int64)
-    n_blocks = tl.cdiv(n_rows, BLOCK_N)
+    i_p, i_c = tl.program_id(0), tl.program_id(1)
+    n_programs = tl.num_programs(0)
+    n_slots = n_tiles.to(tl.int64) * TILE_BLOCKS
+    lo = ((i_p * n_slots) // n_programs).to(tl.int32)
+    hi = (((i_p + 1) * n_slots) // n_programs).to(tl.int32)
+    s = lo
+    for _ in tl.static_range(2):
+        if s < hi:
+            s = _mixed_segment(x, y, coefs, scale, order, tiles, s, hi, i_c, d, stride_x, stride_y,
+                               coefs_per_adapter, L, LE, LG, BLOCK_N, TILE_BLOCKS, QUASI, HAS_SCALE, ACC,
+                               ROUND_BF16, STAGES, WIDE, FULL)
+    while s < hi:
+        s = _mixed_segment(x, y, coefs, scale, order, tiles, s, hi, i_c, d, stride_x, stride_y, coefs_per_adapter,
+                           L, LE, LG, BLOCK_N, TILE_BLOCKS, QUASI, HAS_SCALE, ACC, ROUND_BF16, 1, WIDE, FULL)
+
+
+@triton.jit
+def _mixed_segment(x, y, coefs, scale, order, tiles, s, hi, i_c, d, stride_x, stride_y, coefs_per_adapter,
+                   L: tl.constexpr, LE: tl.constexpr, LG: tl.constexpr, BLOCK_N: tl.constexpr,
+                   TILE_BLOCKS: tl.constexpr, QUASI: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   ACC: tl.constexpr, ROUND_BF16: tl.constexpr, STAGES: tl.constexpr, WIDE: tl.constexpr,
+                   FULL: tl.constexpr):
+    """One segment of :func:`_givens_fwd_mixed_kernel`'s slots ``[s, hi)``: from slot ``s`` to the
+    first tile of another adapter, or to ``hi``; returns where it ended.
+
+    Adapter ``a >= 0``: its coefficients loaded once (from ``coefs + a * coefs_per_adapter``, the
+    scale from ``scale + a * d``), then the blocks as :func:`_givens_fwd_kernel` walks its own,
+    their loads (tile entry, ``order``, rows) issued ``STAGES - 1`` blocks ahead by the
+    compiler's software pipelining, across tiles. Adapter ``-1``: the rows copied unchanged, bit
+    for bit. ``FULL``: ``d == 2**L``, no column masks."""
+    K: tl.constexpr = 1 << (L - LE - LG)
+    C: tl.constexpr = (1 << LG) << LE
+    t = s // TILE_BLOCKS
+    t_last = (hi - 1) // TILE_BLOCKS
+    adapter = tl.load(tiles + 3 * t + 2)
+    # the next tiles of the same adapter, one load each (a vector of them would take a
+    # reduction, which triton 3.6 compiles to shuffles with a divergent path)
+    t_end = t + 1
+    more = t_end <= t_last
+    while more:
+        same = tl.load(tiles + 3 * t_end + 2) == adapter
+        t_end += same.to(tl.int32)
+        more = same & (t_end <= t_last)
+    end = tl.minimum(hi, t_end * TILE_BLOCKS)
     if adapter < 0:
-        o_c = i_c * ((1 << LG) << LE) + tl.arange(0, (1 << LG) << LE)
+        o_c = i_c * C + tl.arange(0, C)
         m_c = o_c < d
-        for it in range(0, n_blocks):
-            o_n, m_n = _tile_rows(order, first, n_rows, it, BLOCK_N)
+        for slot in range(s, end):
+            t = slot // TILE_BLOCKS
+            o_n, m_n = _tile_rows(order, tl.load(tiles + 3 * t), tl.load(tiles + 3 * t + 1), slot - t * TILE_BLOCKS,
+                                  BLOCK_N)
             t_x = _load_raw(x, o_n, stride_x, o_c, m_n, m_c, True)
             tl.store(y + o_n[:, None] * stride_y + o_c[None, :], t_x, mask=m_n[:, None] & m_c[None, :])
     else:
-        a_coefs = coefs + adapter * coefs_per_adapter
         a_scale = scale
         if HAS_SCALE:
-            a_scale = scale + adapter * d
+            a_scale = scale + adapter.to(tl.int64) * d
+        # i_c itself (adapter >= 0), but not known to be the same in every segment: else the
+        # compiler keeps what the prologue computes from i_c alone (the coefficients' addresses,
+        # the exchanges' masks) live around a loop over segments, in registers
+        i_v = tl.minimum(i_c, i_c + adapter)
         o_g, o_c, m_c, b_s, vector_cs, group_cs, o_k, o_r, m_r, downs_k = _fwd_prologue(
-            a_coefs, a_scale, d, i_c, L, LE, LG, QUASI, HAS_SCALE, False, ACC)
-        for it in tl.range(0, n_blocks, num_stages=STAGES):
-            o_n, m_n = _tile_rows(order, first, n_rows, it, BLOCK_N)
-            t_x, t_r = _fwd_loads(x, o_n, m_n, stride_x, o_c, m_c, o_r, m_r, 1 << (L - LE - LG), False, True, WIDE)
+            coefs + adapter.to(tl.int64) * coefs_per_adapter, a_scale, d, i_v, L, LE, LG, QUASI, HAS_SCALE, False,
+            ACC)
+        if FULL:
+            m_c = tl.full(o_c.shape, True, tl.int1)
+            m_r = tl.full(o_r.shape, True, tl.int1)
+        for slot in tl.range(s, end, num_stages=STAGES):
+            t = slot // TILE_BLOCKS
+            o_n, m_n = _tile_rows(order, tl.load(tiles + 3 * t), tl.load(tiles + 3 * t + 1), slot - t * TILE_BLOCKS,
+                                  BLOCK_N)
+            t_x, t_r = _fwd_loads(x, o_n, m_n, stride_x, o_c, m_c, o_r, m_r, K, False, True, WIDE)
             _fwd_block(y, y, o_n, m_n, i_c, stride_y, t_x, t_r, b_s, o_g, o_c, m_c, o_k, vector_cs, group_cs,
                        downs_k, L, LE, LG, BLOCK_N, HAS_SCALE, False, ACC, ROUND_BF16, True)
+    return end
 
 
 @triton.jit
@@ -263,25 +333,37 @@ def givens_fwd(x: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None,
 
 
 def givens_fwd_mixed(x: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None, order: torch.Tensor,
-                     tiles: torch.Tensor, *, quasi: bool) -> torch.Tensor:
+                     tiles: torch.Tensor, *, quasi: bool, tile_rows: int | None = None) -> torch.Tensor:
     """``x @ R_a`` row by row for a 2-D ``x`` with unit column stride, ``a`` the row's adapter.
 
     ``coefs`` (contiguous) stacks the adapters' blocks ``[A, P, 2, 2]`` (``quasi``) or angles
     ``[A, P]``; ``scale`` is ``[A, d]`` or ``None``. ``order`` (int32) lists the rows grouped by
-    adapter and ``tiles`` (int32 ``[T, 3]``) cuts it into tiles of one adapter each
-    (``qgoft_kernels.mixed.MixedBatch`` builds both, once per batch). One launch.
+    adapter and ``tiles`` (int32 ``[T, 3]``) cuts it into tiles of one adapter each, of at most
+    ``tile_rows`` rows (default ``qgoft_kernels.mixed.tile_rows``: what
+    ``qgoft_kernels.mixed.MixedBatch`` builds them with, once per batch). One launch of
+    persistent programs, sized from the compiled kernel's occupancy (one wave), each walking a
+    contiguous share of the tiles' row blocks.
     """
     n_rows, d = x.shape
     y = new_output((n_rows, d), x.dtype, x.device)
-    if n_rows == 0 or tiles.shape[0] == 0:
+    n_tiles = tiles.shape[0]
+    if n_rows == 0 or n_tiles == 0:
         return y
+    if tile_rows is None:
+        from ..mixed import tile_rows as default_tile_rows
+        tile_rows = default_tile_rows(x.device)
     L = (d - 1).bit_length()
-    cfg = config("fwd", 1 << L, n_rows, x.element_size(), x.device)
+    cfg = mixed_config(1 << L, n_rows, x.element_size(), x.device)
     n_chunks = triton.cdiv(d, cfg.chunk)
     K = (1 << L) // cfg.chunk
-    _givens_fwd_mixed_kernel[(tiles.shape[0], n_chunks)](
-        x=x, y=y, coefs=coefs, scale=scale if scale is not None else coefs, order=order, tiles=tiles, d=d,
-        stride_x=x.stride(0), stride_y=y.stride(0), coefs_per_adapter=coefs[0].numel(), L=L, LE=cfg.le, LG=cfg.lg,
-        BLOCK_N=cfg.block_n, QUASI=quasi, HAS_SCALE=scale is not None, ACC=acc_dtype(x.dtype),
-        ROUND_BF16=round_bf16(x), STAGES=cfg.stages, WIDE=K > 1 and wide_words(x), num_warps=cfg.num_warps)
+    tile_blocks = triton.cdiv(tile_rows, cfg.block_n)
+    args = dict(x=x, y=y, coefs=coefs, scale=scale if scale is not None else coefs, order=order, tiles=tiles,
+                n_tiles=n_tiles, d=d, stride_x=x.stride(0), stride_y=y.stride(0), coefs_per_adapter=coefs[0].numel(),
+                L=L, LE=cfg.le, LG=cfg.lg, BLOCK_N=cfg.block_n, TILE_BLOCKS=tile_blocks, QUASI=quasi,
+                HAS_SCALE=scale is not None, ACC=acc_dtype(x.dtype), ROUND_BF16=round_bf16(x), STAGES=cfg.stages,
+                WIDE=K > 1 and wide_words(x), FULL=d == 1 << L, num_warps=cfg.num_warps)
+    if on_gpu(x.device):
+        args["maxnreg"] = MIXED_MAX_REGISTERS
+    programs = mixed_programs(_givens_fwd_mixed_kernel, args, n_tiles * tile_blocks, n_chunks, cfg, x.device)
+    _givens_fwd_mixed_kernel[(programs, n_chunks)](**args)
     return y

@@ -189,6 +189,46 @@ def fit_grid(cfg: Config, kernel, kwargs: dict, n_rows: int, launched: int, devi
                                n_full=(n_rows // cfg.block_n) // programs)
 
 
+#: Registers per thread the mixed-batch kernel may use on a GPU: two 8-warp CTAs per multiprocessor.
+#: Left to itself, the compiler gave some variants 151-173 registers (triton 3.9: d = 4096 quasi with
+#: scale, d = 11008 quasi), one CTA per multiprocessor and half the warps; capped, no variant of
+#: docs/tuning.md's "Mixed batches" spills more than the forward does.
+MIXED_MAX_REGISTERS = 128
+
+
+#: Rows per block of the mixed-batch kernel on a GPU (unless ``QGOFT_BLOCK_N`` pins it): twice the
+#: forward's. Its row loop waits longer per block than the forward's (every block's rows gathered
+#: through ``order``, masked), and its programs are short; four rows a block halve the blocks and so
+#: the time one program spends waiting (docs/tuning.md, "Mixed batches").
+MIXED_BLOCK_N = 4
+
+
+def mixed_config(d_pad: int, n_rows: int, elem_size: int, device: torch.device) -> Config:
+    """The forward's :func:`config` for a mixed batch: on a GPU, at least ``MIXED_BLOCK_N`` rows per
+    block unless ``QGOFT_BLOCK_N`` pins them."""
+    cfg = config("fwd", d_pad, n_rows, elem_size, device)
+    if on_gpu(device) and _env_int("QGOFT_BLOCK_N", power_of_two=True) is None:
+        cfg = dataclasses.replace(cfg, block_n=max(cfg.block_n, MIXED_BLOCK_N))
+    return cfg
+
+
+def mixed_programs(kernel, kwargs: dict, n_slots: int, launched: int, cfg: Config, device: torch.device) -> int:
+    """Persistent programs along the rows of a mixed batch's launch (``kwargs``: its arguments,
+    ``num_warps`` included): ``launched`` chunks times them fill every multiprocessor's resident
+    slots once, from the compiled kernel's real occupancy, and none gets less than one of the
+    ``n_slots`` row blocks. ``QGOFT_PROGRAMS`` pins them; off a GPU (the interpreter), ``cfg``'s."""
+    pinned = _env_int("QGOFT_PROGRAMS")
+    if pinned is not None:
+        return max(1, min(n_slots, pinned))
+    if not on_gpu(device) or (planning.active() and planning.resources() is None):
+        return max(1, min(n_slots, cfg.programs))
+    per_sm = resident(kernel, kwargs, device)
+    if cfg.num_warps == 1:
+        # the same number on each of the multiprocessor's schedulers, as fit_grid does
+        per_sm = max(1, per_sm // SCHEDULERS * SCHEDULERS)
+    return max(1, min(n_slots, per_sm * sm_count(device) // launched))
+
+
 def roots_config(n_rows: int, K: int, device: torch.device):
     """``(block_n, programs, n_iters, num_warps)`` for a kernel on the ``[rows, K]`` chunk roots.
 
