@@ -218,9 +218,9 @@ class MixedRotationFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, params, scale, batch: MixedBatch, block: str, structure: str):
         rows = ops._as_rows(x)
-        tiles = batch.tiles(tile_rows(x.device))
+        n = tile_rows(x.device)
         y = ops._kernels().givens_fwd_mixed(rows, params.contiguous(), None if scale is None else scale.contiguous(),
-                                            batch.kernel_order(), tiles, quasi=block == "quasi")
+                                            batch.kernel_order(), batch.tiles(n), quasi=block == "quasi", tile_rows=n)
         ctx.save_for_backward(x, params, scale)
         ctx.batch, ctx.block, ctx.structure = batch, block, structure
         return y.view(x.shape)

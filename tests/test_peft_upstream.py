@@ -61,24 +61,35 @@ def _peft_tests() -> Path:
 
 @pytest.fixture(scope="module")
 def upstream():
-    """PEFT's ``test_custom_models`` module, imported as the package ``peft_upstream_tests``."""
+    """PEFT's ``test_custom_models`` module, imported as the package ``peft_upstream_tests``; the
+    stand-ins and PEFT's test modules leave ``sys.modules`` after this file (a stand-in ``datasets``
+    left there breaks transformers' Trainer in any test that runs later)."""
     folder = _peft_tests()
     package = types.ModuleType("peft_upstream_tests")
     package.__path__ = [str(folder)]
     sys.modules["peft_upstream_tests"] = package
     stood_in = []
-    for _ in range(10):
-        try:
-            return importlib.import_module("peft_upstream_tests.test_custom_models")
-        except ModuleNotFoundError as error:
-            name = error.name.split(".")[0]
-            if name not in ("diffusers", "datasets") or name in stood_in:
-                raise
-            stood_in.append(name)
-            sys.modules[name] = _stand_in(name)
-            for key in [k for k in sys.modules if k.startswith("peft_upstream_tests.")]:
-                del sys.modules[key]
-    raise RuntimeError("could not import PEFT's test module")
+    try:
+        for _ in range(10):
+            try:
+                module = importlib.import_module("peft_upstream_tests.test_custom_models")
+                break
+            except ModuleNotFoundError as error:
+                name = error.name.split(".")[0]
+                if name not in ("diffusers", "datasets") or name in stood_in:
+                    raise
+                stood_in.append(name)
+                sys.modules[name] = _stand_in(name)
+                for key in [k for k in sys.modules if k.startswith("peft_upstream_tests.")]:
+                    del sys.modules[key]
+        else:
+            raise RuntimeError("could not import PEFT's test module")
+        yield module
+    finally:
+        for key in [k for k in sys.modules if k == "peft_upstream_tests" or k.startswith("peft_upstream_tests.")]:
+            del sys.modules[key]
+        for name in stood_in:
+            sys.modules.pop(name, None)
 
 
 def _stand_in(name: str) -> types.ModuleType:

@@ -333,14 +333,14 @@ def givens_fwd(x: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None,
 
 
 def givens_fwd_mixed(x: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor | None, order: torch.Tensor,
-                     tiles: torch.Tensor, *, quasi: bool, tile_rows: int | None = None) -> torch.Tensor:
+                     tiles: torch.Tensor, *, quasi: bool, tile_rows: int) -> torch.Tensor:
     """``x @ R_a`` row by row for a 2-D ``x`` with unit column stride, ``a`` the row's adapter.
 
     ``coefs`` (contiguous) stacks the adapters' blocks ``[A, P, 2, 2]`` (``quasi``) or angles
     ``[A, P]``; ``scale`` is ``[A, d]`` or ``None``. ``order`` (int32) lists the rows grouped by
     adapter and ``tiles`` (int32 ``[T, 3]``) cuts it into tiles of one adapter each, of at most
-    ``tile_rows`` rows (default ``qgoft_kernels.mixed.tile_rows``: what
-    ``qgoft_kernels.mixed.MixedBatch`` builds them with, once per batch). One launch of
+    ``tile_rows`` rows (what ``qgoft_kernels.mixed.MixedBatch.tiles`` was asked for, once per
+    batch). One launch of
     persistent programs, sized from the compiled kernel's occupancy (one wave), each walking a
     contiguous share of the tiles' row blocks.
     """
@@ -349,9 +349,6 @@ def givens_fwd_mixed(x: torch.Tensor, coefs: torch.Tensor, scale: torch.Tensor |
     n_tiles = tiles.shape[0]
     if n_rows == 0 or n_tiles == 0:
         return y
-    if tile_rows is None:
-        from ..mixed import tile_rows as default_tile_rows
-        tile_rows = default_tile_rows(x.device)
     L = (d - 1).bit_length()
     cfg = mixed_config(1 << L, n_rows, x.element_size(), x.device)
     n_chunks = triton.cdiv(d, cfg.chunk)
