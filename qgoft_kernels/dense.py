@@ -190,9 +190,11 @@ def _split(flat: torch.Tensor, nb: int, b: int):
 
 
 def _build(params, scale, givens: bool, dtype: torch.dtype, indices, transposed: bool = False):
-    """``(flat, flat_t, saved)``: both factors' values as one flat buffer, ``cat(blocks.flatten(),
-    Q.flatten(), spare)`` (:func:`_split` views it), with ``transposed`` the same for the
-    transposed factors (else ``None``), and what :func:`_build_backward` needs.
+    """``(flat, flat_t, saved, compiled)``: both factors' values as one flat buffer,
+    ``cat(blocks.flatten(), Q.flatten(), spare)`` (:func:`_split` views it), with
+    ``transposed`` the same for the transposed factors (else ``None``), what
+    :func:`_build_backward` needs, and whether the compiled kernels made them (the backward
+    takes the same way: ``QGOFT_NATIVE`` may have changed in between).
 
     ``flat[pos] = H * cumprod(C)``: one gather of ``C`` and ``H`` from ``source``
     (:func:`_factor_indices`), one ``cumprod``, one scatter. On the CPU that is one call of
@@ -202,7 +204,7 @@ def _build(params, scale, givens: bool, dtype: torch.dtype, indices, transposed:
     """
     gather, pos, _, size, sign, pos_t = indices
     if native.builds(params, scale, dtype, gather.shape[-1]):
-        return native.build(params, scale, givens, gather, pos, sign, size, pos_t if transposed else None)
+        return (*native.build(params, scale, givens, gather, pos, sign, size, pos_t if transposed else None), True)
     source = _source(params, scale, givens, dtype)
     CH = source.index_select(0, gather.view(-1)).view(gather.shape)
     P = torch.cumprod(CH[:, 0], 1)
@@ -211,12 +213,14 @@ def _build(params, scale, givens: bool, dtype: torch.dtype, indices, transposed:
         values.mul_(sign)
     flat = values.new_zeros(size).index_put_((pos,), values.view(-1))
     flat_t = values.new_zeros(size).index_put_((pos_t,), values.view(-1)) if transposed else None
-    return flat, flat_t, (source, CH, P)
+    return flat, flat_t, (source, CH, P), False
 
 
-def _build_backward(dflat, saved, params, scale, givens: bool, indices, want_params: bool, want_scale: bool):
+def _build_backward(dflat, saved, params, scale, givens: bool, indices, want_params: bool, want_scale: bool,
+                    compiled: bool):
     """``(dparams, dscale)`` from ``dflat``, the gradient of :func:`_build`'s buffer (zero in
-    its spare slots), by hand: autograd through ``cumprod`` divides by its input, or takes a
+    its spare slots), by the compiled kernels where :func:`_build` used them (``compiled``),
+    else by hand: autograd through ``cumprod`` divides by its input, or takes a
     slow path when an entry is zero (identity blocks have zeros).
 
     The prefix products' gradient runs as a suffix recurrence over the ``K + 1`` factors; the
@@ -228,7 +232,7 @@ def _build_backward(dflat, saved, params, scale, givens: bool, indices, want_par
     gather, pos, _, _, sign, _ = indices
     count = params.shape[0]
     entries = 2 * count if givens else 4 * count
-    if native.builds(params, scale, source.dtype, gather.shape[-1]):
+    if compiled:
         dsource, dangles = native.build_backward(dflat, saved, givens, count, gather, pos, sign)
         dparams = (dangles if givens else dsource.narrow(0, 0, entries).view(params.shape)) if want_params else None
         dscale = dsource.narrow(0, entries + 4, scale.shape[0]) if want_scale else None
@@ -272,15 +276,15 @@ class FactorValues(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, params, scale, givens, dtype, indices, nb, b):
-        flat, _, saved = _build(params, scale, givens, dtype, indices)
+        flat, _, saved, compiled = _build(params, scale, givens, dtype, indices)
         ctx.save_for_backward(params, scale, *saved)
-        ctx.setup = (givens, dtype, indices, nb, b)
+        ctx.setup = (givens, dtype, indices, nb, b, compiled)
         return _split(flat, nb, b)
 
     @staticmethod
     def backward(ctx, dblocks, dQ):
         params, scale, *saved = ctx.saved_tensors
-        givens, dtype, indices, nb, b = ctx.setup
+        givens, dtype, indices, nb, b, compiled = ctx.setup
         size, source = indices[3], saved[0]
         if torch.is_grad_enabled():
             def output():
@@ -293,7 +297,8 @@ class FactorValues(torch.autograd.Function):
         for view, grad in zip(_split(dflat, nb, b), (dblocks, dQ)):
             if grad is not None:
                 view.copy_(grad)
-        return _build_backward(dflat, saved, params, scale, givens, indices, *ctx.needs_input_grad[:2]) + (None,) * 5
+        return _build_backward(dflat, saved, params, scale, givens, indices, *ctx.needs_input_grad[:2],
+                               compiled) + (None,) * 5
 
 
 def dense_factors(d: int, params: torch.Tensor, *, block: str, structure: str, scale: torch.Tensor | None,
@@ -667,7 +672,7 @@ class DenseLinear(torch.autograd.Function):
         x = _rows(x)
         compiled = native.applies(x, (nb, b))
         # the compiled kernels read the transposed factors too: built beside the factors
-        flat, flat_t, saved = _build(params, scale, givens, x.dtype, indices, transposed=compiled)
+        flat, flat_t, saved, built = _build(params, scale, givens, x.dtype, indices, transposed=compiled)
         blocks, Q = _split(flat, nb, b)
         transposed = _split(flat_t, nb, b) if flat_t is not None else None
         roots = delta = None
@@ -690,13 +695,13 @@ class DenseLinear(torch.autograd.Function):
             out = F.linear(y, weight, bias)
         blocks_t, Q_t = transposed or (None, None)
         ctx.save_for_backward(x, weight, bias, params, scale, blocks, Q, blocks_t, Q_t, roots, delta, *saved)
-        ctx.setup = (givens, indices, nb, b)
+        ctx.setup = (givens, indices, nb, b, built)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, weight, bias, params, scale, blocks, Q, blocks_t, Q_t, roots, delta, *saved = ctx.saved_tensors
-        givens, indices, nb, b = ctx.setup
+        givens, indices, nb, b, built = ctx.setup
         wants = ctx.needs_input_grad[:5]
         if torch.is_grad_enabled():
             def output():
@@ -729,7 +734,7 @@ class DenseLinear(torch.autograd.Function):
                                                       want_factors, want_factors, out)
                 if want_factors:
                     dparams, dscale = _build_backward(dflat, saved, params, scale, givens, indices, want_params,
-                                                      want_scale)
+                                                      want_scale, built)
             if want_w:
                 dw = dout.T @ _rows_forward(x, blocks, Q)[0]
             if want_bias:

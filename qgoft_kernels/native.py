@@ -8,8 +8,11 @@ gradients). They are built on first use with the C compiler that is there (``cc`
 ``-O3 -march=native -fopenmp``), once per source, compiler and CPU, into a cache directory
 (``QGOFT_CACHE_DIR``, else ``$XDG_CACHE_HOME/qgoft_kernels``, else ``~/.cache/qgoft_kernels``;
 where that cannot be written, a private temporary directory, once per process).
-Without a compiler, or with ``QGOFT_NATIVE=0``, :func:`library` is ``None`` and the dense
-formulation uses its ATen ops instead (the same results up to rounding).
+Without a compiler, or with ``QGOFT_NATIVE`` false (``0``, ``false``, ``off``, ``no``),
+:func:`library` is ``None`` and the dense formulation uses its ATen ops instead (the same
+results up to rounding). A build in the cache is loaded only when the stamp written beside it
+after its build (``<name>.so.sha256``, the library's SHA-256) matches it and it reports this
+source's ABI version: a truncated, foreign or garbage file there is built again instead.
 """
 from __future__ import annotations
 
@@ -36,9 +39,23 @@ _LIBS = ["-lm"]
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 
+#: The ABI the Python side expects of the library (``qgoft_abi_version`` in the source).
+ABI_VERSION = 3
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
 def enabled() -> bool:
-    """Whether the compiled kernels may be used (``QGOFT_NATIVE=0`` turns them off)."""
-    return os.environ.get("QGOFT_NATIVE", "1") != "0"
+    """Whether the compiled kernels may be used: ``QGOFT_NATIVE`` true (``1``, ``true``, ``on``,
+    ``yes``; the default) or false (``0``, ``false``, ``off``, ``no``), any case. Read at every
+    call; any other value raises a ``ValueError``. A forward that used the kernels has its
+    backward use them too, whatever the variable says by then (the decision is the forward's)."""
+    value = os.environ.get("QGOFT_NATIVE", "1").strip().lower() or "1"
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"QGOFT_NATIVE={os.environ['QGOFT_NATIVE']!r}: expected one of {', '.join(_TRUE)} (use the "
+                     f"compiled CPU kernels) or {', '.join(_FALSE)} (use ATen's ops), any case")
 
 
 def _cache_dir() -> Path:
@@ -59,11 +76,31 @@ def _cpu_signature() -> str:
     return f"{platform.machine()}\n{cpu}"
 
 
+def _stamp(target: Path) -> Path:
+    """The file beside a build that holds its SHA-256, written once the build is in place."""
+    return target.with_name(target.name + ".sha256")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(target: Path) -> bool:
+    """Whether ``target`` is a whole build of ours: its stamp is there and names its contents.
+    Loading a truncated library can kill the process (SIGBUS), so this comes first."""
+    try:
+        return _stamp(target).read_text().strip() == _digest(target)
+    except OSError:
+        return False
+
+
 def _compile(compiler: str) -> Path:
+    """The path of the kernels built for this source, compiler and CPU: from the cache where an
+    intact build is there (:func:`_intact`), else built (again) into it."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(_FLAGS + _LIBS), version, _cpu_signature()]).encode())
     target = _cache_dir() / f"qgoft_cpu_{key.hexdigest()[:16]}.so"
-    if target.exists():
+    if _intact(target):
         return target
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +115,14 @@ def _compile(compiler: str) -> Path:
     try:
         subprocess.run([compiler, *_FLAGS, str(SOURCE), "-o", tmp, *_LIBS], check=True, capture_output=True, text=True,
                        timeout=300)
+        digest = _digest(Path(tmp))
         os.replace(tmp, target)
+        # the stamp last, also renamed into place: a reader that finds it finds the whole build
+        # (or another process's build of the same key, which then fails the check and is rebuilt)
+        fd, stamp = tempfile.mkstemp(suffix=".sha256", dir=target.parent)
+        with os.fdopen(fd, "w") as f:
+            f.write(digest + "\n")
+        os.replace(stamp, _stamp(target))
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -89,19 +133,43 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
+def _abi(lib) -> int | None:
+    """The library's ``qgoft_abi_version()``, or ``None`` where it has no such symbol (not ours)."""
+    try:
+        version = lib.qgoft_abi_version
+    except AttributeError:
+        return None
+    version.restype = ctypes.c_int
+    return version()
+
+
+def _open(compiler: str):
+    """The kernels' library loaded (built first where the cache has no intact build of it), or
+    ``None`` with a warning where what loads is not this source's library."""
+    path = _compile(compiler)
+    lib = ctypes.CDLL(str(path))
+    version = _abi(lib)
+    if version != ABI_VERSION:
+        warnings.warn(f"qgoft_kernels: {path} is not this version's CPU kernels (qgoft_abi_version: "
+                      f"{'missing' if version is None else version}, expected {ABI_VERSION}); using ATen ops instead",
+                      RuntimeWarning, stacklevel=4)
+        return None
+    return lib
+
+
 @functools.lru_cache(maxsize=None)
 def _load():
     compiler = _compiler()
     if compiler is None:
         return None
     try:
-        lib = ctypes.CDLL(str(_compile(compiler)))
+        lib = _open(compiler)
     except (OSError, subprocess.SubprocessError) as error:
         detail = getattr(error, "stderr", "") or error
         warnings.warn(f"qgoft_kernels: the CPU kernels did not build ({detail}); using ATen ops instead",
                       RuntimeWarning, stacklevel=3)
         return None
-    if lib.qgoft_abi_version() != 3:
+    if lib is None:
         return None
     p, i, long = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     for suffix in _SUFFIX.values():
@@ -128,6 +196,17 @@ def library():
     return _load() if enabled() else None
 
 
+def _kernels():
+    """The loaded kernels for the calls below, whatever ``QGOFT_NATIVE`` says now: whether to
+    use them is decided by :func:`applies` and :func:`builds` (a backward runs the kernels
+    its forward chose, also if the variable changed in between)."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError("qgoft_kernels: the compiled CPU kernels are not built here (no compiler, or the build "
+                           "failed); check native.applies() or native.builds() before calling them")
+    return lib
+
+
 def applies(x: torch.Tensor, blocks: tuple[int, int]) -> bool:
     """Whether the kernels take rows ``x`` (``[T, nb * b]``) with ``blocks = (nb, b)``: on the
     CPU, in float32 or float64, unit stride along the features, and blocks within the
@@ -149,7 +228,7 @@ def rotate(x: torch.Tensor, blocks: torch.Tensor, Q: torch.Tensor | None, transp
     ``transposed``: ``(blocks^T, Q^T)`` where the caller has them (:func:`build`), else they
     are made here."""
     nb, b, _ = blocks.shape
-    fn = getattr(library(), f"qgoft_rotate_{_SUFFIX[x.dtype]}")
+    fn = getattr(_kernels(), f"qgoft_rotate_{_SUFFIX[x.dtype]}")
     # x @ R^T = x @ blockdiag(B^T) @ U^T: the kernel reads the transposed blocks, then Q^T
     if transpose:
         M, mix = transposed or (blocks.transpose(1, 2), None if Q is None else Q.T)
@@ -168,7 +247,7 @@ def rotate_runs(x: torch.Tensor, runs: torch.Tensor, d: int, blocks: torch.Tenso
     along the features), stacked ``blocks`` ``[A, nb, b, b]`` and ``Q`` ``[A, nb, nb]`` (``None``:
     no mix), all contiguous. Runs of adapter ``-1`` copy their first ``d`` values unchanged."""
     _, nb, b, _ = blocks.shape
-    fn = getattr(library(), f"qgoft_rotate_runs_{_SUFFIX[x.dtype]}")
+    fn = getattr(_kernels(), f"qgoft_rotate_runs_{_SUFFIX[x.dtype]}")
     fn(x.shape[0], runs.shape[0], _ptr(runs), nb, b, d, _ptr(x), x.stride(0), _ptr(blocks), nb * b * b, _ptr(Q),
        nb * nb, _ptr(out), out.stride(0), torch.get_num_threads())
     return out
@@ -184,7 +263,7 @@ def backward(x, g, blocks, Q, dx, dblocks, dQ, scratch: torch.Tensor, transposed
     if scratch.numel() < scratch_size(nb, b, Q is not None):
         raise ValueError(f"scratch: {scratch.numel()} values, fewer than the {scratch_size(nb, b, Q is not None)} "
                          "the threads' sums need")
-    fn = getattr(library(), f"qgoft_backward_{_SUFFIX[x.dtype]}")
+    fn = getattr(_kernels(), f"qgoft_backward_{_SUFFIX[x.dtype]}")
     # kept in names until the call returns: the kernel reads them through their pointers
     blocks_t, QT = transposed or (blocks.transpose(1, 2), None if Q is None else Q.T)
     blocks, blocks_t = blocks.contiguous(), blocks_t.contiguous()
@@ -212,7 +291,7 @@ def build(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, gather
     same values in ``cat(blocks^T, Q^T, spare)`` (else ``None``). ``gather`` ``[N, 2, K1]``,
     ``pos`` ``[N * K1]`` and ``pos_t`` are contiguous int64, ``sign`` ``[N, K1]`` of the
     parameters' dtype."""
-    fn = getattr(library(), f"qgoft_build_{_SUFFIX[params.dtype]}")
+    fn = getattr(_kernels(), f"qgoft_build_{_SUFFIX[params.dtype]}")
     N, _, K1 = gather.shape
     count = params.shape[0]
     entries = (2 if givens else 4) * count
@@ -236,7 +315,7 @@ def build_backward(dflat: torch.Tensor, saved, givens: bool, count: int, gather:
     from ``dflat`` (contiguous) and what :func:`build` kept; ``dangles`` (the angles'
     gradients) with ``givens``, else ``None``."""
     source, CH, P = saved
-    fn = getattr(library(), f"qgoft_build_backward_{_SUFFIX[source.dtype]}")
+    fn = getattr(_kernels(), f"qgoft_build_backward_{_SUFFIX[source.dtype]}")
     N, _, K1 = gather.shape
     nsource = source.shape[0]
     out = source.new_empty(nsource + (count if givens else 0))

@@ -2,6 +2,8 @@
 how they are built and turned off. The layer's tests (test_torch_path.py) run both ways too."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -116,6 +118,52 @@ def test_turned_off_by_the_environment(monkeypatch):
     assert not native.applies(torch.zeros(8, 128), (4, 32))
 
 
+@pytest.mark.parametrize("value, on", [("0", False), ("false", False), ("OFF", False), (" no ", False),
+                                       ("1", True), ("True", True), ("on", True), ("YES", True), ("", True)])
+def test_switch_takes_the_usual_spellings(value, on, monkeypatch):
+    monkeypatch.setenv("QGOFT_NATIVE", value)
+    assert native.enabled() is on
+    assert (native.library() is not None) is on
+
+
+def test_switch_refuses_an_unknown_value(monkeypatch):
+    monkeypatch.setenv("QGOFT_NATIVE", "maybe")
+    with pytest.raises(ValueError, match="QGOFT_NATIVE='maybe'.*false"):
+        native.library()
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["DenseLinear", "DenseRotation"])
+def test_backward_takes_the_forwards_way_when_the_switch_changes(fused, monkeypatch, gen):
+    """QGOFT_NATIVE=0 set between a forward on the compiled kernels and its backward: the
+    backward still runs the kernels its forward chose (and the gradients are ATen's)."""
+    import qgoft_kernels as qk
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
+    layer = qk.GivensLinear(64, 16, block="quasi", scale=True)
+    with torch.no_grad():
+        layer.rotation.add_(0.3 * torch.randn(layer.rotation.shape, generator=gen))
+    x = torch.randn(40, 64, generator=gen, requires_grad=True)
+
+    def run(switch_off_before_backward):
+        if fused:
+            out = layer(x)
+        else:
+            out = qk.givens_rotate(x, layer.rotation, block="quasi", scale=layer.scale, backend="torch")
+        if switch_off_before_backward:
+            monkeypatch.setenv("QGOFT_NATIVE", "0")
+        grads = torch.autograd.grad(out.square().sum(), [x, layer.rotation, layer.scale])
+        monkeypatch.delenv("QGOFT_NATIVE", raising=False)
+        return out, grads
+
+    out, grads = run(True)
+    monkeypatch.setenv("QGOFT_NATIVE", "0")
+    ref_out, ref_grads = run(False)
+    _close(out, ref_out, torch.float32)
+    for got, want in zip(grads, ref_grads):
+        _close(got, want, torch.float32)
+
+
 def test_built_once_into_the_cache_directory(tmp_path, monkeypatch):
     monkeypatch.setenv("QGOFT_CACHE_DIR", str(tmp_path))
     compiler = native._compiler()
@@ -123,7 +171,65 @@ def test_built_once_into_the_cache_directory(tmp_path, monkeypatch):
     assert first.parent == tmp_path and first.exists()
     stamp = first.stat().st_mtime_ns
     assert native._compile(compiler) == first and first.stat().st_mtime_ns == stamp
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary file left
+    # no temporary file left: the build and its stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, first.name + ".sha256"]
+
+
+_LOAD_IN_A_PROCESS = """
+import warnings
+import torch
+from qgoft_kernels import native
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    lib = native.library()
+assert lib is not None, [str(w.message) for w in caught]
+x, blocks = torch.randn(8, 64), torch.randn(2, 32, 32)
+native.rotate(x, blocks, torch.randn(2, 2), False, torch.empty_like(x))
+print("warnings:", len(caught))
+"""
+
+
+def _load_in_a_process(cache):
+    """Load the kernels in a fresh process with ``cache`` as the cache directory (a bad library
+    can kill the process that loads it: SIGBUS); returns its output, failing on a crash."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "QGOFT_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
+    env.pop("QGOFT_NATIVE", None)
+    proc = subprocess.run([sys.executable, "-c", _LOAD_IN_A_PROCESS], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, f"exit status {proc.returncode}:\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+@pytest.mark.parametrize("damage", ["truncated", "foreign", "garbage"])
+def test_a_damaged_cache_entry_is_built_again(damage, tmp_path):
+    """A cached library cut short (half its size), another valid library in its place (libm), or
+    garbage: detected before it is loaded, built again, and loaded without a warning; the next
+    process finds the new build and loads it as it is."""
+    import ctypes.util
+    import shutil
+    first = _load_in_a_process(tmp_path)
+    assert "warnings: 0" in first
+    built = [p for p in tmp_path.iterdir() if p.suffix == ".so"]
+    assert len(built) == 1
+    so = built[0]
+    if damage == "truncated":
+        data = so.read_bytes()
+        so.write_bytes(data[:len(data) // 2])
+    elif damage == "foreign":
+        libm = ctypes.util.find_library("m")
+        source = next(Path(d) / libm for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64",
+                                                "/usr/lib64", "/lib", "/usr/lib", "/lib/aarch64-linux-gnu")
+                      if (Path(d) / libm).exists())
+        shutil.copyfile(source, so)
+    else:
+        so.write_bytes(b"not a library at all\n" * 100)
+    assert "warnings: 0" in _load_in_a_process(tmp_path)
+    rebuilt = so.stat().st_mtime_ns
+    assert "warnings: 0" in _load_in_a_process(tmp_path)
+    assert so.stat().st_mtime_ns == rebuilt  # not built a third time
 
 
 def test_without_a_compiler_the_aten_ops_run(tmp_path, monkeypatch, gen):
@@ -189,8 +295,9 @@ def test_build_matches_aten(d, width, scaled, givens, dtype, gen, monkeypatch):
     params, scale = _build_inputs(d, givens, scaled, dtype, gen)
     _, b, nb = dense.layout(d, width)
     indices = dense._indices(d, "tree", b, scaled, givens, dtype, params.device)
-    flat, flat_t, saved = dense._build(params, scale, givens, dtype, indices, transposed=True)
-    ref, ref_t, ref_saved = _aten(monkeypatch, dense._build, params, scale, givens, dtype, indices, transposed=True)
+    flat, flat_t, saved, compiled = dense._build(params, scale, givens, dtype, indices, transposed=True)
+    ref, ref_t, ref_saved, aten = _aten(monkeypatch, dense._build, params, scale, givens, dtype, indices,
+                                        transposed=True)
     used = indices[2]
     _close(flat[:used], ref[:used], dtype)
     _close(flat_t[:used], ref_t[:used], dtype)
@@ -199,8 +306,9 @@ def test_build_matches_aten(d, width, scaled, givens, dtype, gen, monkeypatch):
     assert torch.equal(blocks_t, blocks.transpose(1, 2)) and (Q is None or torch.equal(Q_t, Q.T))
     dflat = torch.randn(flat.shape, generator=gen, dtype=dtype)
     dflat[used:] = 0
-    got = dense._build_backward(dflat, saved, params, scale, givens, indices, True, scaled)
-    want = _aten(monkeypatch, dense._build_backward, dflat, ref_saved, params, scale, givens, indices, True, scaled)
+    assert compiled and not aten
+    got = dense._build_backward(dflat, saved, params, scale, givens, indices, True, scaled, compiled)
+    want = dense._build_backward(dflat, ref_saved, params, scale, givens, indices, True, scaled, aten)
     for a, e in zip(got, want):
         if e is None:
             assert a is None
