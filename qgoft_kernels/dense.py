@@ -157,6 +157,21 @@ def _indices(d: int, structure: str, block_width: int, scaled: bool, givens: boo
         return gather.contiguous(), pos.contiguous(), used, size, sign, _transposed_positions(pos, nb, b, used)
 
 
+def _fake_mode() -> bool:
+    """Whether a ``FakeTensorMode`` is active: tensors made now would be fakes."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
+def _layout_indices(d: int, structure: str, block_width: int, scaled: bool, givens: bool, dtype: torch.dtype,
+                    device: torch.device):
+    """:func:`_indices`, from its cache; made afresh where they are traced (the compiler, which
+    would ignore the cache anyway, with a warning) or would be fakes (``FakeTensorMode``: kept
+    in the cache, they would poison later calls on real tensors)."""
+    if torch.compiler.is_compiling() or _fake_mode():
+        return _indices.__wrapped__(d, structure, block_width, scaled, givens, dtype, device)
+    return _indices(d, structure, block_width, scaled, givens, dtype, device)
+
+
 def _source(params: torch.Tensor, scale: torch.Tensor | None, givens: bool, dtype: torch.dtype) -> torch.Tensor:
     """Every value the factors' entries are products of: the blocks' entries (the angles'
     cosines, then their sines, for ``givens``; :func:`_givens_indices`), the identity's ``[1,
@@ -312,11 +327,9 @@ def dense_factors(d: int, params: torch.Tensor, *, block: str, structure: str, s
     """
     m, b, nb = layout(d, block_width)
     givens = block == "givens"
+    indices = _layout_indices(d, structure, b, scale is not None, givens, dtype, params.device)
     if torch.compiler.is_compiling():
-        # the compiler traces the uncached function (it would ignore the cache anyway, with a warning)
-        indices = _indices.__wrapped__(d, structure, b, scale is not None, givens, dtype, params.device)
         return _factor_values(params, scale, givens, dtype, indices, nb, b)
-    indices = _indices(d, structure, b, scale is not None, givens, dtype, params.device)
     return FactorValues.apply(params, scale, givens, dtype, indices, nb, b)
 
 
@@ -349,7 +362,8 @@ def _scratch(role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Ten
     the same role.
     """
     n = math.prod(shape)
-    if like.device.type != "cpu" or n * like.element_size() > SCRATCH_LIMIT_BYTES:
+    # not for meta or fake tensors either: a kept buffer would be one of them
+    if not native.in_memory(like) or n * like.element_size() > SCRATCH_LIMIT_BYTES:
         return like.new_empty(shape)
     key = (role, like.dtype)
     buf = _SCRATCH.buffers.get(key)
@@ -537,10 +551,16 @@ def _composite(x, blocks, Q, transpose):
     return y.reshape(x.shape)
 
 
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``: never for a device it does not know (the meta
+    device, on which ``torch.is_autocast_enabled`` raises)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def _without_autocast(device_type: str):
     """Autocast off for ``device_type``: its context only where it is on (entering one costs
     a few microseconds, a share of a small layer's step)."""
-    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+    return torch.autocast(device_type, enabled=False) if _autocast_on(device_type) else nullcontext()
 
 
 def _double_backward(inputs, wants, output, grad):
@@ -779,7 +799,7 @@ def linear_dense(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """
     d = x.shape[-1]
     _, b, nb = layout(d, block_width)
-    indices = _indices(d, structure, b, scale is not None, block == "givens", x.dtype, params.device)
+    indices = _layout_indices(d, structure, b, scale is not None, block == "givens", x.dtype, params.device)
     # rows as they are when x is 2-D: a reshape would add two autograd nodes (a share of a
     # small layer's step)
     rows = x if x.dim() == 2 else x.reshape(-1, d)
@@ -793,4 +813,4 @@ def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, block_width: int
     d = x.shape[-1]
     _, b, nb = layout(d, block_width)
     return (x.dtype == weight.dtype and x.dtype in (torch.float32, torch.float64) and nb * b == d
-            and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
+            and not _autocast_on(x.device.type) and not torch.compiler.is_compiling())

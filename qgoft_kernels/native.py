@@ -207,12 +207,27 @@ def _kernels():
     return lib
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def in_memory(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a CPU tensor whose data the kernels can read: not on the meta device,
+    and not a ``FakeTensor`` (``FakeTensorMode``, the compiler's tracing), whose data pointers
+    point at nothing. The kernels (and the buffers reused for them) take such tensors only."""
+    if t.device.type != "cpu":
+        return False
+    if type(t) in _PLAIN:
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+    return not is_fake(t)
+
+
 def applies(x: torch.Tensor, blocks: tuple[int, int]) -> bool:
     """Whether the kernels take rows ``x`` (``[T, nb * b]``) with ``blocks = (nb, b)``: on the
-    CPU, in float32 or float64, unit stride along the features, and blocks within the
-    kernels' limits."""
+    CPU in memory (:func:`in_memory`), in float32 or float64, unit stride along the features,
+    and blocks within the kernels' limits."""
     nb, b = blocks
-    return (x.device.type == "cpu" and x.dtype in _SUFFIX and x.dim() == 2 and x.stride(1) == 1
+    return (in_memory(x) and x.dtype in _SUFFIX and x.dim() == 2 and x.stride(1) == 1
             and b <= MAX_BLOCK and nb <= MAX_BLOCKS and library() is not None)
 
 
@@ -278,9 +293,9 @@ def scratch_size(nb: int, b: int, with_q: bool) -> int:
 
 
 def builds(params: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype, factors: int) -> bool:
-    """Whether :func:`build` takes these parameters: on the CPU and already in ``dtype``
-    (float32 or float64), with at most :data:`MAX_FACTORS` factors per value."""
-    return (params.device.type == "cpu" and dtype in _SUFFIX and params.dtype == dtype
+    """Whether :func:`build` takes these parameters: on the CPU in memory (:func:`in_memory`) and
+    already in ``dtype`` (float32 or float64), with at most :data:`MAX_FACTORS` factors per value."""
+    return (in_memory(params) and (scale is None or in_memory(scale)) and dtype in _SUFFIX and params.dtype == dtype
             and (scale is None or scale.dtype == dtype) and factors <= MAX_FACTORS and library() is not None)
 
 

@@ -540,3 +540,48 @@ def test_scratch_buffers_are_per_thread(gen, monkeypatch):
     for t in threads:
         t.join()
     assert not errors and len(results) == len(cases)
+
+
+@pytest.mark.parametrize("rows", [3, 300], ids=["rotate-x", "rotate-W"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_meta_tensors_on_the_default_formulation(rows, dtype, monkeypatch):
+    """Meta tensors (no data, no autocast for their device): the layer's and the rotation's
+    shapes and dtypes, forward and backward."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("QGOFT_TORCH_PATH", raising=False)
+    layer = qk.GivensLinear(64, 16, block="quasi", scale=True, device="meta", dtype=dtype)
+    x = torch.randn(rows, 64, device="meta", dtype=dtype, requires_grad=True)
+    y = layer(x)
+    assert y.device.type == "meta" and y.shape == (rows, 16) and y.dtype == dtype
+    y.sum().backward()
+    assert x.grad.shape == x.shape and layer.rotation.grad.shape == layer.rotation.shape
+    params = torch.zeros(qk.num_pairs(64), device="meta")
+    for transpose in (False, True):
+        r = qk.givens_rotate(x, params, backend="torch", transpose=transpose)
+        assert r.device.type == "meta" and r.shape == x.shape and r.dtype == dtype
+
+
+def test_fake_tensor_mode_on_the_default_formulation(monkeypatch):
+    """A GivensLinear made and run inside FakeTensorMode: fake outputs of the right shape and
+    dtype, with the compiled kernels (which would read the fakes' data) and the caches left
+    alone; real calls afterwards still work."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("QGOFT_TORCH_PATH", raising=False)
+    with FakeTensorMode():
+        layer = qk.GivensLinear(64, 16, block="quasi", scale=True)
+        outputs = []
+        for rows in (3, 300):
+            x = torch.randn(rows, 64, requires_grad=True)
+            y = layer(x)
+            y.sum().backward()
+            outputs.append((rows, y, x.grad))
+        r = qk.givens_rotate(torch.randn(5, 64), torch.zeros(qk.num_pairs(64)), backend="torch")
+    for rows, y, dx in outputs:
+        assert isinstance(y, FakeTensor) and y.shape == (rows, 16) and y.dtype == torch.float32
+        assert isinstance(dx, FakeTensor) and dx.shape == (rows, 64)
+    assert isinstance(r, FakeTensor) and r.shape == (5, 64)
+    real = qk.GivensLinear(64, 16, block="quasi", scale=True)
+    x = torch.randn(300, 64)
+    assert_close(real(x), torch.nn.functional.linear(x, real.weight, real.bias))
