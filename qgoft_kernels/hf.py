@@ -13,8 +13,11 @@ transformers itself is imported only by :func:`from_pretrained`.
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 
+import torch
 import torch.nn as nn
 
 from .checkpoint import check_version, load_adapter_state
@@ -24,9 +27,16 @@ from .nn import CONFIG_KEY, orthogonality_penalty
 def add_orthogonality_penalty(model: nn.Module, lam: float = 1e-3):
     """Make ``model``'s forward return ``loss + lam * orthogonality_penalty(model)`` while it trains.
 
-    A forward hook on ``model``: when ``model.training`` and the output has a ``loss`` (a
-    transformers ``ModelOutput``, or a dict), the penalty of every adapted layer (both routes)
-    is added to it; in eval mode, and for outputs without a loss, nothing changes. With
+    ``lam`` is the penalty's weight, a finite number ``>= 0`` (``0``: no penalty); anything
+    else raises a ``ValueError`` (a NaN or infinite weight would make every loss NaN or
+    infinite, a negative one would reward leaving orthogonality).
+
+    A forward hook on ``model``: when ``model.training`` and the output has a loss, the penalty
+    of every adapted layer (both routes) is added to it; in eval mode, and for outputs without
+    a loss, nothing changes. The loss is the ``loss`` of a transformers ``ModelOutput`` or of a
+    dict, or the first element of a tuple (``return_dict=False``) when that is a scalar tensor
+    (transformers puts the loss first when it computes one, and the logits or hidden states
+    that come first otherwise are never scalars). With
     gradient accumulation the penalty is added per micro-batch, and ``Trainer`` averages the
     micro-batch losses, so the step's loss is the task loss plus ``lam`` times the penalty.
 
@@ -38,16 +48,24 @@ def add_orthogonality_penalty(model: nn.Module, lam: float = 1e-3):
         add_orthogonality_penalty(model, lam=1e-3)
         Trainer(model=model, args=args, train_dataset=data).train()
     """
-    if not isinstance(lam, (int, float)) or lam < 0:
-        raise ValueError(f"lam must be a number >= 0, got {lam!r}")
+    if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
+        raise ValueError(f"lam (the penalty's weight) must be a finite number >= 0, got {lam!r}")
+
+    def penalized(module, loss):
+        return loss + lam * orthogonality_penalty(module).to(loss.device, loss.dtype)
 
     def hook(module, args, output):
         if not module.training or lam == 0:
             return output
+        if isinstance(output, tuple) and not hasattr(output, "_fields"):
+            first = output[0] if output else None
+            if isinstance(first, torch.Tensor) and first.dim() == 0 and first.is_floating_point():
+                return (penalized(module, first), *output[1:])
+            return output
         loss = output.get("loss") if isinstance(output, dict) else getattr(output, "loss", None)
         if loss is None:
             return output
-        output["loss"] = loss + lam * orthogonality_penalty(module).to(loss.device, loss.dtype)
+        output["loss"] = penalized(module, loss)
         return output
 
     return model.register_forward_hook(hook)

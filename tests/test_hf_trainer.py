@@ -105,3 +105,34 @@ def test_inject_checkpoint_survives_from_pretrained(tmp_path, gen):
     with torch.no_grad():
         assert_close(transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "merged")).eval()(ids).logits,
                      out)
+
+
+@pytest.mark.parametrize("lam", [float("nan"), float("inf"), -float("inf"), -0.5, "0.1", True, None])
+def test_penalty_weight_must_be_a_finite_number_not_below_zero(lam):
+    with pytest.raises(ValueError, match=r"lam \(the penalty's weight\) must be a finite number >= 0"):
+        add_orthogonality_penalty(torch.nn.Linear(2, 2), lam)
+
+
+def test_penalty_hook_adds_to_the_loss_of_a_tuple(gen):
+    """return_dict=False: the loss is the tuple's first element, and the penalty goes there;
+    a tuple without a loss (no labels: the logits first) is left alone."""
+    model = qk.inject(llama(), ["q_proj", "v_proj"], block="quasi")
+    with torch.no_grad():
+        for p in qk.trainable_parameters(model):
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    batch = {k: v[None] for k, v in Data()[0].items()}
+    model.train()
+    plain = model(**batch, return_dict=False)
+    unlabelled = model(input_ids=batch["input_ids"], return_dict=False)
+    handle = add_orthogonality_penalty(model, lam=0.5)
+    penalty = qk.orthogonality_penalty(model)
+    assert penalty > 0
+    out = model(**batch, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == len(plain)
+    assert_close(out[0], plain[0] + 0.5 * penalty)
+    assert torch.equal(out[1], plain[1])
+    out[0].backward()  # the penalty's gradient reaches the rotations
+    assert all(p.grad is not None for p in qk.trainable_parameters(model))
+    again = model(input_ids=batch["input_ids"], return_dict=False)
+    assert type(again) is tuple and torch.equal(again[0], unlabelled[0])
+    handle.remove()
