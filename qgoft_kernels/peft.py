@@ -298,27 +298,53 @@ class Linear(nn.Module, QGOFTLayer):
                     x = self._rotate(x, adapter, dropout=self.training)
         return self.base_layer(x, *args, **kwargs)
 
+    def _forward_order(self, adapters) -> list[str]:
+        """``adapters`` in the order :meth:`forward` applies them: the active adapters' order,
+        then the others in the order they were added."""
+        active = [a for a in self.active_adapters if a in self._available_adapters]
+        order = {a: i for i, a in enumerate(active + [a for a in self.qgoft_rotation if a not in active])}
+        return sorted(adapters, key=lambda a: order.get(a, len(order)))
+
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """``W <- W R^T`` per adapter; in reverse order, so that the merged layer equals the forward.
+        """``W <- W R_n^T ... R_1^T`` for the merged adapters ``1 .. n`` in the order the forward
+        applies them (:meth:`_forward_order`), so that the merged layer equals the forward with
+        them active, however the merges were split into calls.
+
+        The forward applies ``R_1`` first, so ``W R_1^T`` is the outermost factor: adapters
+        that the forward applies before every adapter merged already are rotated into the
+        stored ``W``; one it applies later belongs next to the unmerged ``W``, so the merged
+        adapters are undone first (:meth:`unmerge`, which refuses an ill-conditioned ``R``;
+        then this refuses too, and nothing changes) and all are merged again in order.
 
         ``W`` is read as ``[out, in]`` whatever the base's layout (``Conv1D`` stores ``W^T``). A
         bitsandbytes base is dequantised, all adapters are merged in its dequantised dtype, and the
         result is quantised once: the merged layer then differs from the adapted one by about one
         quantisation step of ``W R^T`` (docs/ecosystem.md), and :meth:`unmerge` refuses.
         """
-        adapter_names = [a for a in reversed(check_adapters_to_merge(self, adapter_names))
-                         if a in self._available_adapters]
-        if not adapter_names:
+        new = [a for a in check_adapters_to_merge(self, adapter_names) if a in self._available_adapters]
+        if not new:
             return
+        merged = list(reversed(self.merged_adapters))  # the forward's order when they were merged
+        order = self._forward_order(merged + new)
+        if order[len(new):] != merged:
+            try:
+                self.unmerge()
+            except ValueError as error:
+                raise ValueError(f"cannot merge {new} into a layer with {merged} merged: the forward applies "
+                                 f"them in the order {order}, so the merged adapters must be undone first, and "
+                                 f"that was refused: {error}") from error
+            new = order
         base = self.get_base_layer()
-        merged = bases.dense_weight(base)
-        for adapter in adapter_names:
-            merged = self._rotate(merged, adapter, transpose=True)
-            if safe_merge and not torch.isfinite(merged).all():
+        weight = bases.dense_weight(base)
+        applied = list(reversed(self._forward_order(new)))
+        for adapter in applied:
+            weight = self._rotate(weight, adapter, transpose=True)
+            if safe_merge and not torch.isfinite(weight).all():
                 raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
-        bases.set_dense_weight(base, merged)
-        self.merged_adapters.extend(adapter_names)
+        bases.set_dense_weight(base, weight)
+        # in the order they were rotated into W: unmerge undoes them from the last
+        self.merged_adapters.extend(applied)
 
     @torch.no_grad()
     def unmerge(self) -> None:

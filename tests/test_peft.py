@@ -204,3 +204,53 @@ def test_wrong_input_width_names_x():
     model = peft.get_peft_model(make(), QGOFTConfig(target_modules=["q"]))
     with pytest.raises(ValueError, match=r"x has 21 features \(its last dimension\); this layer takes in_features=20"):
         model.base_model.model.q(torch.randn(2, 21))
+
+
+# --- merging several adapters: the forward's order, however the merges are split ---------------------------------
+
+
+def _two_adapters(active):
+    """A PEFT model with adapters ``a`` (quasi, scaled) and ``b`` (Givens) on ``q`` and ``v``,
+    away from the identity, ``active`` (in that order: the forward applies them so)."""
+    options = dict(target_modules=["q", "v"], init_weights=False)
+    model = peft.get_peft_model(make(), QGOFTConfig(block="quasi", scale=True, **options), adapter_name="a")
+    model.add_adapter("b", QGOFTConfig(block="givens", **options))
+    model.base_model.set_adapter(list(active))
+    return model
+
+
+@pytest.mark.parametrize("active", [("a", "b"), ("b", "a")], ids=["active-ab", "active-ba"])
+@pytest.mark.parametrize("calls", [[["a"], ["b"]], [["b"], ["a"]], [["a", "b"]], [["b", "a"]], [None]],
+                         ids=["a-then-b", "b-then-a", "batch-ab", "batch-ba", "all-active"])
+def test_merges_in_any_order_equal_the_forward(calls, active, gen):
+    """Rotations do not commute: merged one call at a time or in one call, in any order, the
+    layer equals the forward with both adapters active (and PEFT's sequential-merge test's
+    batch merge), and unmerging gives W back."""
+    model = _two_adapters(active)
+    x = torch.randn(5, 20, generator=gen)
+    out = model(x)
+    layers = {n: model.base_model.model.get_submodule(n) for n in ("q", "v")}
+    w0 = {n: layer.base_layer.weight.detach().clone() for n, layer in layers.items()}
+    for names in calls:
+        model.merge_adapter(names)
+    assert all(sorted(layer.merged_adapters) == ["a", "b"] for layer in layers.values())
+    assert_close(model(x), out)
+    model.unmerge_adapter()
+    for n, layer in layers.items():
+        assert not layer.merged
+        assert_close(layer.base_layer.weight, w0[n])
+    assert_close(model(x), out)
+
+
+def test_merging_after_an_unmergeable_adapter_is_refused_unchanged(gen):
+    """A later adapter's merge needs the earlier one undone: where that is refused (an
+    ill-conditioned R), the merge is refused too and the layer keeps its weight."""
+    model = _two_adapters(("a", "b"))
+    layer = model.base_model.model.q
+    with torch.no_grad():
+        layer.qgoft_rotation["a"][3] = torch.tensor([[1.0, 1.0], [1.0, 1.0 + 1e-6]])
+    model.merge_adapter(["a"])
+    w_merged = layer.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"cannot merge \['b'\] into a layer with \['a'\] merged.*ill-conditioned"):
+        model.merge_adapter(["b"])
+    assert layer.merged_adapters == ["a"] and torch.equal(layer.base_layer.weight, w_merged)

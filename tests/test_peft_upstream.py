@@ -165,3 +165,24 @@ def test_the_suite_sees_a_qgoft_that_ignores_adapter_names_fail(upstream, monkey
     with pytest.raises(AssertionError):
         upstream.TestMixedAdapterBatches().test_mixed_adapter_batches_mlp(*CASES[0])
     assert torch.is_grad_enabled()
+
+
+#: PEFT's MULTIPLE_ACTIVE_ADAPTERS_TEST_CASES with qGOFT's: two adapters on its MLP, away from the identity
+MULTIPLE_ACTIVE_CASES = [
+    ("qGOFT quasi, two adapters", "qgoft", QGOFTConfig, {"target_modules": ["lin0"], "init_weights": False},
+     {"target_modules": ["lin0"], "init_weights": False}),
+    ("qGOFT quasi and GOFT+scale on both layers", "qgoft", QGOFTConfig,
+     {"target_modules": ["lin0", "lin1"], "init_weights": False},
+     {"target_modules": ["lin0", "lin1"], "block": "givens", "scale": True, "init_weights": False}),
+]
+MULTIPLE_ACTIVE_TESTS = ["test_multiple_active_adapters_forward", "test_multiple_active_adapters_merge_and_unmerge",
+                         "test_sequential_merge_matches_batch_merge",
+                         "test_unmerge_after_sequential_merge_restores_base"]
+
+
+@pytest.mark.parametrize("test", MULTIPLE_ACTIVE_TESTS)
+@pytest.mark.parametrize("case", MULTIPLE_ACTIVE_CASES, ids=[c[0] for c in MULTIPLE_ACTIVE_CASES])
+def test_peft_multiple_active_adapter_tests(upstream, test, case):
+    """PEFT's TestMultipleActiveAdapters: two adapters active at once, merged in one call or one
+    at a time (rotations do not commute: the merges must keep the forward's order)."""
+    getattr(upstream.TestMultipleActiveAdapters(), test)(*case)
