@@ -189,7 +189,7 @@ print("warnings:", len(caught))
 """
 
 
-def _load_in_a_process(cache):
+def _load_in_a_process(cache, script=_LOAD_IN_A_PROCESS):
     """Load the kernels in a fresh process with ``cache`` as the cache directory (a bad library
     can kill the process that loads it: SIGBUS); returns its output, failing on a crash."""
     import os
@@ -197,10 +197,22 @@ def _load_in_a_process(cache):
     import sys
     env = {**os.environ, "QGOFT_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"}
     env.pop("QGOFT_NATIVE", None)
-    proc = subprocess.run([sys.executable, "-c", _LOAD_IN_A_PROCESS], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, f"exit status {proc.returncode}:\n{proc.stderr[-3000:]}"
     return proc.stdout
+
+
+def _libm() -> Path:
+    """The C math library's file: a valid shared library that is not ours."""
+    import ctypes.util
+    name = ctypes.util.find_library("m")
+    folders = ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib/aarch64-linux-gnu", "/lib64", "/usr/lib64",
+               "/lib", "/usr/lib")
+    found = [Path(d) / name for d in folders if name and (Path(d) / name).exists()]
+    if not found:
+        pytest.skip("no libm file found to stand in for a foreign library")
+    return found[0]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "foreign", "garbage"])
@@ -208,7 +220,6 @@ def test_a_damaged_cache_entry_is_built_again(damage, tmp_path):
     """A cached library cut short (half its size), another valid library in its place (libm), or
     garbage: detected before it is loaded, built again, and loaded without a warning; the next
     process finds the new build and loads it as it is."""
-    import ctypes.util
     import shutil
     first = _load_in_a_process(tmp_path)
     assert "warnings: 0" in first
@@ -219,11 +230,7 @@ def test_a_damaged_cache_entry_is_built_again(damage, tmp_path):
         data = so.read_bytes()
         so.write_bytes(data[:len(data) // 2])
     elif damage == "foreign":
-        libm = ctypes.util.find_library("m")
-        source = next(Path(d) / libm for d in ("/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64",
-                                                "/usr/lib64", "/lib", "/usr/lib", "/lib/aarch64-linux-gnu")
-                      if (Path(d) / libm).exists())
-        shutil.copyfile(source, so)
+        shutil.copyfile(_libm(), so)
     else:
         so.write_bytes(b"not a library at all\n" * 100)
     assert "warnings: 0" in _load_in_a_process(tmp_path)
@@ -339,3 +346,23 @@ def test_built_in_a_private_directory_when_the_cache_is_not_writable(tmp_path, m
     built = native._compile(native._compiler())
     assert built.exists() and built.parent.parent == tmp_path and built.parent.name.startswith("qgoft_kernels-")
     assert oct(built.parent.stat().st_mode & 0o777) == oct(0o700)
+
+
+def test_a_stamped_library_of_another_abi_gives_one_warning(tmp_path):
+    """A library whose stamp matches but that is not this source's (no qgoft_abi_version):
+    one warning, and ATen's ops; no uncaught AttributeError."""
+    import shutil
+    _load_in_a_process(tmp_path)
+    so = next(p for p in tmp_path.iterdir() if p.suffix == ".so")
+    shutil.copyfile(_libm(), so)
+    native._stamp(so).write_text(native._digest(so) + "\n")
+    script = """
+import warnings
+from qgoft_kernels import native
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    assert native.library() is None and native.library() is None
+print([str(w.message) for w in caught])
+"""
+    out = _load_in_a_process(tmp_path, script)
+    assert out.count("qgoft_abi_version: missing, expected 3") == 1, out
