@@ -11,8 +11,9 @@ where that cannot be written, a private temporary directory, once per process).
 Without a compiler, or with ``QGOFT_NATIVE`` false (``0``, ``false``, ``off``, ``no``),
 :func:`library` is ``None`` and the dense formulation uses its ATen ops instead (the same
 results up to rounding). A build in the cache is loaded only when the stamp written beside it
-after its build (``<name>.so.sha256``, the library's SHA-256) matches it and it reports this
-source's ABI version: a truncated, foreign or garbage file there is built again instead.
+after its build (``<name>.so.sha256``, the library's SHA-256) matches it: a truncated, foreign
+or garbage file there is built again instead. A loaded library that does not report this
+source's ABI version (:data:`ABI_VERSION`) is not used: one warning, and ATen's ops.
 """
 from __future__ import annotations
 

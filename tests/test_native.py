@@ -348,6 +348,10 @@ def test_built_in_a_private_directory_when_the_cache_is_not_writable(tmp_path, m
     assert oct(built.parent.stat().st_mode & 0o777) == oct(0o700)
 
 
+def test_the_abi_version_is_the_sources():
+    assert f"int qgoft_abi_version(void) {{ return {native.ABI_VERSION}; }}" in native.SOURCE.read_text()
+
+
 def test_a_stamped_library_of_another_abi_gives_one_warning(tmp_path):
     """A library whose stamp matches but that is not this source's (no qgoft_abi_version):
     one warning, and ATen's ops; no uncaught AttributeError."""
