@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import check_version, load_adapter_state
-from .nn import CONFIG_KEY, orthogonality_penalty
+from .nn import CONFIG_KEY, check_model, orthogonality_penalty
 
 
 def add_orthogonality_penalty(model: nn.Module, lam: float = 1e-3):
@@ -48,6 +48,7 @@ def add_orthogonality_penalty(model: nn.Module, lam: float = 1e-3):
         add_orthogonality_penalty(model, lam=1e-3)
         Trainer(model=model, args=args, train_dataset=data).train()
     """
+    check_model(model)
     if isinstance(lam, bool) or not isinstance(lam, numbers.Real) or not math.isfinite(lam) or lam < 0:
         raise ValueError(f"lam (the penalty's weight) must be a finite number >= 0, got {lam!r}")
 

@@ -332,6 +332,13 @@ def penalty_of(pairs: list[tuple[torch.Tensor, str]]) -> torch.Tensor:
     return terms[0] if len(terms) == 1 else torch.stack([t.to(terms[0].device) for t in terms]).sum()
 
 
+def check_model(model, name: str = "model") -> None:
+    """A ``TypeError`` naming ``name`` unless ``model`` is an ``nn.Module`` (a list of layers or a
+    dict fails later with an ``AttributeError`` that says nothing of the argument)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module (the model or a layer), got {type(model).__name__}")
+
+
 def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     """The qGOFT penalty summed over every adapted layer of ``model`` (``GivensLinear``,
     ``GivensWrapper``, and the active adapters of every qGOFT layer of a PEFT model).
@@ -342,6 +349,7 @@ def orthogonality_penalty(model: nn.Module) -> torch.Tensor:
     a handful of ops for the whole model, where a few ops per layer would cost a model of a
     hundred adapted layers milliseconds per step on a CPU, and as many kernel launches on a GPU.
     """
+    check_model(model)
     # PEFT's layers exist only once qgoft_kernels.peft is imported; no need to import it here
     peft_layer = getattr(sys.modules.get("qgoft_kernels.peft"), "QGOFTLayer", ())
     return penalty_of([pair for m in model.modules() if isinstance(m, (*ADAPTED, peft_layer))

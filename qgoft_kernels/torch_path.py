@@ -39,7 +39,8 @@ def dense_block() -> int:
     value = os.environ.get("QGOFT_DENSE_BLOCK", "").strip()
     if not value:
         return DEFAULT_BLOCK
-    if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
+    # str.isdigit() also takes digits int() refuses (superscripts: "²"); only ASCII digits here
+    if not (value.isascii() and value.isdigit()) or int(value) < 1 or int(value) & (int(value) - 1):
         raise ValueError(f"QGOFT_DENSE_BLOCK must be a power of two >= 1, got {value!r}")
     return int(value)
 

@@ -113,6 +113,15 @@ def test_penalty_weight_must_be_a_finite_number_not_below_zero(lam):
         add_orthogonality_penalty(torch.nn.Linear(2, 2), lam)
 
 
+@pytest.mark.parametrize("model", [[torch.nn.Linear(2, 2)], {}, None], ids=["list", "dict", "None"])
+def test_penalty_helpers_name_a_model_that_is_not_a_module(model):
+    """orthogonality_penalty([layer]) and add_orthogonality_penalty({}) raised AttributeError."""
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        qk.orthogonality_penalty(model)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        add_orthogonality_penalty(model)
+
+
 def test_penalty_hook_adds_to_the_loss_of_a_tuple(gen):
     """return_dict=False: the loss is the tuple's first element, and the penalty goes there;
     a tuple without a loss (no labels: the logits first) is left alone."""

@@ -258,7 +258,8 @@ def test_the_switch(monkeypatch):
     with pytest.raises(ValueError, match="QGOFT_TORCH_PATH must be one of .*'fast'"):
         qk.givens_rotate(torch.randn(2, 8), torch.zeros(7), backend="torch")
     monkeypatch.setenv("QGOFT_TORCH_PATH", "dense")
-    for bad in ("0", "12", "x", "-4"):
+    # "²" and "٤" pass str.isdigit() but not int() / the ASCII rule: the error must still name the variable
+    for bad in ("0", "12", "x", "-4", "\u00b2", "\u0664"):
         monkeypatch.setenv("QGOFT_DENSE_BLOCK", bad)
         with pytest.raises(ValueError, match="QGOFT_DENSE_BLOCK must be a power of two"):
             qk.givens_rotate(torch.randn(2, 8), torch.zeros(7), backend="torch")
