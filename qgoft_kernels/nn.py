@@ -323,8 +323,13 @@ def penalty_of(pairs: list[tuple[torch.Tensor, str]]) -> torch.Tensor:
         return torch.zeros(())
     groups: dict[tuple, list[torch.Tensor]] = {}
     for rotation, block in pairs:
-        if block != "givens":
+        if block not in ("quasi", "givens"):
+            raise ValueError(f"penalty_of: block must be 'quasi' or 'givens', got {block!r}")
+        if block == "quasi":
             rotation = _full(rotation)
+            if rotation.dim() != 3 or tuple(rotation.shape[1:]) != (2, 2):
+                raise ValueError(f"penalty_of: a quasi rotation holds 2 x 2 blocks, shape [P, 2, 2]; got shape "
+                                 f"{tuple(rotation.shape)}")
             groups.setdefault((rotation.device, rotation.dtype), []).append(rotation)
     if not groups:
         return torch.zeros((), dtype=pairs[0][0].dtype, device=pairs[0][0].device)

@@ -122,6 +122,16 @@ def test_penalty_helpers_name_a_model_that_is_not_a_module(model):
         add_orthogonality_penalty(model)
 
 
+@pytest.mark.parametrize("pair", [(torch.zeros(7), "quasi"), (torch.zeros(7, 4), "quasi"),
+                                  (torch.zeros(7, 2, 2), "quasi-ish")], ids=["angles", "flat", "block"])
+def test_penalty_of_names_a_wrong_rotation(pair):
+    """penalty_of([(angles, "quasi")]) raised an IndexError from inside."""
+    from qgoft_kernels.nn import penalty_of
+
+    with pytest.raises(ValueError, match="penalty_of: "):
+        penalty_of([pair])
+
+
 def test_penalty_hook_adds_to_the_loss_of_a_tuple(gen):
     """return_dict=False: the loss is the tuple's first element, and the penalty goes there;
     a tuple without a loss (no labels: the logits first) is left alone."""
