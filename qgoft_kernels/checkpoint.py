@@ -96,7 +96,12 @@ def _write_atomic(path, data: bytes) -> None:
     directory, name = os.path.split(os.path.abspath(path))
     tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
     # os.open honours the umask, as a plain open() of the target would
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as error:
+        # name the user's path, not the hidden temporary file beside it
+        why = f"the folder {directory} does not exist" if not os.path.isdir(directory) else error.strerror
+        raise type(error)(error.errno, f"cannot write {path}: {why}", path) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

@@ -376,6 +376,17 @@ def test_non_finite_adapters_are_refused(tmp_path, gen, value):
     assert type(fresh.layers[0].query) is nn.Linear
 
 
+def test_save_into_a_missing_folder_names_the_users_path(tmp_path, gen):
+    """The error named the hidden temporary file the write goes through, not the path asked for."""
+    net, _ = _saved_net(tmp_path, gen)
+    target = tmp_path / "no" / "such" / "adapter.safetensors"
+    with pytest.raises(FileNotFoundError) as info:
+        qk.save_adapter(net, target)
+    message = str(info.value)
+    assert str(target) in message and "does not exist" in message and ".tmp" not in message
+    assert info.value.filename == str(target)
+
+
 def test_save_adapter_is_atomic(tmp_path, gen, monkeypatch):
     """A write that fails half-way leaves the previous file whole and no temporary behind."""
     net, path = _saved_net(tmp_path, gen)
