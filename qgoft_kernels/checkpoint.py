@@ -203,9 +203,7 @@ def load_named_adapter(model: nn.Module, tensors: dict, modules: dict, adapter_n
         raise ValueError(f"{source}: it has modules_to_save {sorted(saved)}, which a named adapter cannot carry "
                          f"(they would replace the model's own modules for every sample); load it without "
                          f"adapter_name")
-    if not isinstance(modules, dict):
-        raise ValueError(f"{source}: the header's 'modules' must map module names to options, "
-                         f"got {type(modules).__name__}")
+    check_modules(modules, source)
     uses = {id(m): names for m, names in module_uses(model)}
     plan = []
     for name, opts in modules.items():
@@ -236,13 +234,23 @@ def load_named_adapter(model: nn.Module, tensors: dict, modules: dict, adapter_n
     return model
 
 
+def check_modules(modules, source: str, what: str = "the header's 'modules'") -> None:
+    """A ``ValueError`` naming ``source`` unless ``modules`` maps module names (str) to option
+    dicts: the shape every reader of adapter options relies on (each entry's options are checked
+    against its layer by :func:`_check_entry`)."""
+    if not isinstance(modules, dict):
+        raise ValueError(f"{source}: {what} must map module names to options, got {type(modules).__name__}")
+    for name, opts in modules.items():
+        if not isinstance(name, str) or not isinstance(opts, dict):
+            raise ValueError(f"{source}: {what} must map module names to option dicts, got {name!r}: "
+                             f"{type(opts).__name__}")
+
+
 def load_adapter_state(model: nn.Module, tensors: dict, modules: dict, *, strict: bool = True,
                        source: str = "the adapter", saved: dict | None = None) -> nn.Module:
     """:func:`load_adapter` from tensors and options already in memory (``saved``: the
     ``modules_to_save``, ``{"<module>": [parameter names]}``)."""
-    if not isinstance(modules, dict):
-        raise ValueError(f"{source}: the header's 'modules' must map module names to options, "
-                         f"got {type(modules).__name__}")
+    check_modules(modules, source)
     uses = {id(m): names for m, names in module_uses(model)}
     plan, seen = [], {}
     for name, opts in modules.items():

@@ -20,7 +20,7 @@ import os
 import torch
 import torch.nn as nn
 
-from .checkpoint import check_version, load_adapter_state
+from .checkpoint import check_modules, check_version, load_adapter_state
 from .nn import CONFIG_KEY, check_model, orthogonality_penalty
 
 
@@ -93,6 +93,7 @@ def from_pretrained(model_class, path, **kwargs):
                          f"adapted by qk.inject; load it with {model_class.__name__}.from_pretrained")
     check_version(f"{path} (config.json's {CONFIG_KEY})", str(info.get("format")), info.get("version"))
     modules = info["modules"]
+    check_modules(modules, str(path), f"config.json's {CONFIG_KEY}['modules']")
     keys = {f"{name}.{part}" for name, opts in modules.items()
             for part in (("rotation", "scale") if opts.get("scale") else ("rotation",))}
     ignored = list(getattr(model_class, "_keys_to_ignore_on_load_unexpected", None) or [])

@@ -107,6 +107,18 @@ def test_inject_checkpoint_survives_from_pretrained(tmp_path, gen):
                      out)
 
 
+@pytest.mark.parametrize("modules", [["model.layers.0.self_attn.q_proj"], {"model.layers.0.self_attn.q_proj": "quasi"}],
+                         ids=["list", "string-options"])
+def test_from_pretrained_names_malformed_modules(tmp_path, modules):
+    """config.qgoft_adapter.modules given as a list gave "'list' object has no attribute 'items'"."""
+    model = qk.inject(llama(), ["q_proj"], block="quasi")
+    model.save_pretrained(str(tmp_path / "ckpt"))
+    config = transformers.AutoConfig.from_pretrained(str(tmp_path / "ckpt"))
+    config.qgoft_adapter = {**config.qgoft_adapter, "modules": modules}
+    with pytest.raises(ValueError, match=r"config.json's qgoft_adapter\['modules'\] must map module names"):
+        from_pretrained(transformers.LlamaForCausalLM, str(tmp_path / "ckpt"), config=config)
+
+
 @pytest.mark.parametrize("lam", [float("nan"), float("inf"), -float("inf"), -0.5, "0.1", True, None])
 def test_penalty_weight_must_be_a_finite_number_not_below_zero(lam):
     with pytest.raises(ValueError, match=r"lam \(the penalty's weight\) must be a finite number >= 0"):
