@@ -86,7 +86,7 @@ def write_adapter(path, tensors: dict, modules: dict, saved: dict | None = None)
     from safetensors.torch import save
 
     for key, t in tensors.items():
-        _check_finite(key, t, "the model")
+        check_finite(key, t, "the model")
     data = save({k: v.contiguous().cpu() for k, v in tensors.items()}, metadata=header(modules, saved or {}))
     _write_atomic(path, data)
 
@@ -147,6 +147,10 @@ def read_adapter(path, with_saved: bool = False):
         saved = json.loads(meta.get("modules_to_save", "{}"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: the header's 'modules' or 'modules_to_save' entry is not valid JSON ({e})") from None
+    check_modules(modules, str(path))
+    if not isinstance(saved, dict) or not all(isinstance(v, list) for v in saved.values()):
+        raise ValueError(f"{path}: the header's 'modules_to_save' must map module names to lists of parameter "
+                         f"names, got {saved!r}")
     return (tensors, modules, saved) if with_saved else (tensors, modules)
 
 
@@ -235,15 +239,30 @@ def load_named_adapter(model: nn.Module, tensors: dict, modules: dict, adapter_n
 
 
 def check_modules(modules, source: str, what: str = "the header's 'modules'") -> None:
-    """A ``ValueError`` naming ``source`` unless ``modules`` maps module names (str) to option
-    dicts: the shape every reader of adapter options relies on (each entry's options are checked
-    against its layer by :func:`_check_entry`)."""
+    """A ``ValueError`` naming ``source`` unless ``modules`` maps module names (str) to options
+    this package writes: exactly the keys :data:`OPTION_KEYS`, ``in_features`` an int >= 1,
+    ``out_features`` an int >= 0 or ``None`` (a file converted from PEFT, which does not record
+    it), ``scale`` a bool, ``block`` and ``structure`` known. The one check of an adapter's
+    options before anything reads them (loading, converting, upgrading, ``hf.from_pretrained``);
+    :func:`_check_entry` then compares each entry with its layer."""
     if not isinstance(modules, dict):
         raise ValueError(f"{source}: {what} must map module names to options, got {type(modules).__name__}")
     for name, opts in modules.items():
         if not isinstance(name, str) or not isinstance(opts, dict):
             raise ValueError(f"{source}: {what} must map module names to option dicts, got {name!r}: "
                              f"{type(opts).__name__}")
+        if set(opts) != set(OPTION_KEYS):
+            raise ValueError(f"{source}: module {name!r} has malformed options {opts!r}; expected the keys "
+                             f"{OPTION_KEYS}")
+        for key, low in (("in_features", 1), ("out_features", 0)):
+            if (type(opts[key]) is not int or opts[key] < low) and not (key == "out_features" and opts[key] is None):
+                raise ValueError(f"{source}: module {name!r}: {key} must be an int >= {low}, got {opts[key]!r}")
+        if type(opts["scale"]) is not bool:
+            raise ValueError(f"{source}: module {name!r}: scale must be true or false, got {opts['scale']!r}")
+        try:
+            check_options(opts["block"], opts["structure"])
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{source}: module {name!r}: {e}") from None
 
 
 def load_adapter_state(model: nn.Module, tensors: dict, modules: dict, *, strict: bool = True,
@@ -319,7 +338,7 @@ def _check_saved(model: nn.Module, saved, tensors: dict, source: str) -> list:
                 got = "no tensor" if t is None else f"{tuple(t.shape)} {t.dtype}"
                 raise ValueError(f"{source}: modules_to_save {name!r}.{k} must be a float tensor of shape "
                                  f"{tuple(have.shape)}, got {got}")
-            _check_finite(f"{name}.{k}", t, source)
+            check_finite(f"{name}.{k}", t, source)
         out.append((name, module, keys))
     return out
 
@@ -330,18 +349,6 @@ def _check_entry(name: str, target: nn.Module, opts, tensors: dict, source: str,
     if not isinstance(target, ADAPTED) and bases.kind(target) is None:
         raise ValueError(f"{source}: module {name!r} is a {type(target).__name__}, not an adapted layer or a "
                          f"supported base layer ({', '.join(bases.KINDS)})")
-    if not isinstance(opts, dict) or set(opts) != set(OPTION_KEYS):
-        raise ValueError(f"{source}: module {name!r} has malformed options {opts!r}; expected the keys {OPTION_KEYS}")
-    for key, low in (("in_features", 1), ("out_features", 0)):
-        # out_features may be unknown (null): a file converted from PEFT, which does not record it
-        if (type(opts[key]) is not int or opts[key] < low) and not (key == "out_features" and opts[key] is None):
-            raise ValueError(f"{source}: module {name!r}: {key} must be an int >= {low}, got {opts[key]!r}")
-    if type(opts["scale"]) is not bool:
-        raise ValueError(f"{source}: module {name!r}: scale must be true or false, got {opts['scale']!r}")
-    try:
-        check_options(opts["block"], opts["structure"])
-    except ValueError as e:
-        raise ValueError(f"{source}: module {name!r}: {e}") from None
     if isinstance(target, ADAPTED):
         compared = tuple(OPTION_KEYS) if same_options else ("in_features", "out_features")
         have = {k: v for k, v in _options(target).items() if k in compared}
@@ -364,10 +371,10 @@ def _check_entry(name: str, target: nn.Module, opts, tensors: dict, source: str,
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or not t.is_floating_point():
             got = f"{tuple(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{source}: module {name!r}: {part} must be a float tensor of shape {shape}, got {got}")
-        _check_finite(f"{name}.{part}", t, source)
+        check_finite(f"{name}.{part}", t, source)
 
 
-def _check_finite(key: str, t: torch.Tensor, source: str) -> None:
+def check_finite(key: str, t: torch.Tensor, source: str) -> None:
     if not torch.isfinite(t).all():
         raise ValueError(f"{source}: {key} holds values that are not finite (NaN or Inf)")
 

@@ -20,10 +20,43 @@ import os
 import re
 import shutil
 
-from .checkpoint import read_adapter, write_adapter
+from .checkpoint import check_finite, read_adapter, write_adapter
 
 PEFT_PREFIX = "base_model.model."
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def _peft_config(source):
+    """The ``QGOFTConfig`` of the PEFT adapter folder ``source`` and its ``adapter_config.json``
+    as read, with errors that name that file: missing, not JSON, not an object, or the config of
+    another method (PEFT would hand back, say, a ``LoraConfig``)."""
+    from .peft import QGOFTConfig
+
+    path = os.path.join(source, PEFT_CONFIG)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{source}: no {PEFT_CONFIG}, so not a PEFT adapter folder")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} must hold a JSON object (PEFT's adapter config), got {type(raw).__name__}")
+    if not str(raw.get("peft_type", "")).startswith("QGOFT"):
+        raise ValueError(f"{path}: peft_type is {raw.get('peft_type')!r}, not QGOFT: this folder holds another "
+                         f"method's adapter, and only qGOFT adapters are converted or upgraded here")
+    try:
+        config = QGOFTConfig.from_pretrained(source)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path} is not a valid qGOFT adapter config ({type(e).__name__}: {e})") from None
+    return config, raw
+
+
+def _peft_weights(source) -> str:
+    path = os.path.join(source, PEFT_WEIGHTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{source}: no {PEFT_WEIGHTS} (PEFT's safetensors weights)")
+    return path
 
 
 def file_to_peft(source, target, *, base_model: str | None = None) -> list[str]:
@@ -33,6 +66,9 @@ def file_to_peft(source, target, *, base_model: str | None = None) -> list[str]:
     from .peft import QGOFTConfig
 
     tensors, modules, saved = read_adapter(source, with_saved=True)
+    for key, t in tensors.items():
+        # what no load accepts is not written either (as save_adapter refuses it)
+        check_finite(key, t, str(source))
     if "" in modules:
         raise ValueError(f"{source} adapts a bare layer (module name ''), which PEFT cannot name; "
                          f"load it with qk.load_adapter")
@@ -58,12 +94,8 @@ def peft_to_file(source, target) -> list[str]:
     """Write the PEFT adapter folder ``source`` as a ``qk.save_adapter`` file ``target``."""
     from safetensors import safe_open
 
-    from .peft import QGOFTConfig
-
-    config = QGOFTConfig.from_pretrained(source)
-    path = os.path.join(source, PEFT_WEIGHTS)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{source}: no {PEFT_WEIGHTS} (PEFT's safetensors weights)")
+    config, _ = _peft_config(source)
+    path = _peft_weights(source)
     with safe_open(path, framework="pt") as fh:
         raw = {k: fh.get_tensor(k) for k in fh.keys()}
     tensors, modules, saved = {}, {}, collections.defaultdict(list)
@@ -107,23 +139,22 @@ def upgrade(source, out=None) -> list[str]:
     reads) in the current format, at ``out`` or over ``source``."""
     out = source if out is None else out
     if os.path.isdir(source):
-        from .peft import QGOFTConfig
-
-        config = QGOFTConfig.from_pretrained(source)
-        with open(os.path.join(source, PEFT_CONFIG)) as fh:
-            old = json.load(fh).get("qgoft_format", 1)
+        config, raw = _peft_config(source)
+        weights = _peft_weights(source)  # a folder without them is no adapter: nothing to upgrade
+        old = raw.get("qgoft_format", 1)
         config.qgoft_version = None
         config.__post_init__()
         if os.path.abspath(out) != os.path.abspath(source):
             os.makedirs(out, exist_ok=True)
-            shutil.copyfile(os.path.join(source, PEFT_WEIGHTS), os.path.join(out, PEFT_WEIGHTS))
+            shutil.copyfile(weights, os.path.join(out, PEFT_WEIGHTS))
         config.save_pretrained(out)
         return [f"wrote {os.path.join(out, PEFT_CONFIG)}: qgoft format {old} -> {config.qgoft_format}"]
     from safetensors import safe_open
 
+    # read_adapter first: its errors name the file (not safetensors, not an adapter, malformed)
+    tensors, modules, saved = read_adapter(source, with_saved=True)
     with safe_open(str(source), framework="pt") as fh:
         old = (fh.metadata() or {}).get("version")
-    tensors, modules, saved = read_adapter(source, with_saved=True)
     write_adapter(out, tensors, modules, saved)
     from .checkpoint import VERSION
 

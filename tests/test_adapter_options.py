@@ -216,6 +216,87 @@ def test_formats_convert_both_ways(tmp_path, gen):
     assert theirs.base_model.model.model.layers[2].v_proj.qgoft_block["default"] == "givens"
 
 
+def _rewritten(path, out, tensors=None, **meta):
+    """The adapter file ``path`` written again at ``out`` with some tensors or header entries changed."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        header = dict(fh.metadata())
+        data = {k: fh.get_tensor(k) for k in fh.keys()}
+    save_file({**data, **(tensors or {})}, out, metadata={**header, **meta})
+    return out
+
+
+def test_convert_refuses_non_finite_rotations(tmp_path, gen):
+    """A file -> folder conversion passed NaN rotations through (every load refuses them)."""
+    from qgoft_kernels.formats import convert
+
+    _, folder = _peft_folder(tmp_path, gen)
+    convert(folder, tmp_path / "a.safetensors")
+    key = "model.layers.0.q_proj.rotation"
+    from qgoft_kernels.checkpoint import read_adapter
+
+    bad = read_adapter(tmp_path / "a.safetensors")[0][key].clone()
+    bad.view(-1)[0] = float("nan")
+    _rewritten(tmp_path / "a.safetensors", tmp_path / "nan.safetensors", {key: bad})
+    with pytest.raises(ValueError, match=rf"nan.safetensors: {re.escape(key)} holds values that are not finite"):
+        convert(tmp_path / "nan.safetensors", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("modules", [["model.layers.0.q_proj"], {"model.layers.0.q_proj": "quasi"},
+                                     {"model.layers.0.q_proj": {"block": "quasi"}}],
+                         ids=["list", "string-options", "missing-keys"])
+def test_convert_and_upgrade_check_the_modules_header(tmp_path, gen, modules):
+    """convert of a file whose 'modules' header is a list or has string options raised an
+    AttributeError/TypeError; load_adapter's one validator now runs for every reader."""
+    from qgoft_kernels.formats import convert, upgrade
+
+    _, folder = _peft_folder(tmp_path, gen)
+    convert(folder, tmp_path / "a.safetensors")
+    bad = _rewritten(tmp_path / "a.safetensors", tmp_path / "bad.safetensors", modules=json.dumps(modules))
+    for run in (lambda: convert(bad, tmp_path / "out"), lambda: upgrade(bad, tmp_path / "up.safetensors")):
+        with pytest.raises(ValueError, match=r"bad.safetensors: .*(must map module names|malformed options)"):
+            run()
+
+
+def test_upgrade_names_a_file_that_is_not_safetensors(tmp_path):
+    from qgoft_kernels.formats import upgrade
+
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match=r"junk.safetensors is not a readable safetensors file"):
+        upgrade(path)
+
+
+def test_upgrade_in_place_refuses_a_folder_without_weights(tmp_path, gen):
+    """An in-place upgrade of a folder without adapter_model.safetensors reported success."""
+    from qgoft_kernels.formats import upgrade
+
+    _, folder = _peft_folder(tmp_path, gen)
+    (folder / "adapter_model.safetensors").unlink()
+    before = (folder / "adapter_config.json").read_text()
+    with pytest.raises(FileNotFoundError, match="no adapter_model.safetensors"):
+        upgrade(folder)
+    assert (folder / "adapter_config.json").read_text() == before
+
+
+@pytest.mark.parametrize("text, message", [("", "is not valid JSON"), ("{", "is not valid JSON"),
+                                           ("[]", "must hold a JSON object"),
+                                           ('{"peft_type": "LORA", "r": 8}', "peft_type is 'LORA', not QGOFT")],
+                         ids=["empty", "broken", "list", "lora"])
+def test_convert_names_a_bad_adapter_config(tmp_path, gen, text, message):
+    """An empty or invalid adapter_config.json gave a bare JSONDecodeError/TypeError, and a LORA
+    config over qGOFT weights "'LoraConfig' object has no attribute 'structure'"."""
+    from qgoft_kernels.formats import convert, upgrade
+
+    _, folder = _peft_folder(tmp_path, gen)
+    (folder / "adapter_config.json").write_text(text)
+    for run in (lambda: convert(folder, tmp_path / "a.safetensors"), lambda: upgrade(folder, tmp_path / "up")):
+        with pytest.raises(ValueError, match=rf"adapter_config.json.*{re.escape(message)}"):
+            run()
+
+
 # --- the command line ----------------------------------------------------------------------------------------
 
 
