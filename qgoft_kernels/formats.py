@@ -59,6 +59,17 @@ def _peft_weights(source) -> str:
     return path
 
 
+def _pattern(name: str, modules) -> str:
+    """The ``block_pattern``/``scale_pattern`` key that picks module ``name`` alone. PEFT matches
+    a key at the end of a module's name (``(.*\\.)?key$``), so ``fc`` would also pick
+    ``inner.fc``: a name that ends another adapted module's name is anchored at the start of the
+    name (``(?<![\\s\\S])``: nothing before it)."""
+    key = re.escape(name)
+    if any(other != name and other.endswith("." + name) for other in modules):
+        key = r"(?<![\s\S])" + key
+    return key
+
+
 def file_to_peft(source, target, *, base_model: str | None = None) -> list[str]:
     """Write the ``qk.save_adapter`` file ``source`` as the PEFT adapter folder ``target``."""
     from safetensors.torch import save_file
@@ -74,9 +85,10 @@ def file_to_peft(source, target, *, base_model: str | None = None) -> list[str]:
                          f"load it with qk.load_adapter")
     block = collections.Counter(o["block"] for o in modules.values()).most_common(1)[0][0]
     scale = collections.Counter(o["scale"] for o in modules.values()).most_common(1)[0][0]
+    pattern = {n: _pattern(n, modules) for n in modules}
     config = QGOFTConfig(target_modules=sorted(modules), block=block, scale=scale,
-                         block_pattern={re.escape(n): o["block"] for n, o in modules.items() if o["block"] != block},
-                         scale_pattern={re.escape(n): o["scale"] for n, o in modules.items() if o["scale"] != scale},
+                         block_pattern={pattern[n]: o["block"] for n, o in modules.items() if o["block"] != block},
+                         scale_pattern={pattern[n]: o["scale"] for n, o in modules.items() if o["scale"] != scale},
                          modules_to_save=sorted(saved) or None, base_model_name_or_path=base_model)
     weights = {}
     for key, t in tensors.items():

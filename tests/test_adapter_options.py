@@ -297,6 +297,49 @@ def test_convert_names_a_bad_adapter_config(tmp_path, gen, text, message):
             run()
 
 
+class _Nested(nn.Module):
+    """``fc`` and ``inner.fc``: one module's name ends the other's; ``out`` makes the options of
+    ``inner.fc`` the majority, so that ``fc``'s are the ones written as patterns."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 8)
+        self.inner = nn.Module()
+        self.inner.fc = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.out(self.inner.fc(self.fc(x)))
+
+
+@pytest.mark.parametrize("options", [(("quasi", True), ("givens", False)), (("givens", False), ("quasi", True))],
+                         ids=["outer-quasi-scale", "inner-quasi-scale"])
+def test_convert_keeps_options_of_nested_names_apart(tmp_path, gen, options):
+    """A file adapting fc and inner.fc with other options gave the pattern key 'fc', which PEFT
+    matches at the end of inner.fc too: the folder failed to load, or inner.fc gained a scale."""
+    from qgoft_kernels.formats import convert
+
+    (outer_block, outer_scale), (inner_block, inner_scale) = options
+    model = _Nested()
+    model.fc = qk.GivensLinear.from_linear(model.fc, block=outer_block, scale=outer_scale)
+    model.inner.fc = qk.GivensLinear.from_linear(model.inner.fc, block=inner_block, scale=inner_scale)
+    model.out = qk.GivensLinear.from_linear(model.out, block=inner_block, scale=inner_scale)
+    with torch.no_grad():
+        for p in qk.trainable_parameters(model):
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    qk.save_adapter(model, tmp_path / "a.safetensors")
+    convert(tmp_path / "a.safetensors", tmp_path / "folder")
+    loaded = peft.PeftModel.from_pretrained(_Nested(), tmp_path / "folder")
+    layers = dict(loaded.base_model.model.named_modules())
+    for name, block, scale in (("fc", outer_block, outer_scale), ("inner.fc", inner_block, inner_scale)):
+        assert layers[name].qgoft_block["default"] == block
+        assert ("default" in layers[name].qgoft_scale) == scale, name
+    x = torch.randn(5, 8, generator=gen)
+    with torch.no_grad():
+        assert_close(loaded(x), model(x))
+
+
 # --- the command line ----------------------------------------------------------------------------------------
 
 
