@@ -71,9 +71,23 @@ def _training(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) is running."""
+    try:
+        from torch._C._functorch import peek_interpreter_stack
+    except ImportError:  # pragma: no cover - every torch this package supports has it
+        return False
+    return peek_interpreter_stack() is not None
+
+
 def _formulation_for(x: torch.Tensor, params: torch.Tensor, scale: torch.Tensor | None) -> str:
-    """The formulation for this call: ``QGOFT_TORCH_PATH``, or the rule's pick when ``auto``."""
+    """The formulation for this call: ``QGOFT_TORCH_PATH``, or the rule's pick when ``auto``;
+    the sweeps under a ``torch.func`` transform, whatever is asked: they are plain tensor ops,
+    which the transforms take, while the dense formulation's hand-written autograd Functions
+    are not written for them."""
     use = formulation()
+    if _functorch_active():
+        return "sweeps"
     if use == "auto":
         d = x.shape[-1]
         use = choose(d, x.numel() // d, _training(x, params, scale))

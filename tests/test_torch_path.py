@@ -586,3 +586,25 @@ def test_fake_tensor_mode_on_the_default_formulation(monkeypatch):
     real = qk.GivensLinear(64, 16, block="quasi", scale=True)
     x = torch.randn(300, 64)
     assert_close(real(x), torch.nn.functional.linear(x, real.weight, real.bias))
+
+
+@pytest.mark.parametrize("force", ["auto", "dense"])
+def test_torch_func_transforms_over_the_default_formulation(force, gen, monkeypatch):
+    """vmap and jacrev over a GivensLinear and givens_rotate on the dense formulation failed with
+    PyTorch's message about setup_context: under a transform the sweeps run."""
+    monkeypatch.setenv("QGOFT_TORCH_PATH", force)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the layer's CPU path, as a user gets it
+    layer = qk.GivensLinear.from_linear(torch.nn.Linear(16, 8), block="quasi", scale=True)
+    with torch.no_grad():
+        for p in qk.trainable_parameters(layer):
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+    x = torch.randn(4, 16, generator=gen, dtype=torch.float64)
+    layer = layer.double()
+    assert_close(torch.func.vmap(layer)(x), layer(x))
+    jac = torch.func.jacrev(layer)(x[0])
+    assert_close(jac, torch.autograd.functional.jacobian(layer, x[0]))
+    params = layer.rotation.detach()
+    grad = torch.func.grad(lambda p: qk.givens_rotate(x, p, block="quasi", backend="torch").square().sum())(params)
+    p = params.clone().requires_grad_(True)
+    qk.givens_rotate(x, p, block="quasi", backend="torch").square().sum().backward()
+    assert_close(grad, p.grad)
