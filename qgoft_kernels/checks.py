@@ -71,6 +71,24 @@ def check_features(x, in_features: int) -> None:
 
 # the values triton itself reads as true in TRITON_INTERPRET
 _TRUE = ("1", "true", "yes", "on", "y")
+#: the spellings this package's own switches take, any case (anything else is refused)
+ON, OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def env_flag(name: str, default: bool, meaning: tuple[str, str] = ("on", "off")) -> bool:
+    """The switch ``name`` read now: :data:`ON` or :data:`OFF` in any case, ``default`` when unset
+    or empty; any other value raises a ``ValueError`` naming the variable (``meaning``: what
+    each side does, for that message)."""
+    raw = os.environ.get(name, "")
+    value = raw.strip().lower()
+    if not value:
+        return default
+    if value in ON:
+        return True
+    if value in OFF:
+        return False
+    raise ValueError(f"{name}={raw!r}: expected one of {', '.join(ON)} ({meaning[0]}) or {', '.join(OFF)} "
+                     f"({meaning[1]}), any case")
 
 
 def interpreting() -> bool:

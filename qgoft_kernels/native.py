@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from .checks import env_flag
+
 SOURCE = Path(__file__).with_name("_cpu_kernels.c")
 #: The kernels' limits (``MAX_B`` and ``MAX_NB`` in the source).
 MAX_BLOCK, MAX_BLOCKS = 64, 1024
@@ -42,21 +44,15 @@ _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 
 #: The ABI the Python side expects of the library (``qgoft_abi_version`` in the source).
 ABI_VERSION = 3
-_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
 
 
 def enabled() -> bool:
     """Whether the compiled kernels may be used: ``QGOFT_NATIVE`` true (``1``, ``true``, ``on``,
-    ``yes``; the default) or false (``0``, ``false``, ``off``, ``no``), any case. Read at every
-    call; any other value raises a ``ValueError``. A forward that used the kernels has its
-    backward use them too, whatever the variable says by then (the decision is the forward's)."""
-    value = os.environ.get("QGOFT_NATIVE", "1").strip().lower() or "1"
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise ValueError(f"QGOFT_NATIVE={os.environ['QGOFT_NATIVE']!r}: expected one of {', '.join(_TRUE)} (use the "
-                     f"compiled CPU kernels) or {', '.join(_FALSE)} (use ATen's ops), any case")
+    ``yes``; the default) or false (``0``, ``false``, ``off``, ``no``), any case
+    (:func:`qgoft_kernels.checks.env_flag`). Read at every call; any other value raises a
+    ``ValueError``. A forward that used the kernels has its backward use them too, whatever the
+    variable says by then (the decision is the forward's)."""
+    return env_flag("QGOFT_NATIVE", True, ("use the compiled CPU kernels", "use ATen's ops"))
 
 
 def _cache_dir() -> Path:
