@@ -96,6 +96,23 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in _TRUE
 
 
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether triton can be imported here (it publishes Linux wheels only; the package installs
+    it on Linux and runs the PyTorch path without it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken install, or a finder that refuses it
+        return False
+
+
+NO_TRITON = ("the Triton path needs triton, which is not installed here: triton publishes wheels for Linux "
+             "only (`pip install triton` there); elsewhere use backend='torch' (what backend='auto' picks "
+             "without triton)")
+
+
 def check_triton_mode() -> None:
     """Raise a clear error when the Triton functions were defined in another mode than
     ``TRITON_INTERPRET`` asks for now.

@@ -1,11 +1,13 @@
 """``givens_rotate``: input checks, backend dispatch and the thin autograd Function."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
 from . import mixed, ops
-from .checks import check_float, check_params, describe, interpreting
+from .checks import NO_TRITON, check_float, check_params, describe, interpreting, triton_available
 from .mixed import MixedBatch, MixedRotationFunction, as_batch, check_stacked, rotate_mixed_torch
 from .planning import as_gpu
 from .torch_path import linear_torch, rotate_torch
@@ -41,6 +43,13 @@ def _check_inputs(x, params, block, structure, scale, transpose, backend, mixed:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     gpu = as_gpu(x.device)
     if backend == "torch" or (backend == "auto" and not gpu and not interpreting()):
+        return "torch"
+    if not triton_available():
+        if backend == "triton":
+            raise ImportError(f"backend='triton': {NO_TRITON}")
+        if gpu:
+            warnings.warn("triton is not installed: qgoft_kernels runs the PyTorch path on CUDA tensors (correct, "
+                          "slower than the fused kernels); `pip install triton` on Linux for them", stacklevel=3)
         return "torch"
     if not gpu and not interpreting():
         raise ValueError(f"backend='triton' needs a CUDA tensor or TRITON_INTERPRET=1, got x on {x.device}")
@@ -87,7 +96,7 @@ def givens_rotate(x: torch.Tensor, params: torch.Tensor, *, block: str = "givens
         scale: optional ``[d]`` diagonal applied last (``x @ R``) or first (``x @ R^T``).
         transpose: apply ``R^T`` instead of ``R`` (the input gradient; the merge ``W R^T``).
         backend: ``"auto"`` (Triton for CUDA tensors, and for CPU tensors under
-            ``TRITON_INTERPRET=1``; else PyTorch), ``"triton"`` or ``"torch"``.
+            ``TRITON_INTERPRET=1``, where triton is installed; else PyTorch), ``"triton"`` or ``"torch"``.
         adapter_index: a mixed batch (``x @ R`` only): ``params`` (and ``scale``) stack ``A``
             adapters along a first dimension, and this integer tensor names each row's adapter
             (``-1``: none, the row is returned unchanged), shaped as ``x``'s rows or one per

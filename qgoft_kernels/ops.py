@@ -10,12 +10,14 @@ from typing import Optional
 
 import torch
 
-from .checks import check_triton_mode
+from .checks import NO_TRITON, check_triton_mode, triton_available
 
 
 def _kernels():
     # Imported on first use: under TRITON_INTERPRET=1, triton.jit must see the variable when
     # the kernels are defined, and `python -m qgoft_kernels verify` sets it only then.
+    if not triton_available():
+        raise ImportError(NO_TRITON)
     from . import kernels
     check_triton_mode()
     return kernels
