@@ -18,18 +18,24 @@ def _parser() -> argparse.ArgumentParser:
         description="qgoft_kernels: fused Triton kernels for quasi-Givens orthogonal fine-tuning (qGOFT).",
         epilog="'python -m qgoft_kernels COMMAND --help' describes one command.")
     parser.add_argument("--version", action="version", version=f"qgoft-kernels {_version()}")
+    parser.add_argument("--debug", action="store_true", help="on an error, print the whole traceback")
+    # --debug after the command as well; SUPPRESS keeps a subcommand from resetting one given before it
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="on an error, print the whole traceback")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    verify = commands.add_parser("verify", help="check every kernel path against a float64 oracle (PASS/FAIL table)",
+    verify = commands.add_parser("verify", parents=[debug],
+                                 help="check every kernel path against a float64 oracle (PASS/FAIL table)",
                                  description="Check every kernel path (block kind x scale x direction x dtype) "
                                              "against float64: on a GPU the compiled kernels, else the Triton "
                                              "interpreter at small sizes. Exits 1 on any failure.")
     verify.add_argument("--seed", type=int, default=None, help="random seed (default: fresh, printed)")
-    commands.add_parser("info", help="versions, the backend used here, optional packages",
+    commands.add_parser("info", parents=[debug], help="versions, the backend used here, optional packages",
                         description="Print the package's version and adapter format versions, torch and triton, "
                                     "the backend givens_rotate(backend='auto') uses on this machine and which "
                                     "optional integrations (peft, transformers, bitsandbytes) can be imported.")
     convert = commands.add_parser(
-        "convert", help="qk.save_adapter file <-> PEFT adapter folder",
+        "convert", parents=[debug], help="qk.save_adapter file <-> PEFT adapter folder",
         description="Convert an adapter between the two formats: a .safetensors file written by "
                     "qk.save_adapter becomes a PEFT adapter folder (adapter_config.json + "
                     "adapter_model.safetensors), and a PEFT folder becomes a file. The direction follows "
@@ -39,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--base-model", default=None,
                          help="base_model_name_or_path to record in adapter_config.json (file -> folder only)")
     upgrade = commands.add_parser(
-        "upgrade", help="rewrite an adapter of an older format version in the current one",
+        "upgrade", parents=[debug], help="rewrite an adapter of an older format version in the current one",
         description="Read an adapter file or PEFT adapter folder of any format version this package reads "
                     "and write it again in the current version (in place unless --out).")
     upgrade.add_argument("source", help="an adapter file (.safetensors) or a PEFT adapter folder")
@@ -88,7 +94,26 @@ def _info() -> int:
 
 
 def main(argv=None) -> int:
+    """Run one command. A failure prints one line naming the problem (and the file) on stderr and
+    exits 1; usage errors exit 2 (argparse); ``--debug`` shows the traceback instead."""
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.debug:
+        return _run(args)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # the command line's contract: one line, not a traceback (--debug has it)
+        message = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, (OSError, ImportError)) or not isinstance(e, (ValueError, TypeError)):
+            message = f"{type(e).__name__}: {message}"
+        print(f"python -m qgoft_kernels {args.command}: error: {message} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
     if args.command == "verify":
         import torch
 

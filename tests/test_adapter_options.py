@@ -359,6 +359,29 @@ def test_cli_help_and_info(capsys):
     assert result.returncode == 0 and "convert" in result.stdout
 
 
+def test_cli_prints_one_line_for_a_user_error(tmp_path, capsys):
+    """A missing file or one in the wrong format printed a whole Python traceback: one line on stderr
+    naming the file and the problem, exit 1; usage errors exit 2; --debug (before or after the
+    command) keeps the traceback."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    for argv, names in ((["convert", str(tmp_path / "missing.safetensors"), str(tmp_path / "out")], "missing"),
+                        (["upgrade", str(junk)], "junk.safetensors is not a readable safetensors file")):
+        assert cli(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"python -m qgoft_kernels {argv[0]}: error: "), err
+        assert names in err[0] and "Traceback" not in err[0]
+        for debug in (["--debug", *argv], [*argv, "--debug"]):
+            with pytest.raises((ValueError, FileNotFoundError)):
+                cli(debug)
+    with pytest.raises(SystemExit) as exit_:
+        cli(["upgrade"])
+    assert exit_.value.code == 2 and "required: source" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "qgoft_kernels", "upgrade", str(junk)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "junk.safetensors" in proc.stderr
+
+
 def test_versions_agree():
     text = open(os.path.join(ROOT, "pyproject.toml")).read()
     assert re.search(r'^version = "([^"]+)"', text, re.M).group(1) == qk.__version__
