@@ -10,14 +10,17 @@ The route, and its limit: PEFT's ``register_peft_method`` only accepts names tha
 already members of its ``PeftType`` enum, which an out-of-tree method cannot add. PEFT
 looks methods up in plain dicts keyed by ``PeftType`` members, which are ``str`` enums, so
 this module registers ``"QGOFT"`` in those dicts under a string key. Loading a saved adapter
-needs ``import qgoft_kernels.peft`` first, as for any PEFT method defined outside PEFT. So
-that a user who forgot it is told so, ``adapter_config.json`` (format 2, :data:`FORMAT`)
-records the method as :data:`SAVED_TYPE`, which PEFT's lookup then names in its
-``KeyError``, and the package, its version and the format in ``qgoft_package``,
-``qgoft_version`` and ``qgoft_format``; both names are registered, so format-1 files
-(``"peft_type": "QGOFT"``) load too. Mixed-adapter batches work as for LoRA and RoAd
-(``model(**inputs, adapter_names=[...])``, in ``generate`` too; one launch per layer,
-:mod:`qgoft_kernels.mixed`); ``PeftMixedModel`` is not supported.
+needs ``import qgoft_kernels.peft`` first, as for any PEFT method defined outside PEFT: PEFT
+looks ``peft_type`` up before any code of this package can run, so a forgotten import fails in
+PEFT with ``KeyError: 'QGOFT'``. ``adapter_config.json`` (format 2, :data:`FORMAT`) keeps
+``"peft_type": "QGOFT"``, the plain name every tool reading PEFT folders expects, and says what
+to do in ``qgoft_requires`` (:data:`REQUIRES`) beside the package, its version and the format
+(``qgoft_package``, ``qgoft_version``, ``qgoft_format``). Folders whose ``peft_type`` is the
+sentence :data:`OLD_SAVED_TYPE` (written by earlier 0.1.0 builds) load too.
+
+Mixed-adapter batches work as for LoRA and RoAd (``model(**inputs, adapter_names=[...])``, in
+``generate`` too; one launch per layer, :mod:`qgoft_kernels.mixed`); ``PeftMixedModel`` is not
+supported.
 
 Base layers: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and bitsandbytes' 8-bit and
 4-bit linears (``qgoft_kernels.bases``): the forward is the same for all, the merge writes
@@ -62,10 +65,11 @@ from .schedule import num_stages  # noqa: E402
 PREFIX = "qgoft_"
 #: The adapter_config.json format this module writes, and every one it reads.
 FORMAT, READS = 2, (1, 2)
-#: ``peft_type`` as written in adapter_config.json from format 2 on: PEFT looks it up before any
-#: code of this package can run, and a missing ``import qgoft_kernels.peft`` then fails with
-#: ``KeyError: '<this string>'``, which says what to do.
-SAVED_TYPE = "QGOFT (needs qgoft-kernels: pip install 'qgoft-kernels[peft]', then import qgoft_kernels.peft)"
+#: What adapter_config.json says a reader needs (``qgoft_requires``): PEFT fails with a bare
+#: ``KeyError: 'QGOFT'`` when ``qgoft_kernels.peft`` was not imported, and the file says why.
+REQUIRES = "qgoft-kernels (pip install 'qgoft-kernels[peft]'); import qgoft_kernels.peft before loading with PEFT"
+#: The ``peft_type`` earlier 0.1.0 builds saved (the instruction in PEFT's ``KeyError``): still read.
+OLD_SAVED_TYPE = "QGOFT (needs qgoft-kernels: pip install 'qgoft-kernels[peft]', then import qgoft_kernels.peft)"
 
 
 class _MethodName(str):
@@ -102,7 +106,8 @@ class QGOFTConfig(PeftConfig):
         block_pattern, scale_pattern: per-module options, ``{pattern: value}`` like LoRA's
             ``rank_pattern``: the first key matching a module's name (fully or as its end)
             overrides ``block`` / ``scale`` there.
-        qgoft_package, qgoft_version, qgoft_format: who wrote the saved config (filled in).
+        qgoft_package, qgoft_version, qgoft_format, qgoft_requires: who wrote the saved config and
+            what reading it needs (filled in).
     """
 
     block: str = field(default="quasi", metadata={"help": "'quasi' (qGOFT) or 'givens' (GOFT)"})
@@ -120,6 +125,7 @@ class QGOFTConfig(PeftConfig):
     qgoft_package: str = field(default="qgoft-kernels", metadata={"help": "the package that reads this config"})
     qgoft_version: Optional[str] = field(default=None, metadata={"help": "its version that wrote it (filled in)"})
     qgoft_format: int = field(default=FORMAT, metadata={"help": "format version of this config"})
+    qgoft_requires: str = field(default=REQUIRES, metadata={"help": "what loading this config needs"})
 
     def __post_init__(self):
         super().__post_init__()
@@ -147,10 +153,11 @@ class QGOFTConfig(PeftConfig):
                 setattr(self, name, set(value))
 
     def to_dict(self) -> dict:
-        """The config as saved: ``peft_type`` is :data:`SAVED_TYPE`, which names this package."""
+        """The config as saved: ``peft_type`` the plain name, and what loading it needs (:data:`REQUIRES`)."""
         out = super().to_dict()
-        out["peft_type"] = SAVED_TYPE
+        out["peft_type"] = QGOFT
         out["qgoft_format"] = FORMAT
+        out["qgoft_requires"] = REQUIRES
         return out
 
     @classmethod
@@ -563,8 +570,8 @@ def _encoder(model: nn.Module):
 
 
 def _register() -> None:
-    # format 1 saved "QGOFT", format 2 saves SAVED_TYPE: both are read as this method
-    for name in (QGOFT, SAVED_TYPE):
+    # "QGOFT", and the sentence earlier builds saved: both are read as this method
+    for name in (QGOFT, OLD_SAVED_TYPE):
         PEFT_TYPE_TO_CONFIG_MAPPING.setdefault(name, QGOFTConfig)
         PEFT_TYPE_TO_TUNER_MAPPING.setdefault(name, QGOFTModel)
         PEFT_TYPE_TO_PREFIX_MAPPING.setdefault(name, PREFIX)
@@ -572,4 +579,4 @@ def _register() -> None:
 
 _register()
 
-__all__ = ["QGOFTConfig", "QGOFTModel", "QGOFTLayer", "Linear", "QGOFT", "SAVED_TYPE", "UNMERGE_RTOL"]
+__all__ = ["QGOFTConfig", "QGOFTModel", "QGOFTLayer", "Linear", "QGOFT", "REQUIRES", "UNMERGE_RTOL"]

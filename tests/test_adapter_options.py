@@ -17,7 +17,7 @@ from qgoft_kernels.__main__ import main as cli
 from qgoft_kernels.verify import assert_close
 
 peft = pytest.importorskip("peft", minversion="0.21")
-from qgoft_kernels.peft import SAVED_TYPE, QGOFTConfig  # noqa: E402
+from qgoft_kernels.peft import OLD_SAVED_TYPE, REQUIRES, QGOFTConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_path")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,16 +128,25 @@ def test_adapter_config_names_its_reader(tmp_path):
     model = peft.get_peft_model(Net(), QGOFTConfig(target_modules=["q_proj"]))
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert saved["peft_type"] == SAVED_TYPE and "import qgoft_kernels.peft" in saved["peft_type"]
+    # peft_type is the plain name tools reading PEFT folders expect; the file says what loading needs
+    assert saved["peft_type"] == "QGOFT"
     assert (saved["qgoft_package"], saved["qgoft_version"], saved["qgoft_format"]) == ("qgoft-kernels",
                                                                                        qk.__version__, 2)
-    # a user who forgot the import: PEFT's own lookup fails, and its message says what to do
+    assert saved["qgoft_requires"] == REQUIRES and "import qgoft_kernels.peft" in REQUIRES
+    # a user who forgot the import: PEFT's own lookup fails (its KeyError names the method)
     code = ("import peft, torch.nn as nn\n"
             "m = nn.Module(); m.q_proj = nn.Linear(12, 12)\n"
             f"peft.PeftModel.from_pretrained(m, {str(tmp_path)!r})\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode != 0
-    assert "KeyError" in result.stderr and "then import qgoft_kernels.peft" in result.stderr
+    assert result.returncode != 0 and "KeyError: 'QGOFT'" in result.stderr
+    # what earlier builds saved (the instruction as peft_type) still loads, with or without the new field
+    for requires in (True, False):
+        old = dict(saved, peft_type=OLD_SAVED_TYPE)
+        if not requires:
+            del old["qgoft_requires"]
+        (tmp_path / "adapter_config.json").write_text(json.dumps(old))
+        loaded = peft.PeftModel.from_pretrained(Net(), tmp_path)
+        assert loaded.peft_config["default"].qgoft_requires == REQUIRES
 
 
 def _peft_folder(tmp_path, gen, patterns=True):
@@ -170,7 +179,8 @@ def test_format_one_adapter_config_still_loads(tmp_path, gen):
     assert torch.equal(peft.PeftModel.from_pretrained(Net(), old)(x), out)
     assert cli(["upgrade", str(old)]) == 0
     upgraded = json.loads((old / "adapter_config.json").read_text())
-    assert upgraded["qgoft_format"] == 2 and upgraded["peft_type"] == SAVED_TYPE
+    assert upgraded["qgoft_format"] == 2 and upgraded["peft_type"] == "QGOFT"
+    assert upgraded["qgoft_requires"] == REQUIRES
     # a newer format says what to do
     config = json.loads((folder / "adapter_config.json").read_text())
     config["qgoft_format"], config["qgoft_version"] = 3, "9.0.0"
