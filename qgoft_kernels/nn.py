@@ -545,6 +545,29 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return adapters + [p for p in dict.fromkeys(extra) if all(p is not q for q in adapters)]
 
 
+def _numel(p: torch.Tensor) -> int:
+    # bitsandbytes' 4-bit weights pack two values per byte of their storage dtype (as PEFT counts them)
+    if type(p).__name__ == "Params4bit":
+        return p.numel() * 2 * getattr(getattr(p, "quant_storage", None), "itemsize", 1)
+    return p.numel()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, all)``: the numbers of parameters in :func:`trainable_parameters` and in the
+    whole model (each tensor once; 4-bit weights as their unpacked count), as PEFT's
+    ``get_nb_trainable_parameters`` gives them."""
+    trainable = sum(_numel(p) for p in trainable_parameters(model))
+    return trainable, sum(_numel(p) for p in model.parameters())
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print the line PEFT's ``print_trainable_parameters`` prints, for a model adapted by :func:`inject`:
+    ``trainable params: 36,864 || all params: 109,518,848 || trainable%: 0.0337``."""
+    trainable, total = count_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+
 def saved_modules(model: nn.Module) -> dict[str, nn.Module]:
     """The ``modules_to_save`` of ``model`` (see :func:`inject`) by their first name."""
     return {name: m for name, m in model.named_modules() if getattr(m, "_qgoft_save", False)}

@@ -95,8 +95,10 @@ class QGOFTConfig(PeftConfig):
         block: ``"quasi"`` (qGOFT, ``4(d-1)`` parameters per layer) or ``"givens"`` (GOFT, ``d-1``).
         structure: the pair schedule, ``"tree"``.
         scale: also train a diagonal scale (GOFT*), ``d`` parameters per layer.
-        target_modules: as in PEFT (names, a regex or ``"all-linear"``); only ``nn.Linear``
-            layers are adapted. Defaults to LoRA's per-architecture choice.
+        target_modules: as in PEFT (names, a regex or ``"all-linear"``). The layers adapted are
+            ``nn.Linear``, transformers' ``Conv1D`` (GPT-2) and bitsandbytes' ``Linear8bitLt`` and
+            ``Linear4bit``; naming another kind raises ``ValueError``. Defaults to LoRA's
+            per-architecture choice.
         exclude_modules: modules never to adapt, as in PEFT.
         modules_to_save: other modules to train and save (a classifier head, say).
         init_weights: start at the identity (``True``); ``False`` draws random blocks.

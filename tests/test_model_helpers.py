@@ -53,6 +53,30 @@ def test_inject_by_names_freezes_the_rest(gen):
     assert len(qk.trainable_parameters(net)) == 4
 
 
+def test_print_trainable_parameters_counts_as_peft_does(capsys):
+    """The inject route had no print_trainable_parameters; its numbers are PEFT's for the same adapter."""
+    peft = pytest.importorskip("peft")
+    from qgoft_kernels.peft import QGOFTConfig
+
+    torch.manual_seed(0)
+    options = {"block": "quasi", "scale": True, "modules_to_save": ["head"]}
+    model = qk.inject(Net(), ["query", "value"], **options)
+    torch.manual_seed(0)
+    peft_model = peft.get_peft_model(Net(), QGOFTConfig(target_modules=["query", "value"], **options))
+    trainable, total = qk.count_parameters(model)
+    # 4 layers of d = 16: 4 (d - 1) block entries + d scales each; the head (16 x 3 + 3) in full
+    assert trainable == 4 * (4 * 15 + 16) + 51
+    assert total == sum(p.numel() for p in Net().parameters()) + 4 * (4 * 15 + 16)
+    # PEFT holds the head twice (the original and the trained copy)
+    assert peft_model.get_nb_trainable_parameters() == (trainable, total + 51)
+    qk.print_trainable_parameters(model)
+    peft_model.print_trainable_parameters()
+    ours, theirs = capsys.readouterr().out.splitlines()
+    share = 100 * trainable / total
+    assert ours == f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
+    assert theirs.split(" || ")[0] == ours.split(" || ")[0]
+
+
 def test_inject_by_regex_and_all_linear():
     net = qk.inject(Net(), r"layers\.\d+\.ffn\.[02]", block="givens", scale=True)
     assert sum(isinstance(m, qk.GivensLinear) for m in net.modules()) == 4
