@@ -52,19 +52,76 @@ def plot_result(path: str, plots: str = PLOTS) -> list[str]:
     layer = [r for r in result["layer"] if r["correct"] and "train_vs_frozen" in r]
     shapes = sorted({(r["d"], r["k"]) for r in layer})
     if layer:
-        fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 4.5), sharey=True, squeeze=False)
+        from matplotlib.patches import Patch
+
+        fig, axes = plt.subplots(1, len(shapes), figsize=(4 * len(shapes), 4.8), sharey=True, squeeze=False)
         for ax, (d, k) in zip(axes[0], shapes):
             sub = [r for r in layer if (r["d"], r["k"]) == (d, k)]
             ax.barh([r["method"] for r in sub], [r["train_vs_frozen"] for r in sub],
-                    color=["C0" if r["family"] == "qgoft" else "C3" if r["family"] == "paper" else "C7" for r in sub])
+                    color=[FAMILY_COLOURS.get(r["family"], "C7") for r in sub])
             ax.axvline(1.0, color="grey", lw=0.8)
             ax.set(title=f"{d} -> {k}, {sub[0]['tokens']} tokens", xlabel="train step / frozen nn.Linear")
-        fig.suptitle(title, fontsize=9)
-        fig.tight_layout()
+        families = dict.fromkeys(r["family"] for r in layer)
+        fig.legend(handles=[Patch(color=FAMILY_COLOURS.get(f, "C7"), label=FAMILY_NAMES.get(f, f)) for f in families],
+                   loc="lower center", ncol=len(families), fontsize=8, frameon=False)
+        fig.suptitle(f"{title}\nbars: one training step (forward + backward incl. dx) over the frozen layer's; "
+                     f"grey line: the frozen layer", fontsize=9)
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         written.append(os.path.join(plots, f"{name}-layer.png"))
         fig.savefig(written[-1], dpi=120)
         plt.close(fig)
+    if any(r["correct"] and "train_vs_lora" in r for r in result.get("peers", [])):
+        written.append(plot_peers(result, os.path.join(plots, f"{name}-peers.png")))
     return written
+
+
+#: Bar colours by method family (the peers table's and the layer table's ``family``), and their legend.
+FAMILY_COLOURS = {"qgoft": "C0", "paper": "C3", "peft": "C7", "floor": "C2", "sweeps": "C1"}
+FAMILY_NAMES = {"qgoft": "qgoft_kernels (GOFT / qGOFT)", "paper": "the paper's dense method", "peft": "PEFT peers",
+                "floor": "frozen layer", "sweeps": "ours before the dense formulation"}
+
+
+def plot_peers(result: dict, out: str) -> str:
+    """The peers table as a chart: each method's training step and inference forward over LoRA
+    r=8's at every shape, from the same interleaved rounds, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
+
+    peers = [r for r in result["peers"] if r["correct"]]
+    shapes = list(dict.fromkeys((r["d"], r["k"]) for r in peers))
+    methods = list(dict.fromkeys(r["method"] for r in peers))
+    by = {(r["d"], r["k"], r["method"]): r for r in peers}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    styles = ["-o", "-s", "-^", "-D", "-v", "--o", "--s", "--^", ":o", ":s"]
+    for ax, (kind, what) in zip(axes, (("train", "training step (forward + backward incl. dx)"),
+                                       ("infer", "inference forward (unmerged)"))):
+        for i, method in enumerate(methods):
+            points = [(j, by[(d, k, method)].get(f"{kind}_vs_lora")) for j, (d, k) in enumerate(shapes)
+                      if (d, k, method) in by]
+            points = [(j, v) for j, v in points if v is not None]
+            if not points:
+                continue
+            family = by[(shapes[points[0][0]][0], shapes[points[0][0]][1], method)]["family"]
+            ax.plot(*zip(*points), styles[i % len(styles)], color=f"C{i % 10}", label=method,
+                    lw=2.0 if family == "qgoft" else 1.0, ms=4)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(shapes)), [f"{d}->{k}" for d, k in shapes], rotation=45, ha="right", fontsize=7)
+        ax.set(yscale="log", xlabel="layer d -> k", ylabel="time / PEFT LoRA r=8's (same rounds)", title=what)
+        ax.yaxis.set_major_locator(FixedLocator([0.25, 0.35, 0.5, 0.7, 0.85, 1.0, 1.2, 1.5, 2, 3, 4, 6, 8]))
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.grid(True, which="both", lw=0.3)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    meta = result["meta"]
+    fig.suptitle(f"Peers on the CPU, {result['peers'][0]['tokens']} tokens, {meta['dtype']} · {meta['device']} · "
+                 f"commit {meta['commit']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def plot_finetune(path: str, plots: str = PLOTS) -> list[str]:
@@ -85,6 +142,10 @@ def plot_finetune(path: str, plots: str = PLOTS) -> list[str]:
                 color=["C0" if "GOFT" in r["method"] else "C7" for r in sub])
         lo = min(100 * r["test_acc_mean"] for r in sub)
         ax.set(xlim=(max(0, lo - 10), 100), xlabel="test accuracy (%), mean ± std over seeds", title=dataset)
+    from matplotlib.patches import Patch
+
+    axes[0][-1].legend(handles=[Patch(color="C0", label="GOFT / qGOFT (this package)"),
+                                Patch(color="C7", label="peers and baselines")], fontsize=8, loc="lower right")
     meta = result["meta"]
     fig.suptitle(f"all-MiniLM-L6-v2, setting {result['setting']['name']} · {meta['device']} · commit {meta['commit']}",
                  fontsize=9)
@@ -101,6 +162,7 @@ def plot_serving(path: str, plots: str = PLOTS) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     from .serving import METHODS, OURS
 
@@ -117,6 +179,11 @@ def plot_serving(path: str, plots: str = PLOTS) -> list[str]:
         unit = "input" if rows[0]["kind"] == "encoder" else "generated"
         ax.set(xscale="log", yscale="log", xlabel="adapters in the batch (N)", ylabel=f"{unit} tokens / s",
                title=f"{workload}, {rows[0]['requests']} requests")
+        ax.set_xticks(sorted({r["adapters"] for r in rows}))
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(FormatStrFormatter("%g") if axis is ax.yaxis else NullFormatter())
+        ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.grid(True, which="both", lw=0.3)
         ax.legend(fontsize=7)
     meta = result["meta"]
