@@ -18,7 +18,7 @@ import os
 import re
 import sys
 
-from .run import BY_OWN_WORK, LORA_FACTOR, RESULTS, goal_verdict, held_to_goal, tables
+from .run import RESULTS, peers_summary, tables
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
@@ -100,41 +100,8 @@ def readme_table(results) -> str:
                 label = f"{name} ({r['note']})" if r["note"] else name
                 lines.append(f"| {label} | {r['trainable']:,} | {r.get('train_vs_frozen', 1.0):.2f} |")
         lines.append("")
-        lines += _readme_peers(result.get("peers", []))
+        lines += peers_summary(result.get("peers", []))
     return "\n".join(lines) if lines else "No results yet.\n"
-
-
-def _readme_peers(peers: list[dict]) -> list[str]:
-    """The CPU peers table in short: training step of GOFT and qGOFT over PEFT OFT's and LoRA's."""
-    if not peers:
-        return []
-    by = {(r["d"], r["k"], r["method"]): r for r in peers if r["correct"]}
-    shapes = list(dict.fromkeys((r["d"], r["k"]) for r in peers))
-    names = ("qGOFT quasi+scale", "GOFT givens", "qGOFT quasi+scale (sweeps)")
-    lines = [f"Training step on the CPU at the widths of small models ({peers[0]['tokens']} tokens, fp32), over PEFT "
-             f"OFT b=32's and LoRA r=8's from the same interleaved rounds; the last column is the PyTorch path "
-             f"before its dense formulation (docs/benchmarks.md has every variant and the inference forward):", "",
-             "| d -> k | qGOFT / OFT | qGOFT / LoRA | GOFT / OFT | GOFT / LoRA | qGOFT before / OFT |",
-             "|---|---|---|---|---|---|"]
-    for d, k in shapes:
-        cells = []
-        for name, key in ((names[0], "oft"), (names[0], "lora"), (names[1], "oft"), (names[1], "lora"),
-                          (names[2], "oft")):
-            r = by.get((d, k, name))
-            cells.append(f"{r[f'train_vs_{key}']:.2f}" if r and f"train_vs_{key}" in r else "-")
-        lines.append(f"| {d} -> {k} | " + " | ".join(cells) + " |")
-    ours = [r for r in peers if held_to_goal(r)]
-    for kind, what in (("train", "training step"), ("infer", "inference forward")):
-        verdicts = [goal_verdict(r, kind) for r in ours]
-        lines += ["", f"Goal for the {what} (at most OFT's time and {LORA_FACTOR}x LoRA's), over all {len(ours)} "
-                      f"variants and shapes of ours: met in {verdicts.count('yes') + verdicts.count(BY_OWN_WORK)} "
-                      f"({verdicts.count(BY_OWN_WORK)} of them by the adapter's own work, where the layer's totals "
-                      f"tie within the rounds' spread); missed by the medians but within "
-                      f"the rounds' spread (a round-by-round 95% interval that reaches the bound) in "
-                      f"{verdicts.count('noise')}; measurably missed in {verdicts.count('NO')}"
-                      + (f"; missed with no round-by-round comparison recorded in {verdicts.count('missed')}"
-                         if "missed" in verdicts else "") + "."]
-    return lines + [""]
 
 
 def readme_finetune(results) -> str:

@@ -96,6 +96,14 @@ QUICK_PLAN = Plan(torch.float32, (64,), (256,), ((64, 64),), 128, (64,), min_run
                   peer_shapes=((64, 64), (64, 256)), peer_tokens=128, peer_rounds=15, peer_min_rounds=6,
                   peer_budget_s=1.0)
 
+#: ``make bench``'s first look (at most a few minutes on 2 cores): the peers table alone, at a
+#: small, a BERT-base, a down-projection and a LLaMA width, with fewer rounds per shape.
+FIRST_PLAN = Plan(torch.float32, (), (), (), 1024, (), min_run_time=0.5,
+                  peer_shapes=((256, 1024), (768, 3072), (1536, 384), (4096, 4096)),
+                  peer_rounds=10, peer_min_rounds=6, peer_budget_s=10.0)
+#: ``--plan``: ``full`` is GPU_PLAN on a GPU and CPU_PLAN on a CPU.
+PLANS = ("first", "full", "smoke")
+
 KERNEL_VARIANTS = (("quasi", True), ("givens", False))
 
 
@@ -343,7 +351,9 @@ def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> l
     rows = []
     if peft_version() is None:
         return rows
-    for d, k in plan.peer_shapes:
+    bar = _progress(plan)
+    for i, (d, k) in enumerate(plan.peer_shapes):
+        bar.set_description(f"peers, shape {i + 1} of {len(plan.peer_shapes)} ({d} -> {k})", refresh=True)
         base = make_linear(d, k, device, plan.dtype)
         x = torch.randn(plan.peer_tokens, d, device=device, dtype=plan.dtype)
         dy = torch.randn(plan.peer_tokens, k, device=device, dtype=plan.dtype)
@@ -389,9 +399,30 @@ def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> l
             timed = joined_rounds(timed, timed_rounds(1))
             _fill_peer_rows(shape_rows, timed, passes=2)
         rows += shape_rows
-        print(f"peers {d} -> {k}: done (load {timed['load']}, other CPUs busy {timed['others_busy']})", flush=True)
+        bar.write(f"peers {d} -> {k}: done (load {timed['load']}, other CPUs busy {timed['others_busy']})")
+        bar.update(d * k)
         built = fns = None
+    bar.close()
     return rows
+
+
+def _progress(plan: Plan):
+    """A progress bar over the peers shapes, weighted by their work (``d * k``: the time left it
+    shows follows the shapes' cost, not their count); tqdm's, or plain lines without tqdm."""
+    total = sum(d * k for d, k in plan.peer_shapes)
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        class _Lines:
+            def set_description(self, text, refresh=True):
+                print(text, "...", flush=True)
+
+            write = staticmethod(lambda text: print(text, flush=True))
+            update = close = staticmethod(lambda *a: None)
+
+        return _Lines()
+    return tqdm(total=total, bar_format="{desc} {percentage:3.0f}%|{bar:20}| {elapsed} elapsed, {remaining} left",
+                file=sys.stderr, mininterval=1.0)
 
 
 def meets_goal(row: dict, kind: str, peers: tuple[str, ...] = tuple(GOAL)) -> bool:
@@ -431,6 +462,39 @@ def goal_verdict(row: dict, kind: str) -> str:
     if meets_goal(row, kind, ("lora",)) and own and own["level"] and own["hi"] < GOAL["oft"][1]:
         return BY_OWN_WORK
     return "noise"
+
+
+def peers_summary(peers: list[dict]) -> list[str]:
+    """The CPU peers table in short: training step of GOFT and qGOFT over PEFT OFT's and LoRA's."""
+    if not peers:
+        return []
+    by = {(r["d"], r["k"], r["method"]): r for r in peers if r["correct"]}
+    shapes = list(dict.fromkeys((r["d"], r["k"]) for r in peers))
+    names = ("qGOFT quasi+scale", "GOFT givens", "qGOFT quasi+scale (sweeps)")
+    lines = [f"Training step on the CPU at the widths of small models ({peers[0]['tokens']} tokens, fp32), over PEFT "
+             f"OFT b=32's and LoRA r=8's from the same interleaved rounds; the last column is the PyTorch path "
+             f"before its dense formulation (docs/benchmarks.md has every variant and the inference forward):", "",
+             "| d -> k | qGOFT / OFT | qGOFT / LoRA | GOFT / OFT | GOFT / LoRA | qGOFT before / OFT |",
+             "|---|---|---|---|---|---|"]
+    for d, k in shapes:
+        cells = []
+        for name, key in ((names[0], "oft"), (names[0], "lora"), (names[1], "oft"), (names[1], "lora"),
+                          (names[2], "oft")):
+            r = by.get((d, k, name))
+            cells.append(f"{r[f'train_vs_{key}']:.2f}" if r and f"train_vs_{key}" in r else "-")
+        lines.append(f"| {d} -> {k} | " + " | ".join(cells) + " |")
+    ours = [r for r in peers if held_to_goal(r)]
+    for kind, what in (("train", "training step"), ("infer", "inference forward")):
+        verdicts = [goal_verdict(r, kind) for r in ours]
+        lines += ["", f"Goal for the {what} (at most OFT's time and {LORA_FACTOR}x LoRA's), over all {len(ours)} "
+                      f"variants and shapes of ours: met in {verdicts.count('yes') + verdicts.count(BY_OWN_WORK)} "
+                      f"({verdicts.count(BY_OWN_WORK)} of them by the adapter's own work, where the layer's totals "
+                      f"tie within the rounds' spread); missed by the medians but within "
+                      f"the rounds' spread (a round-by-round 95% interval that reaches the bound) in "
+                      f"{verdicts.count('noise')}; measurably missed in {verdicts.count('NO')}"
+                      + (f"; missed with no round-by-round comparison recorded in {verdicts.count('missed')}"
+                         if "missed" in verdicts else "") + "."]
+    return lines + [""]
 
 
 # --- 3. merge ---------------------------------------------------------------------------------
@@ -485,10 +549,11 @@ def tables(result: dict) -> str:
     meta = result["meta"]
     lines = [f"Device: {meta['device']}; torch {meta['torch']}, triton {meta['triton']}, peft {meta['peft']}; "
              f"commit {meta['commit']}; {meta['dtype']} activations, fp32 adapters; qGOFT path: {meta['qgoft_path']}"
-             f"{'; freed memory kept in the process (glibc mallopt)' if meta.get('allocator') else ''}.",
-             "", "Kernel (givens_rotate), median ms and ratio to torch.clone of the same tensor:", "",
-             "| d | rows | variant | fwd ms | fwd / clone | bwd ms | bwd / clone | fwd+bwd ms | fwd+bwd / clone |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{'; freed memory kept in the process (glibc mallopt)' if meta.get('allocator') else ''}."]
+    if result["kernel"]:
+        lines += ["", "Kernel (givens_rotate), median ms and ratio to torch.clone of the same tensor:", "",
+                  "| d | rows | variant | fwd ms | fwd / clone | bwd ms | bwd / clone | fwd+bwd ms | fwd+bwd / clone |",
+                  "|---|---|---|---|---|---|---|---|---|"]
     by = {}
     for r in result["kernel"]:
         by.setdefault((r["d"], r["rows"], r["variant"]), {})[r["pass"]] = r
@@ -502,10 +567,11 @@ def tables(result: dict) -> str:
         for p in ("fwd", "bwd", "fwd+bwd"):
             cells += [_fmt_ms(passes[p]["ms"]), f"{passes[p]['vs_clone']:.2f}"]
         lines.append(f"| {d} | {n} | {variant} | " + " | ".join(cells) + " |")
-    lines += ["", "Layer (d -> k, one training step = forward + backward incl. dx; inference = unmerged forward):", "",
-              "| d -> k | tokens | method | trainable | train ms | train / frozen | infer ms | infer / frozen "
-              "| saved for bwd above frozen (MB) | peak above frozen (MB) |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+    if result["layer"]:
+        lines += ["", "Layer (d -> k, one training step = forward + backward incl. dx; inference = unmerged forward):",
+                  "", "| d -> k | tokens | method | trainable | train ms | train / frozen | infer ms | infer / frozen "
+                  "| saved for bwd above frozen (MB) | peak above frozen (MB) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["layer"]:
         if not r["correct"]:
             lines.append(f"| {r['d']} -> {r['k']} | {r['tokens']} | {r['method']} | {r['trainable']} "
@@ -563,9 +629,10 @@ def tables(result: dict) -> str:
                          f"| {ratio('own_train_vs_oft')} | {format_interval(r.get('own_train_vs_oft_paired'))} "
                          f"| {share('train')} | {_fmt_ms(r.get('own_infer_ms'))} | {ratio('own_infer_vs_oft')} "
                          f"| {format_interval(r.get('own_infer_vs_oft_paired'))} | {share('infer')} |")
-    lines += ["", "Merge (W R^T for a d x d weight):", "",
-              "| d | ours ms | ours / clone(W) | dense R ms | dense / ours | rel. err ours vs dense |",
-              "|---|---|---|---|---|---|"]
+    if result["merge"]:
+        lines += ["", "Merge (W R^T for a d x d weight):", "",
+                  "| d | ours ms | ours / clone(W) | dense R ms | dense / ours | rel. err ours vs dense |",
+                  "|---|---|---|---|---|---|"]
     for r in result["merge"]:
         if not r["correct"]:
             lines.append(f"| {r['d']} | FAILED CHECK (rel err {r['rel_err_vs_dense']:.2e}) | | | | |")
@@ -604,15 +671,22 @@ def _flatten(row: dict) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, a smoke run (writes nothing unless --out)")
+    parser.add_argument("--plan", choices=PLANS, default="full",
+                        help="full: every table (the default); first: the peers table at four widths, a few "
+                             "minutes on 2 cores (make bench); smoke: tiny shapes (writes nothing unless --out)")
+    parser.add_argument("--quick", action="store_true", help="the same as --plan smoke")
     parser.add_argument("--out", default=None,
-                        help=f"folder for the results (default {os.path.relpath(LATEST)}, ignored by git)")
+                        help=f"folder for the results (default {os.path.relpath(LATEST)}, ignored by git; "
+                             f"{os.path.relpath(LATEST)}/first for --plan first)")
     parser.add_argument("--quiet", type=float, default=None, metavar="CPUS",
                         help="before each peers shape, wait (up to 10 min) until other processes use at most CPUS "
                              "cores")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    plan = QUICK_PLAN if args.quick else GPU_PLAN if device.type == "cuda" else CPU_PLAN
+    name = "smoke" if args.quick else args.plan
+    full = GPU_PLAN if device.type == "cuda" else CPU_PLAN
+    # a GPU times the kernels, not the CPU peers: its first look is the full plan
+    plan = {"smoke": QUICK_PLAN, "first": FIRST_PLAN if device.type == "cpu" else full, "full": full}[name]
     # on a CPU, freed buffers stay in the process for every method alike (timing.steady_allocator)
     allocator = steady_allocator() if device.type == "cpu" else None
     if device.type == "cpu":
@@ -621,16 +695,20 @@ def main(argv=None) -> int:
     start = time.time()
     result = {"meta": metadata(device, plan)}
     result["meta"]["allocator"] = allocator
+    result["meta"]["plan"] = name
     result["kernel"] = kernel_rows(device, plan)
     result["layer"] = layer_rows(device, plan)
     result["merge"] = merge_rows(device, plan)
     result["peers"] = peer_rows(device, plan, args.quiet) if device.type == "cpu" else []
     result["meta"]["wall_seconds"] = round(time.time() - start, 1)
     print(tables(result))
-    if not args.quick or args.out:
-        for path in write(result, args.out or LATEST, slug(device)):
+    if name != "smoke" or args.out:
+        out = args.out or (os.path.join(LATEST, "first") if name == "first" else LATEST)
+        for path in write(result, out, slug(device)):
             print("wrote", os.path.relpath(path))
     print(f"benchmarks took {result['meta']['wall_seconds']} s")
+    if result["peers"]:
+        print("", "\n".join(peers_summary(result["peers"])), sep="\n")
     failed = [r for t in ("kernel", "layer", "merge", "peers") for r in result[t] if not r["correct"]]
     return 1 if failed else 0
 
