@@ -13,6 +13,7 @@ never use (``diffusers``, ``datasets``) are stood in for when they are not insta
 import importlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -24,6 +25,8 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft", minversion="0.21")
+from peft_generic_cases import DESELECT, stand_in  # noqa: E402
+
 from qgoft_kernels.peft import QGOFTConfig  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_path")
@@ -53,9 +56,14 @@ def _peft_tests() -> Path:
         with tarfile.open(archives[0]) as tar:
             members = [m for m in tar.getmembers() if m.name.split("/")[1:2] == ["tests"] and m.isfile()]
             tar.extractall(staging, members=members, filter="data")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (staging / archives[0].name.removesuffix(".tar.gz")).rename(target)
-        staging.rmdir()
+        try:
+            (staging / archives[0].name.removesuffix(".tar.gz")).rename(target)
+        except OSError:  # another test process (pytest-xdist) put it there first
+            if not (target / "tests" / "test_custom_models.py").exists():
+                raise
+            shutil.rmtree(staging)
+        else:
+            staging.rmdir()
     return target / "tests"
 
 
@@ -79,7 +87,7 @@ def upstream():
                 if name not in ("diffusers", "datasets") or name in stood_in:
                     raise
                 stood_in.append(name)
-                sys.modules[name] = _stand_in(name)
+                sys.modules[name] = stand_in(name)
                 for key in [k for k in sys.modules if k.startswith("peft_upstream_tests.")]:
                     del sys.modules[key]
         else:
@@ -90,18 +98,6 @@ def upstream():
             del sys.modules[key]
         for name in stood_in:
             sys.modules.pop(name, None)
-
-
-def _stand_in(name: str) -> types.ModuleType:
-    module = types.ModuleType(name)
-
-    def attribute(attr):
-        if attr.startswith("__"):
-            raise AttributeError(attr)
-        return type(attr, (), {})
-
-    module.__getattr__ = attribute
-    return module
 
 
 def quasi(**options):
@@ -186,3 +182,43 @@ def test_peft_multiple_active_adapter_tests(upstream, test, case):
     """PEFT's TestMultipleActiveAdapters: two adapters active at once, merged in one call or one
     at a time (rotations do not commute: the merges must keep the forward's order)."""
     getattr(upstream.TestMultipleActiveAdapters(), test)(*case)
+
+
+#: where qGOFT's cases join PEFT's: just before the test class whose methods are parametrized by them
+GENERIC_ANCHOR = "class TestPeftCustomModel(PeftCommonTester):"
+
+
+@pytest.mark.full
+def test_peft_generic_tuner_tests_with_qgoft_cases(tmp_path):
+    """PEFT's generic tuner tests (``TestPeftCustomModel``: save/load, merge, safe merge, unload,
+    disable, delete, multiple adapters, dtypes, training, over its tiny models) with qGOFT's cases
+    (``tests/peft_generic_cases.py``) added to its ``TEST_CASES`` beside OFT's, in a copy of its
+    file; run by pytest in a fresh process, only the qGOFT cases. Every one must pass."""
+    folder = _peft_tests()
+    source = (folder / "test_custom_models.py").read_text()
+    assert source.count(GENERIC_ANCHOR) == 1, f"PEFT {peft.__version__}'s test file changed: no {GENERIC_ANCHOR!r}"
+    patched = source.replace(GENERIC_ANCHOR, "from peft_generic_cases import TEST_CASES_QGOFT\n"
+                                             "TEST_CASES = TEST_CASES + TEST_CASES_QGOFT\n\n\n" + GENERIC_ANCHOR)
+    copy = folder / "test_custom_models_with_cases.py"  # a name -k QGOFT does not match
+    if not copy.exists() or copy.read_text() != patched:
+        copy.write_text(patched)
+    # PEFT's tests import each other relatively: their folder is run as the package ``tests``
+    (folder / "__init__.py").touch()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the CPU PyTorch path
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parent.parent),
+                                         env.get("PYTHONPATH", "")])
+    report = tmp_path / "report.xml"
+    args = [str(copy), "-k", f"QGOFT and {DESELECT}", "-q", "-p", "no:cacheprovider", "--rootdir", str(folder.parent),
+            f"--junitxml={report}"]
+    code = f"import sys, pytest, peft_generic_cases as c; c.install_stand_ins(); sys.exit(pytest.main({args!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=folder.parent, env=env, capture_output=True, text=True,
+                          timeout=1800)
+    tail = proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    import xml.etree.ElementTree as ET
+
+    suite = ET.parse(report).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    tests, skipped = int(suite.get("tests")), int(suite.get("skipped"))
+    # one test per (method parametrized by TEST_CASES) x case, at least
+    assert tests >= 40 * 9 and tests - skipped >= 30 * 9, tail
