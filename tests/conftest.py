@@ -17,6 +17,9 @@ if not HAS_CUDA:
 os.environ["QGOFT_POISON"] = "1"
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one of several test processes (make test: pytest-xdist, one per core): one thread each
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

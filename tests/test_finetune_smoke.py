@@ -33,6 +33,7 @@ def test_every_method_runs_end_to_end():
     assert text.count("| trec |") == len(finetune.METHODS)
 
 
+@pytest.mark.full
 def test_epoch_timing_interleaves_every_method():
     from dataclasses import asdict
 
