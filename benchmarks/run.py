@@ -1,4 +1,5 @@
-"""The benchmark run: ``python -m benchmarks.run`` (``make bench`` calls it after ``verify``).
+"""The benchmark run: ``python -m benchmarks.run`` (``make bench-full`` calls it after ``verify``;
+``make bench`` calls ``--plan first``, the peers table alone at four widths, with fewer rounds).
 
 Four tables, measured on whatever device is present:
 
@@ -14,7 +15,8 @@ Four tables, measured on whatever device is present:
    changing load.
 
 Every configuration of ours is first checked against the float64 oracle; one that fails
-gets no timing. Results go to ``benchmarks/results/latest/<device>.json`` (ignored by git) and
+gets no timing. Results go to ``benchmarks/results/latest/<device>.json`` (``latest/first/``
+for ``--plan first``; ignored by git) and
 CSV files beside it, with the device, versions, commit, shapes, dtype and raw timings;
 ``make bench-publish`` copies them over the committed ones in ``benchmarks/results/``.
 """
