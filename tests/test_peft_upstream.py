@@ -1,4 +1,6 @@
-"""PEFT's own mixed-adapter-batch tests, run with qGOFT configurations.
+"""PEFT's own tests, run with qGOFT configurations: its mixed-adapter-batch and multiple-active-
+adapter tests here, in this process, and its generic tuner tests in a process of their own
+(``test_peft_generic_tuner_tests_with_qgoft_cases``, marked ``full``: ``make test-full``).
 
 PEFT's ``tests/test_custom_models.py`` (its source distribution of the installed release, not
 its wheel) has ``TestMixedAdapterBatches``: each test takes the configurations of two adapters
@@ -19,6 +21,7 @@ import sys
 import tarfile
 import tempfile
 import types
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -215,8 +218,6 @@ def test_peft_generic_tuner_tests_with_qgoft_cases(tmp_path):
                           timeout=1800)
     tail = proc.stdout[-4000:] + proc.stderr[-2000:]
     assert proc.returncode == 0, tail
-    import xml.etree.ElementTree as ET
-
     suite = ET.parse(report).getroot()
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     tests, skipped = int(suite.get("tests")), int(suite.get("skipped"))
