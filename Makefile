@@ -11,6 +11,8 @@
 #             in benchmarks/results/ and write them into README.md and docs/benchmarks.md
 # make serving  the serving benchmark at full size (mixed-adapter batches against PEFT's LoRA and OFT;
 #               about 20 min on 2 cores; make bench runs its small size); writes to $(OUT)
+# make memory  what each method adds to training memory on DeBERTaV3-base, LLaMA-2-7B and LLaMA-3-70B
+#              shapes, measured on meta tensors (benchmarks/memory.py; half a minute); writes to $(OUT)
 # make crossover  where each formulation of the PyTorch path wins on this CPU (benchmarks/crossover.py;
 #                about 15 min on 2 cores; writes to $(OUT), bench-publish commits it); the rule in
 #                qgoft_kernels/torch_path.py encodes its result
@@ -54,7 +56,7 @@ ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
 endif
 
-.PHONY: test test-full test-all bench bench-full bench-publish lint serving crossover finetune gpu gpu-quick gpu-quick-dry models models-dry clean
+.PHONY: test test-full test-all bench bench-full bench-publish lint serving memory crossover finetune gpu gpu-quick gpu-quick-dry models models-dry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -88,6 +90,7 @@ bench-full: $(VENV)/.installed
 	$(PY) -m qgoft_kernels verify
 	$(PY) -m benchmarks.run --out $(OUT)
 	$(PY) -m benchmarks.serving --size small --out $(OUT)
+	$(PY) -m benchmarks.memory --out $(OUT)
 	$(PY) -m benchmarks.plot --results $(OUT) --out $(OUT)/plots
 	$(PY) -m benchmarks.report --results $(OUT) --out $(OUT)/report.md
 
@@ -100,6 +103,9 @@ bench-publish: $(VENV)/.installed
 
 serving: $(VENV)/.installed
 	$(PY) -m benchmarks.serving --out $(OUT)
+
+memory: $(VENV)/.installed
+	$(PY) -m benchmarks.memory --out $(OUT)
 
 crossover: $(VENV)/.installed
 	$(PY) -m benchmarks.crossover --out $(OUT)

@@ -195,6 +195,38 @@ def plot_serving(path: str, plots: str = PLOTS) -> list[str]:
     return [out]
 
 
+def plot_memory(path: str, plots: str = PLOTS) -> list[str]:
+    """Activations saved beyond the frozen layers against the batch, a line per method, a panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as fh:
+        result = json.load(fh)
+    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in result["rows"] if r["model"] == model]
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
+            sub = [r for r in rows if r["method"] == method]
+            ours = not method.startswith("PEFT")
+            ax.plot([r["tokens"] for r in sub], [r["saved_bytes"] / 2**30 for r in sub], marker="o", ms=3,
+                    ls="-" if "GPU" in method or not ours else "--", lw=1.8 if ours else 1.0, color=f"C{i % 10}",
+                    label=method)
+        ax.set(xscale="log", yscale="log", xlabel="tokens in the batch", title=f"{model}, q k v o adapted",
+               ylabel="activations saved beyond the frozen layers (GiB)")
+        ax.grid(True, which="both", lw=0.3)
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    meta = result["meta"]
+    fig.suptitle(f"Training memory on meta tensors (bf16 activations) · commit {meta['commit']}", fontsize=9)
+    fig.tight_layout()
+    out = os.path.join(plots, os.path.splitext(os.path.basename(path))[0] + ".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return [out]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=RESULTS, help="folder of result files (default: the committed ones)")
@@ -210,7 +242,7 @@ def main(argv=None) -> int:
     for path in paths:
         name = os.path.basename(path)
         plot = plot_finetune if name.startswith("finetune-") else plot_serving if name.startswith("serving") \
-            else plot_result
+            else plot_memory if name.startswith("memory") else plot_result
         for out in plot(path, args.out):
             print("wrote", os.path.relpath(out))
     return 0

@@ -30,14 +30,15 @@ SHORT = ("frozen nn.Linear", "qGOFT quasi", "GOFT givens", "paper dense qGOFT", 
 #: File name prefixes of the result kinds, most specific first; a speed result
 #: (benchmarks.run) has none of them.
 KINDS = {"finetune-timing": "finetune-timing-", "finetune": "finetune-", "crossover": "crossover-",
-         "serving-small": "serving-small-", "serving": "serving-"}
+         "serving-small": "serving-small-", "serving": "serving-", "memory": "memory"}
 
 
 def load_results(kind: str = "speed", folder: str = RESULTS) -> list[tuple[str, dict]]:
     """Result files of ``folder`` (default: the committed ones): ``"speed"`` (benchmarks.run),
     ``"finetune"`` (benchmarks.finetune), ``"finetune-timing"`` (its ``--timing``),
-    ``"crossover"`` (benchmarks.crossover), ``"serving"`` (benchmarks.serving) or
-    ``"serving-small"`` (its ``--size small``, what ``make bench`` runs)."""
+    ``"crossover"`` (benchmarks.crossover), ``"serving"`` (benchmarks.serving),
+    ``"serving-small"`` (its ``--size small``, what ``make bench`` runs) or ``"memory"``
+    (benchmarks.memory)."""
     out = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         name = os.path.basename(path)
@@ -141,6 +142,16 @@ def serving_section(results) -> str:
     return "\n".join(parts) if parts else "No results yet.\n"
 
 
+def memory_section(results) -> str:
+    from .memory import table
+    parts = []
+    for path, result in results:
+        meta = result["meta"]
+        parts.append(f"From `{path}` (meta tensors, {meta['date']}, commit {meta['commit']}, torch {meta['torch']}, "
+                     f"peft {meta['peft']}).\n\n{table(result)}")
+    return "\n".join(parts) if parts else "No results yet.\n"
+
+
 def _replace(text: str, marker: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
     if not pattern.search(text):
@@ -156,6 +167,7 @@ def render() -> dict[str, str]:
         text = _replace(text, "finetune", finetune_section(load_results("finetune")))
         text = _replace(text, "finetune-timing", timing_section(load_results("finetune-timing")))
         text = _replace(text, "serving", serving_section(load_results("serving")))
+        text = _replace(text, "memory", memory_section(load_results("memory")))
         out[DOCS] = _replace(text, "crossover", crossover_section(load_results("crossover")))
     with open(README) as fh:
         text = _replace(fh.read(), "bench", readme_table(results))
