@@ -15,9 +15,9 @@ Methods: GOFT and qGOFT (with and without scale), each twice: through the custom
 path (``qgoft::rotate``, whose fake implementation runs on meta and whose autograd saves what a
 GPU saves: ``x`` in its own dtype and the parameters) and through the PyTorch path (the ATen
 formulation a CPU without the compiled kernels runs, and what ``GivensLinear`` runs on meta);
-PEFT LoRA r=8 and r=16, OFT b=32 and BOFT (b=4, m=2). The paper's dense method is not in the
-table: it builds ``R`` through ``Tensor.to_sparse``, which has no meta implementation in torch,
-so it cannot be measured this way. Activation checkpointing is not covered yet.
+PEFT LoRA r=8 and r=16, OFT b=32 and BOFT (b=4, m=2); the paper's dense method, whose
+construction of ``R`` runs on real CPU tensors (``Tensor.to_sparse`` has no meta kernel; see
+:func:`paper_layer_memory`). Activation checkpointing is not covered yet.
 
 Writes ``memory.json`` in ``--out`` (default ``benchmarks/results/latest/``); ``make
 bench-publish`` copies it to the committed results and the report puts its table in
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -41,6 +42,7 @@ import torch.nn.functional as F
 import qgoft_kernels.ops  # noqa: F401  (registers qgoft::rotate)
 
 from .methods import Method, make_linear, methods
+from .paper_dense import PaperDenseGivensLinear
 from .provenance import commit_id
 
 #: (hidden width, width of k and v, layers) of each model's attention
@@ -55,8 +57,9 @@ TOKENS = (512, 2048, 8192, 32768, 65536)
 #: CPU without the compiled kernels runs: ATen ops, also what runs on meta tensors)
 GPU, CPU = " (GPU path)", " (PyTorch path)"
 OURS = ("GOFT givens", "GOFT givens+scale", "qGOFT quasi", "qGOFT quasi+scale")
+PAPER = "paper dense qGOFT"
 METHODS = (*(n + GPU for n in OURS), *(n + CPU for n in OURS), "PEFT LoRA r=8", "PEFT LoRA r=16",
-           "PEFT OFT b=32", "PEFT BOFT b=4 m=2")
+           "PEFT OFT b=32", "PEFT BOFT b=4 m=2", PAPER)
 FROZEN = "frozen nn.Linear"
 DTYPE = torch.bfloat16
 
@@ -68,9 +71,13 @@ def saved_storages(fn) -> dict:
     seen = {}
 
     def pack(t):
-        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-            storage = t.untyped_storage()
-            seen[storage._cdata] = storage.nbytes()
+        if isinstance(t, torch.Tensor):
+            # a sparse COO tensor (the paper's stage matrices) holds its indices and values
+            parts = [t] if t.layout == torch.strided else [t._indices(), t._values()] \
+                if t.layout == torch.sparse_coo else []
+            for part in parts:
+                storage = part.untyped_storage()
+                seen[storage._cdata] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -99,6 +106,32 @@ class _TritonPath(nn.Module):
         return F.linear(torch.ops.qgoft.rotate(x, m.rotation, m.scale, m.block, m.structure, False), m.weight, m.bias)
 
 
+def paper_layer_memory(d: int, k: int, tokens: int, block: str = "quasi") -> LayerMemory:
+    """The paper's dense method (:class:`benchmarks.paper_dense.PaperDenseGivensLinear`), whose
+    forward is ``F.linear((x.float() @ R).to(x.dtype), W, b)`` with ``R`` built stage by stage
+    through ``to_sparse``, which has no meta kernel: ``R``'s construction runs on real CPU tensors
+    (it does not depend on the tokens), the rest on meta tensors, each measured by the same hooks;
+    the two parts share nothing, so their sum is the whole forward's (a test checks that on a
+    small layer run whole on the CPU)."""
+    construction, trainable, param_bytes = _paper_construction(d, block)
+    x = torch.empty(tokens, d, device="meta", dtype=DTYPE, requires_grad=True)
+    R = torch.empty(d, d, device="meta", dtype=torch.float32, requires_grad=True)
+    W = torch.empty(k, d, device="meta", dtype=DTYPE)
+    b = torch.empty(k, device="meta", dtype=DTYPE)
+    product = sum(saved_storages(lambda: F.linear((x.float() @ R).to(x.dtype), W, b)).values())
+    frozen = sum(saved_storages(lambda: F.linear(x, W, b)).values())
+    return LayerMemory(trainable, param_bytes, construction + product - frozen)
+
+
+@functools.lru_cache(maxsize=None)
+def _paper_construction(d: int, block: str) -> tuple[int, int, int]:
+    """What building the paper's ``R`` saves (it depends on ``d`` only), and its parameters."""
+    layer = PaperDenseGivensLinear.from_linear(make_linear(d, 1, "cpu", DTYPE), block=block)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    return (sum(saved_storages(layer.dense_rotation).values()), sum(p.numel() for p in params),
+            sum(p.numel() * p.element_size() for p in params))
+
+
 def _method(name: str, d: int, k: int) -> Method:
     if name.endswith(GPU):
         ours = next(m for m in methods(d, k, False) if m.name == name.removesuffix(GPU))
@@ -108,6 +141,8 @@ def _method(name: str, d: int, k: int) -> Method:
 
 def layer_memory(name: str, d: int, k: int, tokens: int) -> LayerMemory:
     """One ``d -> k`` layer with method ``name``, on meta tensors, at ``tokens`` rows."""
+    if name == PAPER:
+        return paper_layer_memory(d, k, tokens)
     method = _method(name, d, k)
     frozen = _method(FROZEN, d, k)
 

@@ -43,3 +43,21 @@ def test_saved_storages_tells_meta_storages_apart():
 
     a, b = (torch.empty(10, device="meta", requires_grad=True) for _ in range(2))
     assert sorted(memory.saved_storages(lambda: a * b).values()) == [40, 40]
+
+
+def test_the_paper_methods_two_parts_add_up_to_its_whole_forward():
+    """Its R is built on real tensors and the product measured on meta: on a small layer run
+    whole on the CPU, the hooks see the same bytes."""
+    import torch
+
+    from benchmarks.methods import make_linear
+    from benchmarks.paper_dense import PaperDenseGivensLinear
+
+    base = make_linear(D, K, "cpu", memory.DTYPE)
+    layer = PaperDenseGivensLinear.from_linear(base, block="quasi")
+    x = torch.randn(TOKENS, D, dtype=memory.DTYPE, requires_grad=True)
+    whole = sum(memory.saved_storages(lambda: layer(x)).values())
+    frozen = sum(memory.saved_storages(lambda: base(x)).values())
+    assert memory.paper_layer_memory(D, K, TOKENS).saved_bytes == whole - frozen
+    # the d x d products of every stage are in it (ceil(log2 64) = 6 stages, fp32)
+    assert whole - frozen > 6 * D * D * 4
