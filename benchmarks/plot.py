@@ -212,7 +212,8 @@ def plot_memory(path: str, plots: str = PLOTS) -> list[str]:
             sub = [r for r in rows if r["method"] == method]
             ours = not method.startswith("PEFT")
             ax.plot([r["tokens"] for r in sub], [r["saved_bytes"] / 2**30 for r in sub], marker="o", ms=3,
-                    ls="-" if "GPU" in method or not ours else "--", lw=1.8 if ours else 1.0, color=f"C{i % 10}",
+                    ls="-" if "GPU" in method or not ours else "--", lw=1.8 if ours else 1.0,
+                    color=plt.cm.tab20(i % 20),
                     label=method)
         ax.set(xscale="log", yscale="log", xlabel="tokens in the batch", title=f"{model}, q k v o adapted",
                ylabel="activations saved beyond the frozen layers (GiB)")
