@@ -124,6 +124,32 @@ def plot_peers(result: dict, out: str) -> str:
     return out
 
 
+def _panels(path: str, key: str, width: float, height: float):
+    """The result in ``path`` and a figure with a panel per distinct ``row[key]``: ``(result, fig,
+    [(axis, value), ...])``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as fh:
+        result = json.load(fh)
+    names = list(dict.fromkeys(r[key] for r in result["rows"]))
+    fig, axes = plt.subplots(1, len(names), figsize=(width * len(names), height), squeeze=False)
+    return result, fig, list(zip(axes[0], names))
+
+
+def _save(fig, plots: str, path: str) -> list[str]:
+    """Lay ``fig`` out and write it as ``plots/<path's name>.png``; returns ``[that file]``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = os.path.join(plots, os.path.splitext(os.path.basename(path))[0] + ".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return [out]
+
+
 def plot_finetune(path: str, plots: str = PLOTS) -> list[str]:
     import matplotlib
 
@@ -149,28 +175,17 @@ def plot_finetune(path: str, plots: str = PLOTS) -> list[str]:
     meta = result["meta"]
     fig.suptitle(f"all-MiniLM-L6-v2, setting {result['setting']['name']} · {meta['device']} · commit {meta['commit']}",
                  fontsize=9)
-    fig.tight_layout()
-    out = os.path.join(plots, os.path.splitext(os.path.basename(path))[0] + ".png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return [out]
+    return _save(fig, plots, path)
 
 
 def plot_serving(path: str, plots: str = PLOTS) -> list[str]:
     """Tokens per second against the number of adapters, a line per method, a panel per workload."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     from .serving import METHODS, OURS
 
-    with open(path) as fh:
-        result = json.load(fh)
-    workloads = list(dict.fromkeys(r["workload"] for r in result["rows"]))
-    fig, axes = plt.subplots(1, len(workloads), figsize=(6 * len(workloads), 4.2), squeeze=False)
-    for ax, workload in zip(axes[0], workloads):
+    result, fig, panels = _panels(path, "workload", 6, 4.2)
+    for ax, workload in panels:
         rows = [r for r in result["rows"] if r["workload"] == workload]
         for i, method in enumerate(METHODS):
             sub = [r for r in rows if r["method"] == method]
@@ -188,44 +203,30 @@ def plot_serving(path: str, plots: str = PLOTS) -> list[str]:
         ax.legend(fontsize=7)
     meta = result["meta"]
     fig.suptitle(f"Mixed-adapter batches · {meta['device']} · commit {meta['commit']}", fontsize=9)
-    fig.tight_layout()
-    out = os.path.join(plots, os.path.splitext(os.path.basename(path))[0] + ".png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return [out]
+    return _save(fig, plots, path)
 
 
 def plot_memory(path: str, plots: str = PLOTS) -> list[str]:
     """Activations saved beyond the frozen layers against the batch, a line per method, a panel per model."""
-    import matplotlib
+    from matplotlib import colormaps
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(path) as fh:
-        result = json.load(fh)
-    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
-    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.4), squeeze=False)
-    for ax, model in zip(axes[0], models):
+    result, fig, panels = _panels(path, "model", 5.5, 4.4)
+    for ax, model in panels:
         rows = [r for r in result["rows"] if r["model"] == model]
         for i, method in enumerate(dict.fromkeys(r["method"] for r in rows)):
             sub = [r for r in rows if r["method"] == method]
             ours = not method.startswith("PEFT")
             ax.plot([r["tokens"] for r in sub], [r["saved_bytes"] / 2**30 for r in sub], marker="o", ms=3,
                     ls="-" if "GPU" in method or not ours else "--", lw=1.8 if ours else 1.0,
-                    color=plt.cm.tab20(i % 20),
+                    color=colormaps["tab20"](i % 20),
                     label=method)
         ax.set(xscale="log", yscale="log", xlabel="tokens in the batch", title=f"{model}, q k v o adapted",
                ylabel="activations saved beyond the frozen layers (GiB)")
         ax.grid(True, which="both", lw=0.3)
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    panels[-1][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     meta = result["meta"]
     fig.suptitle(f"Training memory on meta tensors (bf16 activations) · commit {meta['commit']}", fontsize=9)
-    fig.tight_layout()
-    out = os.path.join(plots, os.path.splitext(os.path.basename(path))[0] + ".png")
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return [out]
+    return _save(fig, plots, path)
 
 
 def main(argv=None) -> int:
