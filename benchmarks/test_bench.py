@@ -315,3 +315,15 @@ def test_serving_verdicts():
     # OFT's goal counts from N = 16
     assert verdict(rows(4, 1.0, 0.9, 1.1, "OFT b=32 per adapter"), "OFT b=32 per adapter") == "-"
     assert verdict(rows(16, 2.0, 1.9, 2.1, "OFT b=32 per adapter"), "OFT b=32 per adapter") == "no"
+
+
+def test_every_committed_result_plots(tmp_path, capsys):
+    """``python -m benchmarks.plot`` draws every committed result kind (speed, peers, fine-tuning,
+    serving, memory) without error."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import plot
+
+    assert plot.main(["--out", str(tmp_path)]) == 0
+    names = {p.name for p in tmp_path.glob("*.png")}
+    assert {"memory.png", "serving-cpu-x86_64-2t.png", "cpu-x86_64-2t-peers.png", "cpu-x86_64-2t-layer.png",
+            "finetune-cpu-cpu-x86_64-2t.png"} <= names, names
