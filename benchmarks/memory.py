@@ -44,6 +44,7 @@ import qgoft_kernels.ops  # noqa: F401  (registers qgoft::rotate)
 from .methods import Method, make_linear, methods
 from .paper_dense import PaperDenseGivensLinear
 from .provenance import commit_id
+from .timing import saved_bytes
 
 #: (hidden width, width of k and v, layers) of each model's attention
 MODELS = {
@@ -62,27 +63,6 @@ METHODS = (*(n + GPU for n in OURS), *(n + CPU for n in OURS), "PEFT LoRA r=8", 
            "PEFT OFT b=32", "PEFT BOFT b=4 m=2", PAPER)
 FROZEN = "frozen nn.Linear"
 DTYPE = torch.bfloat16
-
-
-def saved_storages(fn) -> dict:
-    """The distinct storages autograd saves for the backward while ``fn()`` runs: ``{key: bytes}``.
-    Keyed by the storage itself (``_cdata``), so it works on meta tensors, whose data pointers
-    are all 0."""
-    seen = {}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor):
-            # a sparse COO tensor (the paper's stage matrices) holds its indices and values
-            parts = [t] if t.layout == torch.strided else [t._indices(), t._values()] \
-                if t.layout == torch.sparse_coo else []
-            for part in parts:
-                storage = part.untyped_storage()
-                seen[storage._cdata] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return seen
 
 
 @dataclass
@@ -118,8 +98,8 @@ def paper_layer_memory(d: int, k: int, tokens: int, block: str = "quasi") -> Lay
     R = torch.empty(d, d, device="meta", dtype=torch.float32, requires_grad=True)
     W = torch.empty(k, d, device="meta", dtype=DTYPE)
     b = torch.empty(k, device="meta", dtype=DTYPE)
-    product = sum(saved_storages(lambda: F.linear((x.float() @ R).to(x.dtype), W, b)).values())
-    frozen = sum(saved_storages(lambda: F.linear(x, W, b)).values())
+    product = saved_bytes(lambda: F.linear((x.float() @ R).to(x.dtype), W, b))
+    frozen = saved_bytes(lambda: F.linear(x, W, b))
     return LayerMemory(trainable, param_bytes, construction + product - frozen)
 
 
@@ -128,7 +108,7 @@ def _paper_construction(d: int, block: str) -> tuple[int, int, int]:
     """What building the paper's ``R`` saves (it depends on ``d`` only), and its parameters."""
     layer = PaperDenseGivensLinear.from_linear(make_linear(d, 1, "cpu", DTYPE), block=block)
     params = [p for p in layer.parameters() if p.requires_grad]
-    return (sum(saved_storages(layer.dense_rotation).values()), sum(p.numel() for p in params),
+    return (saved_bytes(layer.dense_rotation), sum(p.numel() for p in params),
             sum(p.numel() * p.element_size() for p in params))
 
 
@@ -153,7 +133,7 @@ def layer_memory(name: str, d: int, k: int, tokens: int) -> LayerMemory:
             module, _ = m.build(base)
         x = torch.empty(tokens, d, device="meta", dtype=DTYPE, requires_grad=True)
         params = [p for p in module.parameters() if p.requires_grad]
-        return (sum(saved_storages(lambda: module(x)).values()), sum(p.numel() for p in params),
+        return (saved_bytes(lambda: module(x)), sum(p.numel() for p in params),
                 sum(p.numel() * p.element_size() for p in params))
 
     frozen_saved, _, _ = saved(frozen)

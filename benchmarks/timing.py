@@ -205,23 +205,36 @@ def wait_for_quiet(max_busy: float = 0.25, max_wait_s: float = 600.0, quiet_s: f
     return busy
 
 
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd saves for the backward while ``fn()`` runs.
+def saved_storages(fn) -> dict:
+    """The distinct storages autograd saves for the backward while ``fn()`` runs: ``{key: bytes}``.
 
-    Device-independent and exact: what a training step keeps alive between forward and
-    backward (parameters and frozen weights included, as autograd sees them).
+    Keyed by the storage itself (``_cdata``), so meta tensors, whose data pointers are all 0, are
+    told apart too; a sparse COO tensor counts its indices and values.
     """
     seen = {}
 
     def pack(t):
-        if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-            storage = t.untyped_storage()
-            seen[(storage.data_ptr(), t.device)] = storage.nbytes()
+        if isinstance(t, torch.Tensor):
+            parts = [t] if t.layout == torch.strided else [t._indices(), t._values()] \
+                if t.layout == torch.sparse_coo else []
+            for part in parts:
+                storage = part.untyped_storage()
+                seen[storage._cdata] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
-    return sum(seen.values())
+    return seen
+
+
+def saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for the backward while ``fn()`` runs
+    (:func:`saved_storages`).
+
+    Device-independent and exact: what a training step keeps alive between forward and
+    backward (parameters and frozen weights included, as autograd sees them).
+    """
+    return sum(saved_storages(fn).values())
 
 
 def peak_bytes(fn, device: torch.device) -> int | None:
