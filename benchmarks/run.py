@@ -410,21 +410,11 @@ def peer_rows(device: torch.device, plan: Plan, quiet: float | None = None) -> l
 
 def _progress(plan: Plan):
     """A progress bar over the peers shapes, weighted by their work (``d * k``: the time left it
-    shows follows the shapes' cost, not their count); tqdm's, or plain lines without tqdm."""
-    total = sum(d * k for d, k in plan.peer_shapes)
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        class _Lines:
-            def set_description(self, text, refresh=True):
-                print(text, "...", flush=True)
+    shows follows the shapes' cost, not their count)."""
+    from tqdm import tqdm
 
-            write = staticmethod(lambda text: print(text, flush=True))
-            update = close = staticmethod(lambda *a: None)
-
-        return _Lines()
-    return tqdm(total=total, bar_format="{desc} {percentage:3.0f}%|{bar:20}| {elapsed} elapsed, {remaining} left",
-                file=sys.stderr, mininterval=1.0)
+    return tqdm(total=sum(d * k for d, k in plan.peer_shapes), file=sys.stderr, mininterval=1.0,
+                bar_format="{desc} {percentage:3.0f}%|{bar:20}| {elapsed} elapsed, {remaining} left")
 
 
 def meets_goal(row: dict, kind: str, peers: tuple[str, ...] = tuple(GOAL)) -> bool:

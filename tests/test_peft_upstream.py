@@ -28,7 +28,7 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft", minversion="0.21")
-from peft_generic_cases import DESELECT, stand_in  # noqa: E402
+from peft_generic_cases import DESELECT, install_stand_ins  # noqa: E402
 
 from qgoft_kernels.peft import QGOFTConfig  # noqa: E402
 
@@ -79,23 +79,9 @@ def upstream():
     package = types.ModuleType("peft_upstream_tests")
     package.__path__ = [str(folder)]
     sys.modules["peft_upstream_tests"] = package
-    stood_in = []
+    stood_in = install_stand_ins()
     try:
-        for _ in range(10):
-            try:
-                module = importlib.import_module("peft_upstream_tests.test_custom_models")
-                break
-            except ModuleNotFoundError as error:
-                name = error.name.split(".")[0]
-                if name not in ("diffusers", "datasets") or name in stood_in:
-                    raise
-                stood_in.append(name)
-                sys.modules[name] = stand_in(name)
-                for key in [k for k in sys.modules if k.startswith("peft_upstream_tests.")]:
-                    del sys.modules[key]
-        else:
-            raise RuntimeError("could not import PEFT's test module")
-        yield module
+        yield importlib.import_module("peft_upstream_tests.test_custom_models")
     finally:
         for key in [k for k in sys.modules if k == "peft_upstream_tests" or k.startswith("peft_upstream_tests.")]:
             del sys.modules[key]
