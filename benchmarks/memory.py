@@ -17,7 +17,16 @@ GPU saves: ``x`` in its own dtype and the parameters) and through the PyTorch pa
 formulation a CPU without the compiled kernels runs, and what ``GivensLinear`` runs on meta);
 PEFT LoRA r=8 and r=16, OFT b=32 and BOFT (b=4, m=2); the paper's dense method, whose
 construction of ``R`` runs on real CPU tensors (``Tensor.to_sparse`` has no meta kernel; see
-:func:`paper_layer_memory`). Activation checkpointing is not covered yet.
+:func:`paper_layer_memory`).
+
+With activation checkpointing (transformers' ``gradient_checkpointing_enable``, which works the
+same for every method here: PEFT's, ours and the paper's layers are plain modules inside the
+checkpointed block), each block keeps only its input through the forward, and the backward
+rebuilds one block's activations at a time. Both parts are measured by the same hooks: what
+each adapted layer saves beyond the frozen layer when run under
+``torch.utils.checkpoint.checkpoint`` (its reentrant form, which saves its inputs through
+autograd, so the hooks see them), for every layer of the model; plus what one block's layers
+save when it is rebuilt (the count above, for one layer instead of all).
 
 Writes ``memory.json`` in ``--out`` (default ``benchmarks/results/latest/``); ``make
 bench-publish`` copies it to the committed results and the report puts its table in
@@ -70,6 +79,16 @@ class LayerMemory:
     trainable: int  # parameters
     param_bytes: int
     saved_bytes: int  # beyond the frozen layer's
+    checkpointed_bytes: int  # beyond the frozen layer's, both run under torch.utils.checkpoint
+
+
+def _checkpointed(module: nn.Module, x: torch.Tensor) -> int:
+    """What ``module(x)`` saves under activation checkpointing (the reentrant form: its inputs
+    go through ``save_for_backward``, which the hooks see; the forward runs without grad)."""
+    from torch.utils.checkpoint import checkpoint
+
+    # no RNG state to stash for a meta tensor; nothing here draws random numbers
+    return saved_bytes(lambda: checkpoint(module, x, use_reentrant=True, preserve_rng_state=False))
 
 
 class _TritonPath(nn.Module):
@@ -100,7 +119,19 @@ def paper_layer_memory(d: int, k: int, tokens: int, block: str = "quasi") -> Lay
     b = torch.empty(k, device="meta", dtype=DTYPE)
     product = saved_bytes(lambda: F.linear((x.float() @ R).to(x.dtype), W, b))
     frozen = saved_bytes(lambda: F.linear(x, W, b))
-    return LayerMemory(trainable, param_bytes, construction + product - frozen)
+    return LayerMemory(trainable, param_bytes, construction + product - frozen, _paper_checkpointed(d, k))
+
+
+@functools.lru_cache(maxsize=None)
+def _paper_checkpointed(d: int, k: int, rows: int = 16) -> int:
+    """The paper's layer under checkpointing, beyond the frozen layer's: run whole on real CPU
+    tensors (its ``to_sparse``) with ``rows`` rows, whatever the batch: a checkpointed forward
+    saves its tensor inputs only, so the difference to the frozen layer, which has the same
+    input, does not grow with the rows (a test checks it at two row counts)."""
+    base = make_linear(d, k, "cpu", DTYPE)
+    layer = PaperDenseGivensLinear.from_linear(base, block="quasi")
+    x = torch.zeros(rows, d, dtype=DTYPE, requires_grad=True)
+    return _checkpointed(layer, x) - _checkpointed(base, x)
 
 
 @functools.lru_cache(maxsize=None)
@@ -126,19 +157,19 @@ def layer_memory(name: str, d: int, k: int, tokens: int) -> LayerMemory:
     method = _method(name, d, k)
     frozen = _method(FROZEN, d, k)
 
-    def saved(m) -> tuple[int, int, int]:
+    def saved(m) -> tuple[int, int, int, int]:
         base = make_linear(d, k, "meta", DTYPE)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             module, _ = m.build(base)
         x = torch.empty(tokens, d, device="meta", dtype=DTYPE, requires_grad=True)
         params = [p for p in module.parameters() if p.requires_grad]
-        return (saved_bytes(lambda: module(x)), sum(p.numel() for p in params),
+        return (saved_bytes(lambda: module(x)), _checkpointed(module, x), sum(p.numel() for p in params),
                 sum(p.numel() * p.element_size() for p in params))
 
-    frozen_saved, _, _ = saved(frozen)
-    total, trainable, param_bytes = saved(method)
-    return LayerMemory(trainable, param_bytes, total - frozen_saved)
+    frozen_saved, frozen_checkpointed, _, _ = saved(frozen)
+    total, checkpointed, trainable, param_bytes = saved(method)
+    return LayerMemory(trainable, param_bytes, total - frozen_saved, checkpointed - frozen_checkpointed)
 
 
 def model_rows(model: str, shape: tuple[int, int, int], names, tokens_list) -> list[dict]:
@@ -154,7 +185,11 @@ def model_rows(model: str, shape: tuple[int, int, int], names, tokens_list) -> l
                          "trainable": layers * sum(m.trainable for m in per.values()),
                          "param_bytes": params, "grad_bytes": params, "adamw_bytes": 2 * params,
                          "saved_bytes": layers * sum(m.saved_bytes for m in per.values()),
-                         "saved_bytes_per_target": {t: m.saved_bytes for t, m in per.items()}})
+                         "saved_bytes_per_target": {t: m.saved_bytes for t, m in per.items()},
+                         # activation checkpointing: every layer's checkpointed forward, and one
+                         # block's layers rebuilt with grad in the backward
+                         "checkpointed_bytes": layers * sum(m.checkpointed_bytes for m in per.values())
+                         + sum(m.saved_bytes for m in per.values())})
             rows[-1]["total_bytes"] = 4 * params + rows[-1]["saved_bytes"]
     return rows
 
@@ -181,6 +216,15 @@ def table(result: dict) -> str:
             lines.append(f"| {name} | {r0['trainable']:,} | {_gib(4 * r0['param_bytes'])} | "
                          + " | ".join(_gib(by[t]["saved_bytes"]) for t in tokens) + " |")
         lines.append("")
+        if all("checkpointed_bytes" in r for r in rows):
+            lines += [f"With activation checkpointing ({model}): saved beyond the frozen layers, GiB (every "
+                      "layer's checkpointed forward, plus one block's adapted layers rebuilt in the backward)", "",
+                      "| method | " + " | ".join(f"{t:,} tokens" for t in tokens) + " |",
+                      "|---|" + "---|" * len(tokens)]
+            for name in dict.fromkeys(r["method"] for r in rows):
+                by = {r["tokens"]: r for r in rows if r["method"] == name}
+                lines.append(f"| {name} | " + " | ".join(_gib(by[t]["checkpointed_bytes"]) for t in tokens) + " |")
+            lines.append("")
     return "\n".join(lines)
 
 

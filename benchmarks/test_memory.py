@@ -62,3 +62,29 @@ def test_the_paper_methods_two_parts_add_up_to_its_whole_forward():
     assert memory.paper_layer_memory(D, K, TOKENS).saved_bytes == whole - frozen
     # the d x d products of every stage are in it (ceil(log2 64) = 6 stages, fp32)
     assert whole - frozen > 6 * D * D * 4
+
+
+@pytest.mark.parametrize("name", ["qGOFT quasi+scale" + memory.GPU, "qGOFT quasi" + memory.CPU, "PEFT LoRA r=8",
+                                  "PEFT OFT b=32"])
+def test_under_checkpointing_a_layer_saves_its_input_as_the_frozen_layer_does(name):
+    """A checkpointed forward keeps its input alone (x, bf16), whatever the method: nothing
+    beyond the frozen layer's."""
+    import torch
+
+    from benchmarks.methods import make_linear
+
+    x = torch.empty(TOKENS, D, device="meta", dtype=memory.DTYPE, requires_grad=True)
+    assert memory._checkpointed(make_linear(D, K, "meta", memory.DTYPE), x) == TOKENS * D * 2
+    assert memory.layer_memory(name, D, K, TOKENS).checkpointed_bytes == 0
+
+
+def test_the_paper_methods_checkpointed_count_does_not_grow_with_the_rows():
+    assert memory._paper_checkpointed(D, K, rows=4) == memory._paper_checkpointed(D, K, rows=16) == 0
+
+
+def test_a_checkpointed_model_keeps_one_blocks_activations():
+    """Per model with checkpointing: every layer's checkpointed extra (0) plus one block's layers
+    rebuilt in the backward: the saved bytes without checkpointing over the layer count."""
+    (row,) = memory.model_rows("tiny", memory.TINY_MODELS["tiny"], ["PEFT LoRA r=8"], [TOKENS])
+    one_block = sum(row["saved_bytes_per_target"].values())
+    assert row["checkpointed_bytes"] == row["saved_bytes"] // row["layers"] == one_block
