@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
 import os
 import re
@@ -62,7 +63,7 @@ from . import gpu_quick
 from .methods import boft_config, boft_factors_used, lora_config, oft_config, peft_version, peft_wrap
 from .paper_dense import PaperDenseGivensLinear
 from .provenance import TRITON_CACHE, interpreter_problem, require_cuda
-from .run import perturb
+from .run import format_interval, perturb
 
 OUT_NAME = "models.jsonl"
 SCHEMA = "models/1"
@@ -404,46 +405,31 @@ def eval_loss(model: nn.Module, batch: dict) -> float:
         model.train()
 
 
-def measure(spec: ModelSpec, method: Method, ctx: Context) -> dict | None:
-    """Build, adapt, check, warm up and time one method on one model; one ``step`` line."""
-    device = ctx.device
-    common = dict(kind="step", model=spec.key, layers=spec.layers, batch=spec.batch, seq=spec.seq,
-                  tokens=spec.tokens, dtype=str(ctx.dtype).removeprefix("torch."), method=method_label(method, spec),
-                  method_key=method.key, paper_row=method.paper_row, paper_ratio=paper_ratio(method.paper_row),
-                  block=method.block, scale=method.scale if method.block else None,
-                  penalty_weight=spec.penalty if method.penalty else None, warmup=ctx.warmup)
-    # ok=None: skipped as the protocol says, neither a result nor a failure
-    if method.kind == "peft" and peft_version() is None:
-        return ctx.record(**common, ok=None, note="skipped: PEFT is not installed")
-    if method.key == "boft" and not ctx.boft[0]:
-        if device.type == "cuda":
-            return ctx.record(**common, ok=None, note=f"skipped: {ctx.boft[1]}")
-        common["note"] = f"rehearsal only: {ctx.boft[1]}; a GPU run skips this row"
-    if method.kernels:
-        failed = [u.name for u in units_for(spec, [method]) if not ctx.kernels_ok.get(u)]
-        if failed:
-            return ctx.record(**common, ok=False, note="kernel check failed or unfinished: no timing",
-                              errors={"units": failed})
-    if time.monotonic() > ctx.deadline:
-        return ctx.record(**common, ok=False, note="not run: past the deadline")
-    start = time.monotonic()
-    model = build_model(spec, device, ctx.dtype)
+@dataclass
+class Prepared:
+    """A method's model, built, adapted, checked at its start and perturbed, with its training step."""
+    step: object  # () -> None: forward, loss (and penalty), backward, AdamW step
+    last: dict  # the last step's "loss" and "penalty" (detached)
+    fields: dict  # trainable, adapter_params, check, attention: a result line's fields
+    note: str
+    start_ok: bool  # the adapted model at its identity start gave the no-adapter loss
+
+
+def prepare(spec: ModelSpec, method: Method, device, dtype: torch.dtype, base: nn.Module | None = None) -> Prepared:
+    """``method`` on a fresh model of ``spec``, or on a copy of ``base`` (a :func:`build_model`
+    model) that shares its frozen tensors: models of several methods side by side then hold one
+    copy of the frozen weights; the head, which every method trains, is copied."""
+    model = build_model(spec, device, dtype) if base is None else _sharing_copy(base, spec)
     batch = make_batch(spec, device)
     reference = eval_loss(model, batch)
     model, note = adapt(model, spec, method)
-    note = "; ".join(filter(None, [common.pop("note", ""), note]))
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     start_loss = eval_loss(model, batch)
     rel = abs(start_loss - reference) / max(abs(reference), 1e-6)
     check = {"loss_no_adapter": reference, "loss_at_start": start_loss, "rel_diff": rel, "rtol": CHECK_RTOL}
-    common.update(trainable=trainable, adapter_params=trainable - head_parameters(model, spec), check=check,
+    fields = dict(trainable=trainable, adapter_params=trainable - head_parameters(model, spec), check=check,
                   attention=getattr(model.config, "_attn_implementation", None))
-    if not (math.isfinite(start_loss) and rel <= CHECK_RTOL):
-        if method.kind in ("ours", "paper"):
-            return ctx.record(**common, ok=False, note="the adapted model at its start does not give the "
-                                                        "no-adapter loss: no timing")
-        note = "; ".join(filter(None, [note, "start-loss check failed"]))
     # off the identity start, as in training: at exactly R = I the paper's dense path stores
     # only the diagonal of each stage matrix (.to_sparse() drops zeros) and gives the
     # off-diagonal entries no gradient; a trained adapter has them all
@@ -467,6 +453,49 @@ def measure(spec: ModelSpec, method: Method, ctx: Context) -> dict | None:
             embeds.grad = None
         last["loss"], last["penalty"] = loss.detach(), None if penalty is None else penalty.detach()
 
+    return Prepared(step, last, fields, note, math.isfinite(start_loss) and rel <= CHECK_RTOL)
+
+
+def _sharing_copy(base: nn.Module, spec: ModelSpec) -> nn.Module:
+    import copy
+
+    head = {id(p) for name, p in base.named_parameters() if any(part in spec.head for part in name.split("."))}
+    shared = {id(t): t for t in [*base.parameters(), *base.buffers()] if id(t) not in head}
+    return copy.deepcopy(base, memo=dict(shared))
+
+
+def measure(spec: ModelSpec, method: Method, ctx: Context) -> dict | None:
+    """Build, adapt, check, warm up and time one method on one model; one ``step`` line."""
+    device = ctx.device
+    common = dict(kind="step", model=spec.key, layers=spec.layers, batch=spec.batch, seq=spec.seq,
+                  tokens=spec.tokens, dtype=str(ctx.dtype).removeprefix("torch."), method=method_label(method, spec),
+                  method_key=method.key, paper_row=method.paper_row, paper_ratio=paper_ratio(method.paper_row),
+                  block=method.block, scale=method.scale if method.block else None,
+                  penalty_weight=spec.penalty if method.penalty else None, warmup=ctx.warmup)
+    # ok=None: skipped as the protocol says, neither a result nor a failure
+    if method.kind == "peft" and peft_version() is None:
+        return ctx.record(**common, ok=None, note="skipped: PEFT is not installed")
+    if method.key == "boft" and not ctx.boft[0]:
+        if device.type == "cuda":
+            return ctx.record(**common, ok=None, note=f"skipped: {ctx.boft[1]}")
+        common["note"] = f"rehearsal only: {ctx.boft[1]}; a GPU run skips this row"
+    if method.kernels:
+        failed = [u.name for u in units_for(spec, [method]) if not ctx.kernels_ok.get(u)]
+        if failed:
+            return ctx.record(**common, ok=False, note="kernel check failed or unfinished: no timing",
+                              errors={"units": failed})
+    if time.monotonic() > ctx.deadline:
+        return ctx.record(**common, ok=False, note="not run: past the deadline")
+    start = time.monotonic()
+    prepared = prepare(spec, method, device, ctx.dtype)
+    note = "; ".join(filter(None, [common.pop("note", ""), prepared.note]))
+    common.update(prepared.fields)
+    if not prepared.start_ok:
+        if method.kind in ("ours", "paper"):
+            return ctx.record(**common, ok=False, note="the adapted model at its start does not give the "
+                                                        "no-adapter loss: no timing")
+        note = "; ".join(filter(None, [note, "start-loss check failed"]))
+    step, last = prepared.step, prepared.last
     first = None
     for i in range(ctx.warmup):
         if time.monotonic() > ctx.deadline:
@@ -619,6 +648,128 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- the CPU table (--device cpu) ----------------------------------------------------------------
+
+#: DeBERTaV3-base's shape at a batch a 2-core CPU trains in seconds per step, in float32 (a
+#: CPU trains in fp32); our methods take the PyTorch path there (no Triton on a CPU).
+CPU_BATCH, CPU_SEQ = 4, 128
+CPU_DTYPE = torch.float32
+
+
+def cpu_spec(tiny: bool = False) -> ModelSpec:
+    return TINY["deberta"] if tiny else replace(DEBERTA, batch=CPU_BATCH, seq=CPU_SEQ)
+
+
+def cpu_run(spec: ModelSpec, methods, rounds: int, warmup: int, progress: bool = True) -> dict:
+    """One training step of every method, ``rounds`` times, from one interleaved run.
+
+    Every method's model is built first (each a copy of one model sharing its frozen weights,
+    :func:`prepare`: adapted, checked at its identity start and perturbed). After ``warmup``
+    untimed steps each, every round times one step of every method, in an order shuffled per
+    round (``time.perf_counter`` around the step), so a change of load hits all methods of a
+    round alike. A method's ratio to LoRA is the median over rounds of its step over LoRA's
+    step of the same round, with the distribution-free 95% interval
+    (:func:`benchmarks.timing.paired_ratio`). Methods whose start-loss check fails are still
+    timed, and flagged."""
+    import random
+
+    from .timing import paired_ratio
+
+    device = torch.device("cpu")
+    prepared, seconds = {}, {}
+    base = build_model(spec, device, CPU_DTYPE)
+    for method in methods:
+        start = time.monotonic()
+        prepared[method.key] = prepare(spec, method, device, CPU_DTYPE, base)
+        seconds[method.key] = time.monotonic() - start
+        if progress:
+            print(f"built {method_label(method, spec)} ({seconds[method.key]:.0f} s)", flush=True)
+    for key, p in prepared.items():
+        for _ in range(warmup):
+            p.step()
+    times = {key: [] for key in prepared}
+    shuffle = random.Random(0)
+    for r in range(rounds):
+        order = list(prepared)
+        shuffle.shuffle(order)
+        for key in order:
+            t0 = time.perf_counter()
+            prepared[key].step()
+            times[key].append((time.perf_counter() - t0) * 1e3)
+        if progress:
+            print(f"round {r + 1}/{rounds}: " + ", ".join(f"{k} {times[k][-1] / 1e3:.2f} s" for k in prepared),
+                  flush=True)
+    rows = []
+    for method in methods:
+        p, t = prepared[method.key], times[method.key]
+        rows.append(dict(method=method_label(method, spec), method_key=method.key, paper_row=method.paper_row,
+                         paper_ratio=paper_ratio(method.paper_row), times_ms=[round(v, 2) for v in t],
+                         median_ms=statistics.median(t), ratio_to_lora=paired_ratio(t, times["lora"]),
+                         loss=float(p.last["loss"]), start_ok=p.start_ok, note=p.note or None,
+                         build_seconds=round(seconds[method.key], 1), **p.fields))
+    return {"model": spec.key, "label": spec.label, "layers": spec.layers, "batch": spec.batch, "seq": spec.seq,
+            "dtype": str(CPU_DTYPE).removeprefix("torch."), "rounds": rounds, "warmup": warmup, "rows": rows}
+
+
+def cpu_table(result: dict) -> str:
+    """The CPU run's table: every method's step and its ratio to LoRA beside Table 10's."""
+    meta = result["meta"]
+    lines = [f"{result['label']} ({result['layers']} layers), batch {result['batch']} x {result['seq']} tokens, "
+             f"{result['dtype']}, every linear layer of every block adapted; one step = forward + backward + AdamW "
+             f"step; {meta['device']}; torch {meta['torch']}, transformers {meta['transformers']}, peft "
+             f"{meta['peft']}; commit {meta['commit']}; {result['rounds']} rounds after {result['warmup']} "
+             "untimed step(s) each, every method once a round in a shuffled order.", "",
+             "| method | Table 10 row | paper's ratio to LoRA (GPU) | step s (median) | ratio to LoRA here "
+             "[95% interval] | trainable (adapter) |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        paper = f"{r['paper_row']} | {r['paper_ratio']:.2f}" if r["paper_row"] else "- | -"
+        ratio = r["ratio_to_lora"]
+        flag = "" if r["start_ok"] else " (start-loss check FAILED)"
+        lines.append(f"| {r['method']}{flag} | {paper} | {r['median_ms'] / 1e3:.2f} | "
+                     f"{format_interval(ratio) if r['method_key'] != 'lora' else '1'} | "
+                     f"{r['trainable']:,} ({r['adapter_params']:,}) |")
+    lines.append(f"| (AdaLoRA: not run) | AdaLoRA | {paper_ratio('AdaLoRA'):.2f} | | | |")
+    notes = [f"{r['method']}: {r['note']}" for r in result["rows"] if r["note"]]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def cpu_main(args) -> int:
+    """``--device cpu``: the step-time table on this CPU (the PyTorch path), as one JSON file."""
+    from .run import device_name, slug
+    from .timing import steady_allocator
+
+    if args.tiny and gpu_quick.among_results(args.out):
+        raise SystemExit("a tiny-config run is not a result: write it outside benchmarks/results/")
+    if os.environ.pop("TRITON_INTERPRET", None) not in (None, "", "0"):
+        print("note: TRITON_INTERPRET was set: ignored, the CPU table times the PyTorch path")
+    chosen = {k.strip() for k in args.methods.split(",") if k.strip()} | {"lora"}
+    methods = [m for m in METHODS if m.key in chosen]
+    spec = cpu_spec(args.tiny)
+    if args.layers:
+        spec = replace(spec, config={**spec.config, "num_hidden_layers": args.layers})
+    start = time.monotonic()
+    # freed buffers stay in the process, as in the peers table: no page faults in the timed steps
+    # (not for the tiny check, which may share its process with others)
+    allocator = None if args.tiny else steady_allocator()
+    result = cpu_run(spec, methods, args.steps, args.warmup)
+    import transformers
+
+    device = torch.device("cpu")
+    result["meta"] = {**gpu_quick.run_metadata(device, False, "wall clock, time.perf_counter around each step"),
+                      "device": device_name(device), "threads": torch.get_num_threads(), "tiny": args.tiny,
+                      "transformers": transformers.__version__, "peft": peft_version(), "allocator": allocator,
+                      "wall_seconds": round(time.monotonic() - start, 1)}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"models-cpu-{slug(device)}.json")
+    with open(path, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(cpu_table(result))
+    print("wrote", os.path.relpath(path))
+    return 0
+
+
 # --- the command --------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -631,8 +782,9 @@ def main(argv=None) -> int:
                         help="tiny configs (a pipeline check, never a result); on a machine without CUDA, the dry run")
     parser.add_argument("--dry-run", action="store_true",
                         help="the rehearsal on the CPU: tiny configs, Triton interpreter, wall clock (not GPU data)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per method (default 10)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="timed steps per method (default 10; with --device cpu, rounds, default 8)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; --device cpu: 1)")
     parser.add_argument("--layers", type=int, default=None,
                         help="override the layer count (only if memory forces it; every line states it)")
     parser.add_argument("--deadline", type=float, default=390.0,
@@ -640,7 +792,20 @@ def main(argv=None) -> int:
                              "compile phase gets 40%% of it (default 390)")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: CPU count, at most 16)")
     parser.add_argument("--table", metavar="JSONL", help="print the table of the last run in this file and exit")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: the table on this CPU (DeBERTaV3-base's shape, batch "
+                             f"{CPU_BATCH} x {CPU_SEQ}, fp32, the PyTorch path), every method in one interleaved "
+                             "run, --steps rounds (default 8), written as models-cpu-<machine>.json")
     args = parser.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.steps = args.steps if args.steps is not None else 8 if cpu else 10
+    args.warmup = args.warmup if args.warmup is not None else 1 if cpu else 3
+    if cpu:
+        if not args.out:
+            parser.error("--out is required")
+        if args.steps < 1 or args.warmup < 0:
+            parser.error("--steps must be at least 1, --warmup at least 0")
+        return cpu_main(args)
     start = time.monotonic()
     os.environ.setdefault("TRITON_CACHE_DIR", TRITON_CACHE)
     if args.table:

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import statistics
 
 import pytest
 import torch
@@ -190,3 +191,45 @@ def test_dry_run_is_labelled_and_complete(dry_run, tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert models.main(["--table", str(path)]) == 0
     assert capsys.readouterr().out.rstrip() == models.table(rows).rstrip()
+
+
+def test_the_cpu_table_times_every_method_in_one_interleaved_run(tmp_path, monkeypatch, capsys):
+    """``--device cpu --tiny``: every method built, checked at its identity start, timed once a
+    round; ratios to LoRA paired by round; the table beside the paper's ratios."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the CPU table times the PyTorch path whatever this says
+    assert models.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--steps", "2"]) == 0
+    (path,) = tmp_path.glob("models-cpu-*.json")
+    result = json.loads(path.read_text())
+    rows = {r["method_key"]: r for r in result["rows"]}
+    assert list(rows) == list(models.METHOD_KEYS) and result["rounds"] == 2 and result["meta"]["tiny"]
+    for key, r in rows.items():
+        assert r["start_ok"] and r["check"]["rel_diff"] <= models.CHECK_RTOL, key
+        assert len(r["times_ms"]) == 2 and r["median_ms"] > 0 and math.isfinite(r["loss"])
+        assert r["ratio_to_lora"]["rounds"] == 2
+        paired = [a / b for a, b in zip(r["times_ms"], rows["lora"]["times_ms"])]
+        assert r["ratio_to_lora"]["median"] == pytest.approx(statistics.median(paired), rel=1e-3)
+    assert rows["qgoft"]["paper_ratio"] == models.paper_ratio("qGOFT") and rows["goft-scale"]["paper_ratio"] is None
+    text = capsys.readouterr().out
+    assert all(f"| {models.method_label(m, models.cpu_spec(True))} |" in text for m in models.METHODS)
+    assert "| PEFT LoRA r=8 | LoRA | 1.00 |" in text
+
+
+def test_the_cpu_table_refuses_to_write_a_tiny_run_among_the_results():
+    with pytest.raises(SystemExit, match="not a result"):
+        models.main(["--device", "cpu", "--tiny", "--out", os.path.join(gpu_quick.RESULTS, "x")])
+
+
+def test_models_side_by_side_share_the_frozen_weights_not_the_head(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    spec = models.cpu_spec(True)
+    base = models.build_model(spec, "cpu", torch.float32)
+    copied = models._sharing_copy(base, spec)
+    for name, p in copied.named_parameters():
+        head = name.split(".")[0] in spec.head
+        assert (p.data_ptr() == base.get_parameter(name).data_ptr()) != head, name
+    # a method put on the copy trains its own adapter and head, and leaves the base as it was
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    prepared = models.prepare(spec, METHODS["qgoft"], "cpu", torch.float32, base)
+    prepared.step()
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+    assert not any(p.requires_grad for p in base.parameters())
