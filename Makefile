@@ -19,6 +19,11 @@
 # make finetune  the fine-tuning benchmark (MiniLM on TREC and movie reviews); SETTING=quick takes
 #                about 20 min on 2 CPU cores, the default (cpu on a CPU, gpu with CUDA) longer;
 #                writes to $(OUT) too (bench-publish commits it)
+# make ablation  qGOFT's ingredients one at a time (quasi blocks, penalty, scale) beside LoRA and OFT on
+#                three tasks, 3 seeds (benchmarks.finetune --ablation --jobs 2; about 75 min on 2 cores)
+# make models-cpu  the paper's Table 10 on this CPU: one training step of every method on DeBERTaV3-base's
+#                shape, batch 4 x 128, fp32, one interleaved run (benchmarks.models --device cpu;
+#                about 15 min on 2 cores); writes to $(OUT)
 # make gpu    on a CUDA machine with time: gpu tier + verify + timings (STEPS=tests,verify,bench: a part
 #             per call); the machine's own python3 with torch and triton, nothing installed
 # make gpu-quick OUT=<folder> COMMIT=<sha>  on a lent GPU (15 minutes): compile + check + time the
@@ -56,7 +61,7 @@ ifeq ($(TORCH),system)
 VENV_FLAGS := --system-site-packages
 endif
 
-.PHONY: test test-full test-all bench bench-full bench-publish lint serving memory crossover finetune gpu gpu-quick gpu-quick-dry models models-dry clean
+.PHONY: test test-full test-all bench bench-full bench-publish lint serving memory crossover finetune ablation models-cpu gpu gpu-quick gpu-quick-dry models models-dry clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -112,6 +117,12 @@ crossover: $(VENV)/.installed
 
 finetune: $(VENV)/.installed
 	$(PY) -m benchmarks.finetune --out $(OUT) $(if $(SETTING),--setting $(SETTING))
+
+ablation: $(VENV)/.installed
+	$(PY) -m benchmarks.finetune --ablation --jobs 2 --out $(OUT) $(if $(SETTING),--setting $(SETTING))
+
+models-cpu: $(VENV)/.installed
+	$(PY) -m benchmarks.models --device cpu --out $(OUT) $(ARGS)
 
 gpu:
 	$(GPU_ENV) $(PYTHON) -m benchmarks.gpu_check --out $(OUT) --steps $(STEPS)

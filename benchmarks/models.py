@@ -760,6 +760,7 @@ def cpu_main(args) -> int:
     result["meta"] = {**gpu_quick.run_metadata(device, False, "wall clock, time.perf_counter around each step"),
                       "device": device_name(device), "threads": torch.get_num_threads(), "tiny": args.tiny,
                       "transformers": transformers.__version__, "peft": peft_version(), "allocator": allocator,
+                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                       "wall_seconds": round(time.monotonic() - start, 1)}
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"models-cpu-{slug(device)}.json")

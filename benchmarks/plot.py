@@ -235,9 +235,10 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=PLOTS, help="folder for the PNGs (default: the ignored benchmarks/plots/)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    # the crossover and epoch-timing results are tables only; the static model's are no measurement
+    # the crossover, epoch-timing and CPU step-time results are tables only; the static model's
+    # are no measurement
     paths = sorted(p for p in glob.glob(os.path.join(args.results, "*.json"))
-                   if not os.path.basename(p).startswith(("crossover-", "finetune-timing-", "sass-")))
+                   if not os.path.basename(p).startswith(("crossover-", "finetune-timing-", "sass-", "models-cpu-")))
     if not paths:
         print(f"no results in {args.results}; run python -m benchmarks.run first")
         return 0

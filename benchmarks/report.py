@@ -29,16 +29,18 @@ SHORT = ("frozen nn.Linear", "qGOFT quasi", "GOFT givens", "paper dense qGOFT", 
 
 #: File name prefixes of the result kinds, most specific first; a speed result
 #: (benchmarks.run) has none of them.
-KINDS = {"finetune-timing": "finetune-timing-", "finetune": "finetune-", "crossover": "crossover-",
-         "serving-small": "serving-small-", "serving": "serving-", "memory": "memory"}
+KINDS = {"finetune-timing": "finetune-timing-", "finetune-ablation": "finetune-ablation-", "finetune": "finetune-",
+         "crossover": "crossover-", "serving-small": "serving-small-", "serving": "serving-", "memory": "memory",
+         "models-cpu": "models-cpu-"}
 
 
 def load_results(kind: str = "speed", folder: str = RESULTS) -> list[tuple[str, dict]]:
     """Result files of ``folder`` (default: the committed ones): ``"speed"`` (benchmarks.run),
     ``"finetune"`` (benchmarks.finetune), ``"finetune-timing"`` (its ``--timing``),
     ``"crossover"`` (benchmarks.crossover), ``"serving"`` (benchmarks.serving),
-    ``"serving-small"`` (its ``--size small``, what ``make bench`` runs) or ``"memory"``
-    (benchmarks.memory)."""
+    ``"serving-small"`` (its ``--size small``, what ``make bench`` runs), ``"memory"``
+    (benchmarks.memory), ``"finetune-ablation"`` (benchmarks.finetune ``--ablation``) or
+    ``"models-cpu"`` (benchmarks.models ``--device cpu``)."""
     out = []
     for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
         name = os.path.basename(path)
@@ -152,6 +154,24 @@ def memory_section(results) -> str:
     return "\n".join(parts) if parts else "No results yet.\n"
 
 
+def ablation_section(results) -> str:
+    from .finetune import ablation_table
+
+    parts = [f"From `{path}` ({result['meta']['date']}, {result['meta']['wall_seconds']} s, "
+             f"{result['meta'].get('jobs', 1)} runs at a time).\n\n{ablation_table(result)}\n"
+             for path, result in results]
+    return "\n".join(parts) if parts else "No results yet.\n"
+
+
+def models_cpu_section(results) -> str:
+    from .models import cpu_table
+
+    parts = [f"From `{path}` ({result['meta']['date']}, {result['meta']['wall_seconds']} s).\n\n"
+             f"{cpu_table(result)}\n"
+             for path, result in results]
+    return "\n".join(parts) if parts else "No results yet.\n"
+
+
 def _replace(text: str, marker: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- {marker}:start -->\n).*?(<!-- {marker}:end -->)", re.S)
     if not pattern.search(text):
@@ -168,6 +188,8 @@ def render() -> dict[str, str]:
         text = _replace(text, "finetune-timing", timing_section(load_results("finetune-timing")))
         text = _replace(text, "serving", serving_section(load_results("serving")))
         text = _replace(text, "memory", memory_section(load_results("memory")))
+        text = _replace(text, "finetune-ablation", ablation_section(load_results("finetune-ablation")))
+        text = _replace(text, "models-cpu", models_cpu_section(load_results("models-cpu")))
         out[DOCS] = _replace(text, "crossover", crossover_section(load_results("crossover")))
     with open(README) as fh:
         text = _replace(fh.read(), "bench", readme_table(results))

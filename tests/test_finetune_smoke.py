@@ -178,3 +178,26 @@ def test_a_run_cut_short_resumes_with_its_finished_pairs(tmp_path, monkeypatch):
         finetune._unfinished(str(path), setting)
     with pytest.raises(SystemExit, match="another setting"):
         finetune._unfinished(str(path), finetune.SETTINGS["quick"])
+
+
+def test_runs_side_by_side_in_their_own_processes_give_the_same_results():
+    """``--jobs 2``: each (task, method) in a fresh process, two at a time with a thread each;
+    the accuracies equal those of the runs in this process, in the same order."""
+    from benchmarks import finetune
+
+    setting = finetune.Setting("smoke-jobs", train=64, val=16, test=32, epochs=1, layers=1, lr_grid=1,
+                               penalty_grid=1, seeds=(0,))
+    methods = [m for m in finetune.ABLATION if m.name.startswith(("LoRA r=8 q,v", "qGOFT lambda=0"))]
+    here = finetune.benchmark(setting, torch.device("cpu"), ["trec"], methods, progress=False)
+    apart = finetune.benchmark(setting, torch.device("cpu"), ["trec"], methods, progress=False, isolate=True, jobs=2)
+    assert [r["method"] for r in apart["summary"]] == [m.name for m in methods]
+    assert [r["test_accs"] for r in apart["summary"]] == [r["test_accs"] for r in here["summary"]]
+
+
+def test_the_ablation_command_prints_its_tables(capsys):
+    from benchmarks import finetune
+
+    assert finetune.main(["--ablation", "--setting", "smoke", "--datasets", "trec", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "Paired differences in test accuracy" in out and "Distance from orthogonality" in out
+    assert all(f"| {m.name} |" in out for m in finetune.ABLATION)
