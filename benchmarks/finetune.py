@@ -112,6 +112,9 @@ INGREDIENTS = (
     ("the penalty (lambda from the grid, against 0)", "qGOFT all linear", "qGOFT lambda=0 all linear"),
     ("norm scaling, on quasi blocks with the penalty", "qGOFT+scale all linear", "qGOFT all linear"),
     ("all three (qGOFT+scale) against strict GOFT", "qGOFT+scale all linear", "GOFT all linear"),
+    # the paper's ablation (its Fig. 4a) has GOFT < GOFT+scale < qGOFT; its code gives qGOFT no scale
+    ("quasi blocks with the penalty (the paper's qGOFT) against GOFT+scale", "qGOFT all linear",
+     "GOFT+scale all linear"),
     ("qGOFT+scale against LoRA r=8 all linear", "qGOFT+scale all linear", "LoRA r=8 all linear"),
     ("qGOFT+scale against OFT b=32", "qGOFT+scale all linear", "OFT b=32 all linear"),
     ("GOFT+scale against LoRA r=8 all linear", "GOFT+scale all linear", "LoRA r=8 all linear"),

@@ -180,6 +180,7 @@ def test_a_run_cut_short_resumes_with_its_finished_pairs(tmp_path, monkeypatch):
         finetune._unfinished(str(path), finetune.SETTINGS["quick"])
 
 
+@pytest.mark.full
 def test_runs_side_by_side_in_their_own_processes_give_the_same_results():
     """``--jobs 2``: each (task, method) in a fresh process, two at a time with a thread each;
     the accuracies equal those of the runs in this process, in the same order."""
