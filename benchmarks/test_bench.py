@@ -326,4 +326,4 @@ def test_every_committed_result_plots(tmp_path, capsys):
     assert plot.main(["--out", str(tmp_path)]) == 0
     names = {p.name for p in tmp_path.glob("*.png")}
     assert {"memory.png", "serving-cpu-x86_64-2t.png", "cpu-x86_64-2t-peers.png", "cpu-x86_64-2t-layer.png",
-            "finetune-cpu-cpu-x86_64-2t.png"} <= names, names
+            "finetune-cpu-cpu-x86_64-2t.png", "finetune-ablation-cpu-cpu-x86_64-2t.png"} <= names, names
