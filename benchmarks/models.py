@@ -806,6 +806,9 @@ def main(argv=None) -> int:
             parser.error("--out is required")
         if args.steps < 1 or args.warmup < 0:
             parser.error("--steps must be at least 1, --warmup at least 0")
+        unknown = {k.strip() for k in args.methods.split(",") if k.strip()} - set(METHOD_KEYS)
+        if unknown:
+            parser.error(f"--methods takes names from {','.join(METHOD_KEYS)}, got {args.methods!r}")
         return cpu_main(args)
     start = time.monotonic()
     os.environ.setdefault("TRITON_CACHE_DIR", TRITON_CACHE)

@@ -219,6 +219,12 @@ def test_the_cpu_table_refuses_to_write_a_tiny_run_among_the_results():
         models.main(["--device", "cpu", "--tiny", "--out", os.path.join(gpu_quick.RESULTS, "x")])
 
 
+def test_the_cpu_table_names_an_unknown_method(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        models.main(["--device", "cpu", "--tiny", "--out", str(tmp_path), "--methods", "lora,dora"])
+    assert "--methods takes names from" in capsys.readouterr().err
+
+
 def test_models_side_by_side_share_the_frozen_weights_not_the_head(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     spec = models.cpu_spec(True)
