@@ -158,7 +158,8 @@ def ablation_section(results) -> str:
     from .finetune import ablation_table
 
     parts = [f"From `{path}` ({result['meta']['date']}, {result['meta']['wall_seconds']} s, "
-             f"{result['meta'].get('jobs', 1)} runs at a time).\n\n{ablation_table(result)}\n"
+             f"{result['meta'].get('jobs', 1)} runs at a time, the threads shared among them)."
+             f"\n\n{ablation_table(result)}\n"
              for path, result in results]
     return "\n".join(parts) if parts else "No results yet.\n"
 
