@@ -20,10 +20,10 @@
 #                about 20 min on 2 CPU cores, the default (cpu on a CPU, gpu with CUDA) longer;
 #                writes to $(OUT) too (bench-publish commits it)
 # make ablation  qGOFT's ingredients one at a time (quasi blocks, penalty, scale) beside LoRA and OFT on
-#                three tasks, 3 seeds (benchmarks.finetune --ablation --jobs 2; about 75 min on 2 cores)
+#                three tasks, 3 seeds (benchmarks.finetune --ablation --jobs 2; an hour on 2 cores: 57 min measured)
 # make models-cpu  the paper's Table 10 on this CPU: one training step of every method on DeBERTaV3-base's
 #                shape, batch 4 x 128, fp32, one interleaved run (benchmarks.models --device cpu;
-#                about 15 min on 2 cores); writes to $(OUT)
+#                25 min on 2 cores, most of it the paper's dense method); writes to $(OUT)
 # make gpu    on a CUDA machine with time: gpu tier + verify + timings (STEPS=tests,verify,bench: a part
 #             per call); the machine's own python3 with torch and triton, nothing installed
 # make gpu-quick OUT=<folder> COMMIT=<sha>  on a lent GPU (15 minutes): compile + check + time the
