@@ -703,7 +703,7 @@ def cpu_run(spec: ModelSpec, methods, rounds: int, warmup: int, progress: bool =
     for method in methods:
         p, t = prepared[method.key], times[method.key]
         rows.append(dict(method=method_label(method, spec), method_key=method.key, paper_row=method.paper_row,
-                         paper_ratio=paper_ratio(method.paper_row), times_ms=[round(v, 2) for v in t],
+                         paper_ratio=paper_ratio(method.paper_row), times_ms=t,
                          median_ms=statistics.median(t), ratio_to_lora=paired_ratio(t, times["lora"]),
                          loss=float(p.last["loss"]), start_ok=p.start_ok, note=p.note or None,
                          build_seconds=round(seconds[method.key], 1), **p.fields))
@@ -735,7 +735,7 @@ def cpu_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_main(args) -> int:
+def cpu_main(args, chosen: set[str]) -> int:
     """``--device cpu``: the step-time table on this CPU (the PyTorch path), as one JSON file."""
     from .run import device_name, slug
     from .timing import steady_allocator
@@ -744,7 +744,6 @@ def cpu_main(args) -> int:
         raise SystemExit("a tiny-config run is not a result: write it outside benchmarks/results/")
     if os.environ.pop("TRITON_INTERPRET", None) not in (None, "", "0"):
         print("note: TRITON_INTERPRET was set: ignored, the CPU table times the PyTorch path")
-    chosen = {k.strip() for k in args.methods.split(",") if k.strip()} | {"lora"}
     methods = [m for m in METHODS if m.key in chosen]
     spec = cpu_spec(args.tiny)
     if args.layers:
@@ -798,6 +797,9 @@ def main(argv=None) -> int:
                              f"{CPU_BATCH} x {CPU_SEQ}, fp32, the PyTorch path), every method in one interleaved "
                              "run, --steps rounds (default 8), written as models-cpu-<machine>.json")
     args = parser.parse_args(argv)
+    chosen = {k.strip() for k in args.methods.split(",") if k.strip()} | {"lora"}
+    if chosen - set(METHOD_KEYS):
+        parser.error(f"--methods takes names from {','.join(METHOD_KEYS)}, got {args.methods!r}")
     cpu = args.device == "cpu"
     args.steps = args.steps if args.steps is not None else 8 if cpu else 10
     args.warmup = args.warmup if args.warmup is not None else 1 if cpu else 3
@@ -806,10 +808,7 @@ def main(argv=None) -> int:
             parser.error("--out is required")
         if args.steps < 1 or args.warmup < 0:
             parser.error("--steps must be at least 1, --warmup at least 0")
-        unknown = {k.strip() for k in args.methods.split(",") if k.strip()} - set(METHOD_KEYS)
-        if unknown:
-            parser.error(f"--methods takes names from {','.join(METHOD_KEYS)}, got {args.methods!r}")
-        return cpu_main(args)
+        return cpu_main(args, chosen)
     start = time.monotonic()
     os.environ.setdefault("TRITON_CACHE_DIR", TRITON_CACHE)
     if args.table:
@@ -817,9 +816,6 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         parser.error("--out is required")
-    chosen = {k.strip() for k in args.methods.split(",") if k.strip()} | {"lora"}
-    if chosen - set(METHOD_KEYS):
-        parser.error(f"--methods takes names from {','.join(METHOD_KEYS)}, got {args.methods!r}")
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be at least 1")
     dry = args.dry_run or (args.tiny and not torch.cuda.is_available())
