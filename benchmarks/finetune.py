@@ -512,11 +512,10 @@ def benchmark(setting: Setting, device: torch.device, datasets, methods, progres
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    result = {"summary": [], "runs": []}
-    kept = {(r["dataset"], r["method"]) for r in (done or {}).get("summary", [])}
-    for row in (done or {}).get("summary", []):
-        result["summary"].append(row)
-    result["runs"] += [r for r in (done or {}).get("runs", []) if (r["dataset"], r["method"]) in kept]
+    done = done or {"summary": [], "runs": []}
+    kept = {(r["dataset"], r["method"]) for r in done["summary"]}
+    result = {"summary": list(done["summary"]),
+              "runs": [r for r in done["runs"] if (r["dataset"], r["method"]) in kept]}
     todo = [(d, m) for d in datasets for m in methods if (d, m.name) not in kept]
 
     def add(row, method_runs):
@@ -616,7 +615,8 @@ def ablation_table(result: dict) -> str:
                 agree.append(f"{d} down")
         lines.append(f"| {ingredient} | {variant} - {other} | " + " | ".join(cells)
                      + f" | {', '.join(agree) or 'none'} |")
-    givens = [m for m in methods if any((by[k].get("orthogonality") or [None])[0] for k in by if k[1] == m)]
+    # the variants with qGOFT layers: their runs read a distance (the others' are None)
+    givens = [m for m in methods if any(o for (_, name), s in by.items() if name == m for o in s["orthogonality"])]
     if givens:
         lines += ["", "Distance from orthogonality at the end of training (scale left out), mean over the seeds: "
                   "the root mean square of R^T R - I over the adapted layers (largest layer's in brackets), and the "
