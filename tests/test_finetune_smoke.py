@@ -96,7 +96,7 @@ def test_qgoft_loss_falls():
     assert last < first - 0.2 and last < head_last - 0.05, (first, last, head_last)
 
 
-def test_the_ablation_runs_every_variant_and_pairs_its_seeds(tmp_path):
+def test_the_ablation_runs_every_variant_and_pairs_its_seeds():
     """``--ablation`` at toy size: every variant on a task, two seeds, the paired differences of
     each ingredient seed by seed, and the rotations' distance from orthogonality."""
     from dataclasses import asdict
